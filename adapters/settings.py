@@ -1,0 +1,82 @@
+"""Configuration from environment variables (and a ``.env`` file), validated at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """A configuration problem, reported to the operator in one line."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=True)
+
+    DATABASE_URL: str = "sqlite:///./data"
+    PORT: int = Field(default=8080, ge=0, le=65535)
+    HOST: str = "127.0.0.1"
+    MEDIAMARKET_ADMIN_TOKEN: str | None = None
+    MEDIAMARKET_SECRET_KEY: str | None = None
+    MEDIAMARKET_DEMO: bool = True
+    JOB_TTL_SECONDS: int = Field(default=1800, gt=0)
+    MEDIA_ARTIFACT_TTL_SECONDS: int = Field(default=10800, gt=0)
+    FEE_MULTIPLIER_BPS: int = Field(default=10000, ge=10000)
+    FLAT_FEE_USDC: int = Field(default=0, ge=0)
+    ARTIFACT_STORE: str = "file://./data/artifacts"
+    PROVIDER_BASE_URL_VENICE: str | None = None
+    SIM_RENDER_SECONDS: float = Field(default=3.0, ge=0)
+    PROVIDER_QUOTE_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0)
+    PROVIDER_QUEUE_TIMEOUT_SECONDS: float = Field(default=30.0, gt=0)
+    WORKER_CONCURRENCY: int = Field(default=64, gt=0)
+    WEBHOOK_ALLOW_HTTP: bool = False
+    WEBHOOK_ALLOW_PRIVATE: bool = False
+    LOG_LEVEL: str = "info"
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        scheme = urlparse(value).scheme
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError("must start with sqlite:/// or postgresql://")
+        return value
+
+    @field_validator("ARTIFACT_STORE")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if not value.startswith("file://"):
+            raise ValueError("only file:// artifact stores are supported in this version")
+        return value
+
+    @property
+    def is_sqlite(self) -> bool:
+        return urlparse(self.DATABASE_URL).scheme == "sqlite"
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the embedded default keeps its files (SQLite databases, generated secrets)."""
+        if self.is_sqlite:
+            return sqlite_dir(self.DATABASE_URL)
+        return Path("./data")
+
+    @property
+    def artifact_dir(self) -> Path:
+        return Path(unquote(self.ARTIFACT_STORE[len("file://") :]))
+
+
+def sqlite_dir(url: str) -> Path:
+    # sqlite:///./data -> ./data and sqlite:////abs/dir -> /abs/dir
+    path = urlparse(url).path
+    return Path(unquote(path[1:] if path.startswith("/") else path) or ".")
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigError(f"invalid configuration: {where}: {first['msg']}") from None

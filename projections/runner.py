@@ -1,0 +1,117 @@
+"""The projection runner: tails the market's notification log into the views.
+
+Works the same on SQLite (which has no subscriptions) and PostgreSQL: read a batch after the
+tracked position, apply it in one transaction with the tracking row, repeat. It is woken at once
+by saves in this process and polls on a short timer for saves made by other processes. The
+position is read from the database before every batch, so several runners (one per API process)
+and a rebuild can share one view safely: a loser of a race gets ``IntegrityError`` and re-reads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import structlog
+from eventsourcing.persistence import IntegrityError, OperationalError, Tracking
+
+from adapters.eventstore import MarketApp
+from projections.views import Views
+
+log = structlog.get_logger("projections")
+
+
+class ProjectionRunner:
+    def __init__(
+        self, app: MarketApp, views: Views, *, batch_size: int = 500, poll_interval: float = 0.05
+    ) -> None:
+        self.app = app
+        self.views = views
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.position = views.position(app.name)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._caught_up = threading.Condition()
+
+    def run_once(self) -> int:
+        """Apply the next batch, if any; returns how many notifications it covered."""
+        start = self.views.position(self.app.name)
+        notifications = self.app.recorder.select_notifications(
+            start=start, limit=self.batch_size, inclusive_of_start=False
+        )
+        if not notifications:
+            self._advance(start)
+            return 0
+        items = [(n.id, self.app.mapper.to_domain_event(n)) for n in notifications]
+        last = notifications[-1].id
+        try:
+            self.views.apply_batch(items, Tracking(self.app.name, last))
+        except IntegrityError:
+            # Another runner applied (part of) this range first; start again from its position.
+            self._advance(self.views.position(self.app.name))
+            return 0
+        self._advance(last)
+        return len(notifications)
+
+    def catch_up(self) -> int:
+        total = 0
+        while True:
+            n = self.run_once()
+            total += n
+            if n == 0 and self.views.position(self.app.name) >= self._log_end():
+                return total
+
+    def _log_end(self) -> int:
+        return self.app.recorder.max_notification_id() or 0
+
+    def _advance(self, position: int) -> None:
+        with self._caught_up:
+            if position > self.position:
+                self.position = position
+            self._caught_up.notify_all()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="projection-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                while self.run_once() and not self._stop.is_set():
+                    pass
+            except OperationalError as e:
+                # A locked SQLite file or a PostgreSQL hiccup: try again on the next tick.
+                log.warning("projection_batch_retry", error=str(e))
+                time.sleep(self.poll_interval)
+            except Exception:
+                log.exception("projection_batch_failed")
+                time.sleep(1.0)
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+
+    def wait_for(self, position: int, timeout: float) -> bool:
+        """Block until the views include ``position`` (read-your-writes for a command)."""
+        deadline = time.monotonic() + timeout
+        with self._caught_up:
+            while self.position < position:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wake.set()
+                self._caught_up.wait(min(remaining, 0.005))
+        if self.position >= position:
+            return True
+        # Another process may own the progress (its runner applied it): ask the database.
+        self._advance(self.views.position(self.app.name))
+        return self.position >= position

@@ -1,0 +1,451 @@
+"""The read models (job views, principals, offers) and their exactly-once tracking.
+
+One set of SQL serves SQLite and PostgreSQL: statements are written with ``?`` placeholders and
+translated for psycopg. Each batch of events is applied in one transaction together with the
+library's single-row tracking upsert, which refuses a position it has already passed, so two
+runners racing over the same log can never apply an event twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from eventsourcing.persistence import InfrastructureFactory, Tracking, TrackingRecorder
+from eventsourcing.postgres import PostgresTrackingRecorder
+from eventsourcing.sqlite import SQLiteTrackingRecorder
+from eventsourcing.utils import Environment
+from psycopg.sql import SQL
+
+from domain.aggregates import PENDING, BuyerAccount, Job, Offer, Seller, Settlement
+from projections.jobdoc import JobDoc, apply_job_event, apply_settlement_event, new_doc
+
+VIEWS_NAME = "views"
+
+TABLES: dict[str, str] = {
+    "mm_job_views": (
+        "CREATE TABLE IF NOT EXISTS mm_job_views ("
+        "job_id TEXT PRIMARY KEY, buyer_id TEXT NOT NULL, seq BIGINT NOT NULL, "
+        "status TEXT NOT NULL, token_hash TEXT NOT NULL, artifact_stored_at BIGINT, "
+        "doc TEXT NOT NULL)"
+    ),
+    "mm_principals": (
+        "CREATE TABLE IF NOT EXISTS mm_principals ("
+        "key_hash TEXT PRIMARY KEY, kind TEXT NOT NULL, principal_id TEXT NOT NULL, "
+        "name TEXT NOT NULL)"
+    ),
+    "mm_offers": (
+        "CREATE TABLE IF NOT EXISTS mm_offers ("
+        "offer_id TEXT PRIMARY KEY, seq BIGINT NOT NULL, seller_id TEXT NOT NULL, "
+        "model TEXT NOT NULL, provider TEXT NOT NULL, base_url TEXT, sealed_key TEXT NOT NULL, "
+        "key_sha256 TEXT NOT NULL, cost_multiplier TEXT NOT NULL, max_concurrent_jobs BIGINT, "
+        "state TEXT NOT NULL, deactivated_reason TEXT, backoff_until DOUBLE PRECISION NOT NULL, "
+        "backoff_reason TEXT, failures BIGINT NOT NULL)"
+    ),
+}
+INDEXES = [
+    "CREATE INDEX IF NOT EXISTS mm_job_views_buyer ON mm_job_views (buyer_id, seq)",
+    "CREATE INDEX IF NOT EXISTS mm_job_views_pending ON mm_job_views (status) "
+    "WHERE status IN ('queued', 'submitted', 'running')",
+    "CREATE INDEX IF NOT EXISTS mm_job_views_stored ON mm_job_views (artifact_stored_at) "
+    "WHERE artifact_stored_at IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS mm_offers_model ON mm_offers (model, state)",
+]
+# Every column of every table, in a fixed order, for digests.
+DIGEST_ORDER = {"mm_job_views": "job_id", "mm_principals": "key_hash", "mm_offers": "offer_id"}
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: str
+    buyer_id: str
+    status: str
+    token_hash: str
+    doc: JobDoc
+
+
+@dataclass(frozen=True)
+class OfferRow:
+    offer_id: str
+    seq: int
+    seller_id: str
+    model: str
+    provider: str
+    base_url: str | None
+    sealed_key: dict[str, str]
+    key_sha256: str
+    cost_multiplier: str
+    max_concurrent_jobs: int | None
+    state: str
+    deactivated_reason: str | None
+    backoff_until: float
+    backoff_reason: str | None
+    failures: int
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.offer_id,
+            "object": "offer",
+            "seller_id": self.seller_id,
+            "model": self.model,
+            "provider": self.provider,
+            "base_url": self.base_url,
+            "pricing_mode": "cost_multiplier",
+            "cost_multiplier": self.cost_multiplier,
+            "max_concurrent_jobs": self.max_concurrent_jobs,
+            "state": self.state,
+            "deactivated_reason": self.deactivated_reason,
+            "health": (
+                {"status": "backoff", "until": self.backoff_until, "reason": self.backoff_reason}
+                if self.failures
+                else {"status": "healthy"}
+            ),
+        }
+
+
+class Views:
+    """Queries and the batch projector, over whichever datastore the subclass brings."""
+
+    datastore: Any
+    placeholder = "?"
+
+    def q(self, statement: str) -> Any:
+        return statement
+
+    def _insert_tracking(self, c: Any, tracking: Tracking) -> None:  # provided by the recorder
+        raise NotImplementedError
+
+    def max_tracking_id(self, application_name: str) -> int | None:  # provided by the recorder
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- projecting
+
+    def apply_batch(self, items: Sequence[tuple[int, Any]], tracking: Tracking) -> None:
+        """Apply ``(notification id, domain event)`` pairs and advance tracking, atomically."""
+        with self.datastore.transaction(commit=True) as c:
+            # Tracking first: a runner that lost a race fails here, before doing any work.
+            self._insert_tracking(c, tracking)
+            self._project(c, items)
+
+    def _project(self, c: Any, items: Sequence[tuple[int, Any]]) -> None:
+        job_ids = {
+            str(e.originator_id) if isinstance(e, Job.Event) else e.job_id
+            for _, e in items
+            if isinstance(e, Job.Event) or isinstance(e, (Settlement.Settled, Settlement.Released))
+        }
+        jobs: dict[str, dict[str, Any]] = self._load_jobs(c, job_ids)
+        offer_ids = {str(e.originator_id) for _, e in items if isinstance(e, Offer.Event)}
+        offers = self._load_offers(c, offer_ids)
+        principals: list[tuple[str, str, str, str]] = []
+        for seq, e in items:
+            if isinstance(e, Job.Created):
+                job_id = str(e.originator_id)
+                jobs[job_id] = {
+                    "job_id": job_id, "buyer_id": e.buyer_id, "seq": seq, "status": "queued",
+                    "token_hash": e.token_hash, "artifact_stored_at": None,
+                    "doc": new_doc(job_id, e),
+                }
+            elif isinstance(e, Job.Event):
+                row = jobs.get(str(e.originator_id))
+                if row is not None:
+                    apply_job_event(row["doc"], e)
+                    row["status"] = row["doc"]["status"]
+                    if isinstance(e, Job.ArtifactStored):
+                        row["artifact_stored_at"] = e.artifact["stored_at"]
+                    elif isinstance(e, Job.ArtifactPurged):
+                        row["artifact_stored_at"] = None
+            elif isinstance(e, (Settlement.Settled, Settlement.Released)):
+                row = jobs.get(e.job_id)
+                if row is not None:
+                    apply_settlement_event(row["doc"], e)
+            elif isinstance(e, BuyerAccount.Created):
+                principals.append((e.api_key_hash, "buyer", str(e.originator_id), e.name))
+            elif isinstance(e, Seller.Created):
+                principals.append((e.api_key_hash, "seller", str(e.originator_id), e.name))
+            elif isinstance(e, Offer.Event):
+                self._apply_offer(offers, seq, e)
+        if jobs:
+            c.executemany(
+                self.q(
+                    "INSERT INTO mm_job_views (job_id, buyer_id, seq, status, token_hash, "
+                    "artifact_stored_at, doc) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (job_id) DO UPDATE SET status = excluded.status, "
+                    "artifact_stored_at = excluded.artifact_stored_at, doc = excluded.doc"
+                ),
+                [
+                    (r["job_id"], r["buyer_id"], r["seq"], r["status"], r["token_hash"],
+                     r["artifact_stored_at"], dumps(r["doc"]))
+                    for r in jobs.values()
+                ],
+            )
+        if principals:
+            c.executemany(
+                self.q(
+                    "INSERT INTO mm_principals (key_hash, kind, principal_id, name) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (key_hash) DO NOTHING"
+                ),
+                principals,
+            )
+        if offers:
+            columns = list(OfferRow.__dataclass_fields__)
+            c.executemany(
+                self.q(
+                    f"INSERT INTO mm_offers ({', '.join(columns)}) "
+                    f"VALUES ({', '.join('?' for _ in columns)}) ON CONFLICT (offer_id) DO UPDATE "
+                    f"SET {', '.join(f'{k} = excluded.{k}' for k in columns[1:])}"
+                ),
+                [
+                    tuple(dumps(o[k]) if k == "sealed_key" else o[k] for k in columns)
+                    for o in offers.values()
+                ],
+            )
+
+    @staticmethod
+    def _apply_offer(offers: dict[str, dict[str, Any]], seq: int, e: Any) -> None:
+        offer_id = str(e.originator_id)
+        if isinstance(e, Offer.Created):
+            offers[offer_id] = {
+                "offer_id": offer_id, "seq": seq, "seller_id": e.seller_id, "model": e.model,
+                "provider": e.provider, "base_url": e.base_url, "sealed_key": e.sealed_key,
+                "key_sha256": e.key_sha256, "cost_multiplier": e.cost_multiplier,
+                "max_concurrent_jobs": e.max_concurrent_jobs, "state": "active",
+                "deactivated_reason": None, "backoff_until": 0.0, "backoff_reason": None,
+                "failures": 0,
+            }
+            return
+        o = offers.get(offer_id)
+        if o is None:
+            return
+        if isinstance(e, Offer.Updated):
+            for name, value in e.changes.items():
+                if name == "paused":
+                    o["state"] = "paused" if value else "active"
+                else:
+                    o[name] = value
+            if "sealed_key" in e.changes:
+                o.update(deactivated_reason=None, backoff_until=0.0, backoff_reason=None,
+                         failures=0)
+                if o["state"] == "deactivated":
+                    o["state"] = "active"
+        elif isinstance(e, Offer.Deleted):
+            o["state"] = "deleted"
+        elif isinstance(e, Offer.BackedOff):
+            o.update(backoff_until=e.until, backoff_reason=e.reason, failures=e.failures)
+            if e.deactivate:
+                o.update(state="deactivated", deactivated_reason=e.reason)
+        elif isinstance(e, Offer.Recovered):
+            o.update(backoff_until=0.0, backoff_reason=None, failures=0)
+
+    def _load_jobs(self, c: Any, job_ids: set[str]) -> dict[str, dict[str, Any]]:
+        if not job_ids:
+            return {}
+        found: dict[str, dict[str, Any]] = {}
+        ids = sorted(job_ids)
+        for chunk in _chunks(ids, 500):
+            c.execute(
+                self.q(
+                    "SELECT job_id, buyer_id, seq, status, token_hash, artifact_stored_at, doc "
+                    f"FROM mm_job_views WHERE job_id IN ({', '.join('?' for _ in chunk)})"
+                ),
+                chunk,
+            )
+            for r in c.fetchall():
+                found[r["job_id"]] = {
+                    "job_id": r["job_id"], "buyer_id": r["buyer_id"], "seq": r["seq"],
+                    "status": r["status"], "token_hash": r["token_hash"],
+                    "artifact_stored_at": r["artifact_stored_at"], "doc": json.loads(r["doc"]),
+                }
+        return found
+
+    def _load_offers(self, c: Any, offer_ids: set[str]) -> dict[str, dict[str, Any]]:
+        if not offer_ids:
+            return {}
+        ids = sorted(offer_ids)
+        c.execute(
+            self.q(f"SELECT * FROM mm_offers WHERE offer_id IN ({', '.join('?' for _ in ids)})"),
+            ids,
+        )
+        found = {}
+        for r in c.fetchall():
+            row = {k: r[k] for k in OfferRow.__dataclass_fields__}
+            row["sealed_key"] = json.loads(row["sealed_key"])
+            found[row["offer_id"]] = row
+        return found
+
+    # ---------------------------------------------------------------- queries
+
+    def _one(self, statement: str, params: Sequence[Any]) -> Any:
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(self.q(statement), params)
+            return c.fetchone()
+
+    def _all(self, statement: str, params: Sequence[Any]) -> list[Any]:
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(self.q(statement), params)
+            return list(c.fetchall())
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        r = self._one(
+            "SELECT job_id, buyer_id, status, token_hash, doc FROM mm_job_views WHERE job_id = ?",
+            (job_id,),
+        )
+        if r is None:
+            return None
+        return JobRow(r["job_id"], r["buyer_id"], r["status"], r["token_hash"], json.loads(r["doc"]))
+
+    def list_jobs(
+        self, buyer_id: str, limit: int, after: str | None, status: str | None
+    ) -> list[JobDoc] | None:
+        """Newest first; None when ``after`` names no job of this buyer."""
+        clauses, params = ["buyer_id = ?"], [buyer_id]
+        if after is not None:
+            r = self._one(
+                "SELECT seq FROM mm_job_views WHERE job_id = ? AND buyer_id = ?", (after, buyer_id)
+            )
+            if r is None:
+                return None
+            clauses.append("seq < ?")
+            params.append(r["seq"])
+        if status is not None:
+            clauses.append("status = ?")
+            params.append(status)
+        rows = self._all(
+            f"SELECT doc FROM mm_job_views WHERE {' AND '.join(clauses)} ORDER BY seq DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [json.loads(r["doc"]) for r in rows]
+
+    def pending_job_ids(self, limit: int) -> list[str]:
+        rows = self._all(
+            "SELECT job_id FROM mm_job_views WHERE status IN ('queued', 'submitted', 'running') "
+            "ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+        return [r["job_id"] for r in rows]
+
+    def artifacts_stored_before(self, cutoff: int, limit: int) -> list[str]:
+        rows = self._all(
+            "SELECT job_id FROM mm_job_views WHERE artifact_stored_at IS NOT NULL "
+            "AND artifact_stored_at < ? ORDER BY artifact_stored_at LIMIT ?",
+            (cutoff, limit),
+        )
+        return [r["job_id"] for r in rows]
+
+    def principal(self, key_hash: str) -> tuple[str, str, str] | None:
+        r = self._one(
+            "SELECT kind, principal_id, name FROM mm_principals WHERE key_hash = ?", (key_hash,)
+        )
+        return None if r is None else (r["kind"], r["principal_id"], r["name"])
+
+    def offers(
+        self, *, model: str | None = None, seller_id: str | None = None,
+        include_deleted: bool = False,
+    ) -> list[OfferRow]:
+        clauses, params = [], []
+        if model is not None:
+            clauses.append("model = ?")
+            params.append(model)
+        if seller_id is not None:
+            clauses.append("seller_id = ?")
+            params.append(seller_id)
+        if not include_deleted:
+            clauses.append("state <> 'deleted'")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._all(f"SELECT * FROM mm_offers {where} ORDER BY seq", params)
+        return [_offer_row(r) for r in rows]
+
+    def offer(self, offer_id: str) -> OfferRow | None:
+        r = self._one("SELECT * FROM mm_offers WHERE offer_id = ?", (offer_id,))
+        return None if r is None else _offer_row(r)
+
+    def position(self, application_name: str) -> int:
+        return self.max_tracking_id(application_name) or 0
+
+    # ---------------------------------------------------------------- rebuild and digest
+
+    def reset(self, application_name: str) -> None:
+        """Empty every view and move tracking back to the start of the log, atomically."""
+        with self.datastore.transaction(commit=True) as c:
+            for table in TABLES:
+                c.execute(self.q(f"DELETE FROM {table}"), ())
+            self._reset_tracking(c, application_name)
+
+    def _reset_tracking(self, c: Any, application_name: str) -> None:
+        raise NotImplementedError
+
+    def digest(self) -> dict[str, tuple[int, str]]:
+        """Per table: row count and a SHA-256 over every row in key order."""
+        result = {}
+        for table, key in DIGEST_ORDER.items():
+            h = hashlib.sha256()
+            rows = self._all(f"SELECT * FROM {table} ORDER BY {key}", ())
+            for r in rows:
+                h.update(dumps([_plain(r[k]) for k in r.keys()]).encode())  # noqa: SIM118
+            result[table] = (len(rows), h.hexdigest())
+        return result
+
+
+def _plain(value: Any) -> Any:
+    return float(value) if hasattr(value, "as_integer_ratio") and not isinstance(value, int) else value
+
+
+def _offer_row(r: Any) -> OfferRow:
+    values = {k: r[k] for k in OfferRow.__dataclass_fields__}
+    values["sealed_key"] = json.loads(values["sealed_key"])
+    values["backoff_until"] = float(values["backoff_until"])
+    return OfferRow(**values)
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class SQLiteViews(Views, SQLiteTrackingRecorder):
+    def construct_create_table_statements(self) -> list[str]:
+        return [*super().construct_create_table_statements(), *TABLES.values(), *INDEXES]
+
+    def _reset_tracking(self, c: Any, application_name: str) -> None:
+        c.execute("DELETE FROM tracking WHERE application_name = ?", (application_name,))
+
+
+class PostgresViews(Views, PostgresTrackingRecorder):
+    placeholder = "%s"
+
+    def __init__(self, datastore: Any, **kwargs: Any) -> None:
+        super().__init__(datastore, **kwargs)
+        self.sql_create_statements.extend(
+            SQL(s.replace("DOUBLE PRECISION", "double precision"))  # type: ignore[arg-type]
+            for s in [*TABLES.values(), *INDEXES]
+        )
+
+    def q(self, statement: str) -> Any:
+        return statement.replace("?", "%s")
+
+    def _reset_tracking(self, c: Any, application_name: str) -> None:
+        c.execute(
+            SQL("DELETE FROM {} WHERE application_name = %s").format(  # type: ignore[arg-type]
+                SQL(self.tracking_table_name)  # type: ignore[arg-type]
+            ),
+            (application_name,),
+        )
+
+
+def open_views(env: dict[str, str]) -> Views:
+    factory = InfrastructureFactory.construct(Environment(VIEWS_NAME, env))
+    if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite":
+        recorder: TrackingRecorder = factory.tracking_recorder(SQLiteViews)
+    else:
+        recorder = factory.tracking_recorder(PostgresViews)
+    assert isinstance(recorder, Views)
+    return recorder
+
+
+__all__ = ["PENDING", "JobRow", "OfferRow", "Views", "open_views"]

@@ -1,0 +1,347 @@
+"""The command side: every state change of the market, as load, decide, save atomically.
+
+These run in the bounded eventsourcing thread pool, never on the event loop. Each command
+retries optimistic-concurrency conflicts itself (reload, decide again, save), so a conflict is
+never lost and never surfaces to a caller unless retries are exhausted.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
+
+from adapters.crypto import Secrets, new_api_key, sha256_hex
+from adapters.eventstore import MarketApp
+from domain.aggregates import (
+    BuyerAccount,
+    IllegalTransition,
+    InsufficientBalance,
+    Job,
+    Offer,
+    Seller,
+    Settlement,
+    settlement_id,
+)
+from domain.catalog import VideoRequest
+
+T = TypeVar("T")
+IDEMPOTENCY_WINDOW_SECONDS = 24 * 3600
+MAX_ATTEMPTS = 200
+
+
+class ConflictError(Exception):
+    """Optimistic-concurrency retries exhausted (practically unreachable)."""
+
+
+class IdempotencyMismatch(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+class NotFound(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a command wrote: the log position to wait for before answering the caller."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: UUID
+    job_token: str
+    position: int
+    replayed: bool
+
+
+def _position(recordings: list[Any]) -> int:
+    return max((r.notification.id for r in recordings), default=0)
+
+
+def idempotent_job_id(buyer_id: str, key: str, generation: int) -> UUID:
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"/mediamarket/idempotency/{buyer_id}/{generation}/{key}")
+
+
+class Commands:
+    def __init__(self, app: MarketApp, secrets: Secrets, clock: Callable[[], float] = time.time):
+        self.app = app
+        self.secrets = secrets
+        self.clock = clock
+
+    def _retrying(self, attempt: Callable[[], T]) -> T:
+        for n in range(MAX_ATTEMPTS):
+            try:
+                return attempt()
+            except IntegrityError:
+                # Contention on a hot aggregate (a busy buyer's account): back off a little,
+                # with jitter so the losers don't collide again in lockstep.
+                time.sleep(random.uniform(0, min(0.001 * (n + 1), 0.02)))
+        raise ConflictError("too much contention; try again")
+
+    def _get(self, cls: type[T], aggregate_id: UUID) -> T:
+        try:
+            aggregate = self.app.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            raise NotFound(str(aggregate_id)) from None
+        if not isinstance(aggregate, cls):
+            raise NotFound(str(aggregate_id))
+        return aggregate
+
+    # ------------------------------------------------------------------ principals and money
+
+    def create_buyer(self, name: str) -> tuple[UUID, str, Written]:
+        api_key = new_api_key("mm_buyer")
+        buyer = BuyerAccount(id=uuid.uuid4(), name=name, api_key_hash=sha256_hex(api_key))
+        return buyer.id, api_key, Written(_position(self.app.save(buyer)))
+
+    def create_seller(self, name: str) -> tuple[UUID, str, Written]:
+        api_key = new_api_key("mm_seller")
+        seller = Seller(id=uuid.uuid4(), name=name, api_key_hash=sha256_hex(api_key))
+        return seller.id, api_key, Written(_position(self.app.save(seller)))
+
+    def deposit(self, buyer_id: UUID, amount: int, deposit_id: str | None = None) -> Written:
+        deposit_ref = deposit_id or str(uuid.uuid4())
+
+        def attempt() -> Written:
+            buyer = self._get(BuyerAccount, buyer_id)
+            buyer.deposit(amount, deposit_ref)
+            return Written(_position(self.app.save(buyer)))
+
+        return self._retrying(attempt)
+
+    def buyer(self, buyer_id: UUID) -> BuyerAccount:
+        return self._get(BuyerAccount, buyer_id)
+
+    # ------------------------------------------------------------------ offers
+
+    def create_offer(
+        self, *, seller_id: UUID, model: str, provider: str, base_url: str | None, api_key: str,
+        cost_multiplier: str, max_concurrent_jobs: int | None,
+    ) -> tuple[UUID, Written]:
+        self._get(Seller, seller_id)
+        offer_id = uuid.uuid4()
+        offer = Offer(
+            id=offer_id,
+            seller_id=str(seller_id),
+            model=model,
+            provider=provider,
+            base_url=base_url,
+            sealed_key=self.secrets.seal(api_key, context=f"offer:{offer_id}"),
+            key_sha256=sha256_hex(api_key),
+            cost_multiplier=cost_multiplier,
+            max_concurrent_jobs=max_concurrent_jobs,
+        )
+        return offer_id, Written(_position(self.app.save(offer)))
+
+    def update_offer(self, seller_id: UUID, offer_id: UUID, changes: dict[str, Any]) -> Written:
+        if "api_key" in changes:
+            key = changes.pop("api_key")
+            changes["sealed_key"] = self.secrets.seal(key, context=f"offer:{offer_id}")
+            changes["key_sha256"] = sha256_hex(key)
+
+        def attempt() -> Written:
+            offer = self._seller_offer(seller_id, offer_id)
+            offer.update(changes)
+            return Written(_position(self.app.save(offer)))
+
+        return self._retrying(attempt)
+
+    def delete_offer(self, seller_id: UUID, offer_id: UUID) -> Written:
+        def attempt() -> Written:
+            offer = self._seller_offer(seller_id, offer_id)
+            offer.delete()
+            return Written(_position(self.app.save(offer)))
+
+        return self._retrying(attempt)
+
+    def _seller_offer(self, seller_id: UUID, offer_id: UUID) -> Offer:
+        offer = self._get(Offer, offer_id)
+        if offer.seller_id != str(seller_id) or offer.deleted:
+            raise NotFound(str(offer_id))
+        return offer
+
+    def offer_refused(self, offer_id: UUID, reason: str, deactivate: bool) -> None:
+        def attempt() -> None:
+            offer = self._get(Offer, offer_id)
+            offer.refused(reason, now=self.clock(), deactivate=deactivate)
+            self.app.save(offer)
+
+        self._retrying(attempt)
+
+    def offer_succeeded(self, offer_id: UUID) -> None:
+        def attempt() -> None:
+            offer = self._get(Offer, offer_id)
+            offer.succeeded()
+            self.app.save(offer)
+
+        self._retrying(attempt)
+
+    def open_offer_key(self, offer_id: str, sealed_key: dict[str, str]) -> str:
+        return self.secrets.open(sealed_key, context=f"offer:{offer_id}")
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(
+        self, *, buyer_id: UUID, request: VideoRequest, route: list[dict[str, Any]],
+        estimated_cost: int, max_cost: int, ttl_seconds: int, min_discount: int | None,
+        idempotency_key: str | None,
+    ) -> Submitted:
+        """Create the job, its settlement and the hold in one save (SPEC 1, 6)."""
+        fingerprint = request.fingerprint()
+        generation = 0
+
+        def attempt() -> Submitted:
+            nonlocal generation
+            if idempotency_key is None:
+                job_id = uuid.uuid4()
+            else:
+                job_id = idempotent_job_id(str(buyer_id), idempotency_key, generation)
+                replay = self._idempotent_replay(job_id, fingerprint)
+                if replay is not None:
+                    if replay == "expired":
+                        generation += 1
+                        return attempt()
+                    return replay
+            now = int(self.clock())
+            token = self.secrets.job_token(str(job_id))
+            buyer = self._get(BuyerAccount, buyer_id)
+            job = Job(
+                id=job_id,
+                buyer_id=str(buyer_id),
+                request=request.as_event_data(),
+                fingerprint=fingerprint,
+                token_hash=sha256_hex(token),
+                created=now,
+                expires_at=now + ttl_seconds,
+                estimated_cost=estimated_cost,
+                max_cost=max_cost,
+                route=route,
+                min_discount=min_discount,
+            )
+            settlement = Settlement.for_job(job_id, str(buyer_id), max_cost)
+            buyer.hold(job_id, max_cost)
+            recordings = self.app.save(job, settlement, buyer)
+            return Submitted(job_id, token, _position(recordings), replayed=False)
+
+        return self._retrying(attempt)
+
+    def _idempotent_replay(self, job_id: UUID, fingerprint: str) -> Submitted | str | None:
+        try:
+            job = self.app.repository.get(job_id)
+        except AggregateNotFoundError:
+            return None
+        assert isinstance(job, Job)
+        if job.created + IDEMPOTENCY_WINDOW_SECONDS <= self.clock():
+            return "expired"
+        if job.fingerprint != fingerprint:
+            raise IdempotencyMismatch()
+        position = self.app.recorder.max_notification_id() or 0
+        return Submitted(job_id, self.secrets.job_token(str(job_id)), position, replayed=True)
+
+    # ------------------------------------------------------------------ job lifecycle
+
+    def job(self, job_id: UUID) -> Job:
+        return self._get(Job, job_id)
+
+    def cancel(self, job_id: UUID) -> Written:
+        """Best effort (SPEC 2): clean before dispatch, billed after, no-op when terminal."""
+
+        def attempt() -> Written:
+            job = self._get(Job, job_id)
+            if job.is_terminal:
+                return Written(0)
+            if job.dispatching is not None:
+                # The queue call's outcome is not known yet; the worker cancels once it is.
+                job.request_cancel()
+                return Written(_position(self.app.save(job)))
+            job.cancel(now=int(self.clock()))
+            return Written(self._finish(job))
+
+        return self._retrying(attempt)
+
+    def _finish(self, job: Job, *extra: Any) -> int:
+        """Save a job that just became terminal, with its settlement and the buyer's hold."""
+        buyer_cost, seller_cost = job.charge
+        settlement = self._get(Settlement, settlement_id(job.id))
+        buyer = self._get(BuyerAccount, UUID(job.buyer_id))
+        dispatch = job.dispatch or {}
+        settlement.settle(
+            buyer_cost=buyer_cost,
+            seller_cost=seller_cost,
+            seller_id=dispatch.get("seller_id"),
+            offer_id=dispatch.get("offer_id"),
+            outcome=job.status,
+        )
+        buyer.resolve_hold(job.id, buyer_cost)
+        return _position(self.app.save(job, settlement, buyer, *extra))
+
+    def update_job(self, job_id: UUID, change: Callable[[Job], Any]) -> Job:
+        """Apply a non-terminal change (claim, dispatch steps, progress) and save it."""
+
+        def attempt() -> Job:
+            job = self._get(Job, job_id)
+            change(job)
+            if job.is_terminal:
+                self._finish(job)
+            else:
+                self.app.save(job)
+            return job
+
+        return self._retrying(attempt)
+
+    def claim(self, job_id: UUID, worker_id: str, lease_seconds: float) -> Job | None:
+        def attempt() -> Job | None:
+            job = self._get(Job, job_id)
+            if job.is_terminal:
+                return None
+            if not job.claim(worker_id, now=self.clock(), lease_seconds=lease_seconds):
+                return None
+            self.app.save(job)
+            return job
+
+        return self._retrying(attempt)
+
+    def terminate(self, job_id: UUID, decide: Callable[[Job], None]) -> Job:
+        """Drive a job to a terminal state via ``decide`` and settle it in the same save."""
+
+        def attempt() -> Job:
+            job = self._get(Job, job_id)
+            if job.is_terminal:
+                return job
+            decide(job)
+            if not job.is_terminal:
+                raise IllegalTransition("decide() must end the job")
+            self._finish(job)
+            return job
+
+        return self._retrying(attempt)
+
+    def expire_due(self, job_id: UUID) -> Job | None:
+        def decide(job: Job) -> None:
+            job.expire(now=int(self.clock()))
+
+        job = self.job(job_id)
+        if job.is_terminal or self.clock() < job.expires_at:
+            return None
+        return self.terminate(job_id, decide)
+
+
+__all__ = [
+    "Commands",
+    "ConflictError",
+    "IdempotencyMismatch",
+    "InsufficientBalance",
+    "NotFound",
+    "Submitted",
+    "Written",
+]
