@@ -9,12 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
+from typing import NamedTuple
 
 MICROS_PER_USD = 1_000_000
 BPS_DENOMINATOR = 10_000
 MIN_MULTIPLIER = Fraction(5, 100)
 MAX_MULTIPLIER = Fraction(1)
 HOLD_MARGIN = Fraction(110, 100)
+# Fraction(Decimal("1e-99999999")) builds 10**99999999; Decimal comparisons against these bounds
+# are cheap, so every untrusted Decimal is range-checked before it becomes a Fraction.
+MAX_QUOTE_USD = Decimal(10) ** 12
+_ONE_MICRO_USD = Decimal(1) / MICROS_PER_USD
+_MIN_MULTIPLIER_DECIMAL = Decimal("0.05")
+_MAX_MULTIPLIER_DECIMAL = Decimal(1)
 
 
 class MoneyError(ValueError):
@@ -43,23 +50,26 @@ def usd_to_micros(quote: object) -> int:
         raise MoneyError(f"quote is not a number: {quote!r}") from e
     if not amount.is_finite() or amount < 0:
         raise MoneyError(f"quote must be a finite non-negative amount: {quote!r}")
+    if amount > MAX_QUOTE_USD:
+        raise MoneyError(f"quote is implausibly large: {quote!r}")
+    if 0 < amount < _ONE_MICRO_USD:
+        return 1
     return ceil_fraction(Fraction(amount) * MICROS_PER_USD)
 
 
 def parse_multiplier(text: object) -> Fraction:
     """A seller's ``cost_multiplier``: a decimal string between 0.05 and 1.00 inclusive."""
     if not isinstance(text, str) or not text.strip():
-        raise MoneyError("cost_multiplier must be a decimal string such as \"0.80\"")
+        raise MoneyError('cost_multiplier must be a decimal string such as "0.80"')
     try:
         value = Decimal(text.strip())
     except InvalidOperation as e:
         raise MoneyError(f"cost_multiplier is not a decimal: {text!r}") from e
     if not value.is_finite():
         raise MoneyError(f"cost_multiplier is not a decimal: {text!r}")
-    fraction = Fraction(value)
-    if not MIN_MULTIPLIER <= fraction <= MAX_MULTIPLIER:
+    if not _MIN_MULTIPLIER_DECIMAL <= value <= _MAX_MULTIPLIER_DECIMAL:
         raise MoneyError("cost_multiplier must be between 0.05 and 1.00")
-    return fraction
+    return Fraction(value)
 
 
 def format_multiplier(multiplier: Fraction) -> str:
@@ -123,12 +133,43 @@ def max_cost(estimated: int) -> int:
     return ceil_fraction(estimated * HOLD_MARGIN)
 
 
+class SettlementAmounts(NamedTuple):
+    charged: int
+    released: int
+    seller_paid: int
+    platform_fee: int
+
+
+def settle(hold: int, charge: int | None, seller_cost: int) -> SettlementAmounts:
+    """Resolve a hold: ``charge`` is the buyer cost to take, or ``None`` when nothing is charged.
+
+    Keeps SPEC's invariants by construction: held = charged + released and
+    charged = seller_paid + platform_fee; anything that would break them is refused.
+    """
+    if hold < 0:
+        raise MoneyError(f"hold must not be negative: {hold}")
+    if charge is None:
+        return SettlementAmounts(charged=0, released=hold, seller_paid=0, platform_fee=0)
+    if charge < 0:
+        raise MoneyError(f"charge must not be negative: {charge}")
+    if charge > hold:
+        raise MoneyError(f"charge {charge} exceeds the hold {hold}")
+    if not 0 <= seller_cost <= charge:
+        raise MoneyError(f"seller cost {seller_cost} must be between 0 and the charge {charge}")
+    return SettlementAmounts(
+        charged=charge,
+        released=hold - charge,
+        seller_paid=seller_cost,
+        platform_fee=charge - seller_cost,
+    )
+
+
 def format_discount(discount: Fraction) -> str:
     """A discount for people: percent with at most two decimals, rounded down (never flattering)."""
-    sign = "-" if discount < 0 else ""
-    magnitude = abs(discount)
-    hundredths = magnitude.numerator * 100 // magnitude.denominator
-    whole, rest = divmod(hundredths, 100)
+    # Floor, not truncation: a negative discount (fees above list price) must not look better.
+    hundredths = discount.numerator * 100 // discount.denominator
+    sign = "-" if hundredths < 0 else ""
+    whole, rest = divmod(abs(hundredths), 100)
     if rest == 0:
         return f"{sign}{whole}%"
     return f"{sign}{whole}.{rest:02d}".rstrip("0") + "%"
