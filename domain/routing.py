@@ -1,0 +1,142 @@
+"""Which offer runs a submit (SPEC 3): the ``/min{N}`` prefix and the ranking of candidates.
+
+Pure: the caller has already read the offers, dropped those in backoff or at capacity, and
+priced each from its live quote; this module only decides the order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+from domain.money import Price, format_discount
+
+MIN_PREFIX = "/min"
+MEDIA_ROOT = "/v1/"
+_DISCOUNT = re.compile(r"0|[1-9][0-9]{0,2}", re.ASCII)
+
+
+class MinimumDiscountError(ValueError):
+    code = "invalid_minimum_discount"
+
+
+def parse_min_prefix(path: str) -> tuple[int | None, str]:
+    """Split ``/min{N}/v1/...`` into ``(N, "/v1/...")``; any other path is ``(None, path)``.
+
+    Only a segment starting ``min`` directly followed by ``/v1/`` is a prefix, and then its N
+    must be valid or ``MinimumDiscountError`` is raised. ``/min30``, ``/min30/api/markets`` or
+    ``/min30/v1`` have no ``/v1/`` path behind them, so they are left alone for the router to 404.
+    Whether the path behind the prefix exists is the router's business too. The path is expected
+    already percent-decoded, as aiohttp's ``request.path`` is.
+    """
+    if not path.startswith(MIN_PREFIX):
+        return None, path
+    segment, slash, rest = path[len(MIN_PREFIX) :].partition("/")
+    rest = slash + rest
+    if not rest.startswith(MEDIA_ROOT):
+        return None, path
+    if not _DISCOUNT.fullmatch(segment) or int(segment) > 100:
+        raise MinimumDiscountError(
+            f"invalid minimum discount {'min' + segment!r}: "
+            "use /min{N}/ with N a whole number from 0 to 100, such as /min30/"
+        )
+    return int(segment), rest
+
+
+@dataclass(frozen=True)
+class Candidate:
+    offer_id: str
+    seller_id: str | None
+    multiplier: Fraction | None
+    created_seq: int
+    price: Price
+    # Only for a buyer-owned key (seller_id None): a key registered with ``model: null`` is the
+    # last resort (SPEC 3 step 3), while one registered for the model goes first (step 1).
+    catch_all: bool = False
+
+    @property
+    def buyer_owned(self) -> bool:
+        return self.seller_id is None
+
+
+@dataclass(frozen=True)
+class Ranking:
+    eligible: list[Candidate]
+    best_discount: Fraction | None
+    filtered_by_min: list[Candidate]
+
+
+def _offer_order(candidate: Candidate) -> tuple[int, Fraction, int, str]:
+    price = candidate.price
+    return (price.buyer_cost, -price.discount, candidate.created_seq, candidate.offer_id)
+
+
+def _key_order(candidate: Candidate) -> tuple[int, str]:
+    return (candidate.created_seq, candidate.offer_id)
+
+
+def rank_candidates(candidates: Sequence[Candidate], min_discount: int | None) -> Ranking:
+    """Order candidates as SPEC 3 tries them; drop marketplace offers below ``min_discount``.
+
+    Buyer-owned keys are outside the market: ``min{N}`` does not apply to them, the model's own
+    key goes before every offer and a catch-all key after them. ``best_discount`` is therefore
+    taken over marketplace offers only, since it explains a ``minimum_discount_not_met``.
+    """
+    own_keys = [c for c in candidates if c.buyer_owned and not c.catch_all]
+    catch_alls = [c for c in candidates if c.buyer_owned and c.catch_all]
+    offers = [c for c in candidates if not c.buyer_owned]
+
+    best_discount = max((c.price.discount for c in offers), default=None)
+    if min_discount is None:
+        admitted, filtered = offers, []
+    else:
+        admitted = [c for c in offers if c.price.discount >= min_discount]
+        filtered = [c for c in offers if c.price.discount < min_discount]
+
+    eligible = [
+        *sorted(own_keys, key=_key_order),
+        *sorted(admitted, key=_offer_order),
+        *sorted(catch_alls, key=_key_order),
+    ]
+    return Ranking(
+        eligible=eligible,
+        best_discount=best_discount,
+        filtered_by_min=sorted(filtered, key=_offer_order),
+    )
+
+
+class RoutingError(Exception):
+    def __init__(self, code: str, message: str, best_discount: Fraction | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.best_discount = best_discount
+
+
+def choose(
+    candidates_total: int, healthy: Sequence[Candidate], min_discount: int | None
+) -> list[Candidate]:
+    """The candidates to try, in order, or the reason there are none.
+
+    ``candidates_total`` counts every offer for the model before health and capacity were
+    considered; ``healthy`` are those that could be quoted.
+    """
+    if candidates_total == 0:
+        raise RoutingError("no_sellers_for_model", "no seller offers this model")
+    if not healthy:
+        raise RoutingError(
+            "no_healthy_sellers", "no seller of this model is available right now; retry later"
+        )
+    ranking = rank_candidates(healthy, min_discount)
+    if ranking.eligible:
+        return ranking.eligible
+    best = ranking.best_discount
+    available = format_discount(best) if best is not None else "none"
+    raise RoutingError(
+        "minimum_discount_not_met",
+        f"no offer meets the minimum discount of {min_discount}%; "
+        f"the best available is {available}",
+        best_discount=best,
+    )
