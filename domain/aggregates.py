@@ -11,6 +11,7 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
+from eventsourcing.domain import Snapshot as LibrarySnapshot
 
 QUEUED = "queued"
 SUBMITTED = "submitted"
@@ -39,7 +40,7 @@ class BuyerAccount(Aggregate):
 
     TOPIC = "mediamarket.buyer"
 
-    class Snapshot(Aggregate.Snapshot):
+    class Snapshot(LibrarySnapshot):
         TOPIC = "mediamarket.buyer.snapshot.v1"
 
     @event("Created", topic="mediamarket.buyer.created.v1")

@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eventsourcing.persistence import InfrastructureFactory, Tracking, TrackingRecorder
 from eventsourcing.postgres import PostgresTrackingRecorder
@@ -119,11 +119,11 @@ class Views:
     def q(self, statement: str) -> Any:
         return statement
 
-    def _insert_tracking(self, c: Any, tracking: Tracking) -> None:  # provided by the recorder
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by the library's tracking recorder this is mixed into
 
-    def max_tracking_id(self, application_name: str) -> int | None:  # provided by the recorder
-        raise NotImplementedError
+        def _insert_tracking(self, c: Any, tracking: Tracking) -> None: ...
+
+        def max_tracking_id(self, application_name: str) -> int | None: ...
 
     # ---------------------------------------------------------------- projecting
 

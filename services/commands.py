@@ -31,6 +31,7 @@ from domain.aggregates import (
     settlement_id,
 )
 from domain.catalog import VideoRequest
+from services.routing import request_data
 
 T = TypeVar("T")
 IDEMPOTENCY_WINDOW_SECONDS = 24 * 3600
@@ -218,7 +219,7 @@ class Commands:
             job = Job(
                 id=job_id,
                 buyer_id=str(buyer_id),
-                request=request.as_event_data(),
+                request=request_data(request),
                 fingerprint=fingerprint,
                 token_hash=sha256_hex(token),
                 created=now,
@@ -234,6 +235,17 @@ class Commands:
             return Submitted(job_id, token, _position(recordings), replayed=False)
 
         return self._retrying(attempt)
+
+    def find_idempotent(self, buyer_id: UUID, key: str, fingerprint: str) -> Submitted | None:
+        """The job an Idempotency-Key already created within its window, if any."""
+        generation = 0
+        while True:
+            found = self._idempotent_replay(
+                idempotent_job_id(str(buyer_id), key, generation), fingerprint
+            )
+            if found != "expired":
+                return found if isinstance(found, Submitted) else None
+            generation += 1
 
     def _idempotent_replay(self, job_id: UUID, fingerprint: str) -> Submitted | str | None:
         try:
@@ -290,8 +302,9 @@ class Commands:
 
         def attempt() -> Job:
             job = self._get(Job, job_id)
+            was_terminal = job.is_terminal
             change(job)
-            if job.is_terminal:
+            if job.is_terminal and not was_terminal:
                 self._finish(job)
             else:
                 self.app.save(job)

@@ -1,0 +1,246 @@
+"""Buyer, seller and operator routes (SPEC 4.4)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from adapters.venice import ProviderError
+from api.errors import ApiError, invalid, not_found
+from api.http import caught_up, engine_of, json_body, parse_model, require, require_admin
+from domain.money import MoneyError, format_multiplier, parse_multiplier, to_json
+from services.commands import NotFound
+from services.routing import default_params
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NameBody(Strict):
+    name: StrictStr = Field(min_length=1, max_length=200)
+
+
+class DepositBody(Strict):
+    amount_usdc: StrictStr | StrictInt
+    deposit_id: StrictStr | None = Field(default=None, min_length=1, max_length=255)
+
+
+class OfferBody(Strict):
+    model: StrictStr
+    provider: Literal["venice"]
+    api_key: StrictStr = Field(min_length=1, max_length=500)
+    base_url: StrictStr | None = Field(default=None, pattern=r"^https?://")
+    pricing_mode: Literal["cost_multiplier"] = "cost_multiplier"
+    cost_multiplier: StrictStr
+    max_concurrent_jobs: StrictInt | None = Field(default=None, ge=1, le=10_000)
+
+
+class OfferPatch(Strict):
+    cost_multiplier: StrictStr | None = None
+    max_concurrent_jobs: StrictInt | None = Field(default=None, ge=1, le=10_000)
+    paused: StrictBool | None = None
+    api_key: StrictStr | None = Field(default=None, min_length=1, max_length=500)
+
+
+def _uuid(text: str, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise not_found(what) from None
+
+
+def _multiplier(text: str) -> str:
+    try:
+        return format_multiplier(parse_multiplier(text))
+    except MoneyError as e:
+        raise invalid(str(e), "cost_multiplier") from None
+
+
+# ---------------------------------------------------------------------- operator
+
+
+async def create_buyer(request: web.Request) -> web.Response:
+    require_admin(request)
+    body = parse_model(NameBody, await json_body(request))
+    engine = engine_of(request)
+    buyer_id, api_key, written = await engine.blocking(engine.commands.create_buyer, body.name)
+    await caught_up(request, written.position)
+    return web.json_response(
+        {"buyer_id": str(buyer_id), "object": "buyer", "name": body.name, "api_key": api_key},
+        status=201,
+    )
+
+
+async def create_seller(request: web.Request) -> web.Response:
+    require_admin(request)
+    body = parse_model(NameBody, await json_body(request))
+    engine = engine_of(request)
+    seller_id, api_key, written = await engine.blocking(engine.commands.create_seller, body.name)
+    await caught_up(request, written.position)
+    return web.json_response(
+        {"seller_id": str(seller_id), "object": "seller", "name": body.name, "api_key": api_key},
+        status=201,
+    )
+
+
+async def deposit(request: web.Request) -> web.Response:
+    require_admin(request)
+    buyer_id = _uuid(request.match_info["buyer_id"], "buyer")
+    body = parse_model(DepositBody, await json_body(request))
+    amount = body.amount_usdc
+    if isinstance(amount, str):
+        if not amount.isdigit() or not amount.isascii():
+            raise invalid("amount_usdc must be a positive integer of microdollars, as a string",
+                          "amount_usdc")
+        amount = int(amount)
+    if amount <= 0 or amount > 10**15:
+        raise invalid("amount_usdc must be between 1 and 10^15 microdollars", "amount_usdc")
+    engine = engine_of(request)
+    try:
+        written = await engine.blocking(engine.commands.deposit, buyer_id, amount, body.deposit_id)
+    except NotFound:
+        raise not_found("buyer") from None
+    await caught_up(request, written.position)
+    buyer = await engine.blocking(engine.commands.buyer, buyer_id)
+    return web.json_response(
+        {"object": "deposit", "buyer_id": str(buyer_id), "amount_usdc": to_json(amount),
+         "balance": _balance(buyer)},
+        status=201,
+    )
+
+
+def _balance(buyer: Any) -> dict[str, str]:
+    return {
+        "available_usdc": to_json(buyer.available),
+        "held_usdc": to_json(buyer.held),
+        "spent_usdc": to_json(buyer.spent),
+        "deposited_usdc": to_json(buyer.deposited),
+    }
+
+
+# ---------------------------------------------------------------------- buyer
+
+
+async def buyer_me(request: web.Request) -> web.Response:
+    buyer_id = await require(request, "buyer")
+    engine = engine_of(request)
+    buyer = await engine.blocking(engine.commands.buyer, uuid.UUID(buyer_id))
+    return web.json_response({
+        "id": buyer_id,
+        "object": "buyer",
+        "name": buyer.name,
+        "balance": _balance(buyer),
+        "usage": {"jobs": buyer.jobs, "spent_usdc": to_json(buyer.spent),
+                  "held_usdc": to_json(buyer.held)},
+    })
+
+
+# ---------------------------------------------------------------------- seller
+
+
+async def create_offer(request: web.Request) -> web.Response:
+    seller_id = await require(request, "seller")
+    body = parse_model(OfferBody, await json_body(request))
+    engine = engine_of(request)
+    multiplier = _multiplier(body.cost_multiplier)
+    if engine.catalog is None:
+        raise ApiError(503, "catalog_unavailable", "the model catalog is loading; retry shortly")
+    spec = engine.catalog.resolve(body.model)
+    if spec is None:
+        raise ApiError(404, "model_not_found", f"unknown model {body.model}", "model")
+    await _check_key(request, body.provider, body.base_url, body.api_key, spec)
+    offer_id, written = await engine.blocking(
+        engine.commands.create_offer,
+        seller_id=uuid.UUID(seller_id), model=spec.id, provider=body.provider,
+        base_url=body.base_url, api_key=body.api_key, cost_multiplier=multiplier,
+        max_concurrent_jobs=body.max_concurrent_jobs,
+    )
+    await caught_up(request, written.position)
+    offer = await engine.blocking(engine.views.offer, str(offer_id))
+    assert offer is not None
+    return web.json_response(offer.public(), status=201)
+
+
+async def _check_key(request: web.Request, provider: str, base_url: str | None, api_key: str,
+                     spec: Any) -> None:
+    """One quote call with the seller's key before the offer goes live (it spends no quota)."""
+    engine = engine_of(request)
+    params = default_params(spec)
+    try:
+        await engine.providers.client(provider, base_url).quote(api_key, params)
+    except ProviderError as e:
+        raise ApiError(400, "invalid_provider_key",
+                       f"the provider refused this API key ({e.status}): {e.message}",
+                       "api_key") from None
+
+
+async def list_offers(request: web.Request) -> web.Response:
+    seller_id = await require(request, "seller")
+    engine = engine_of(request)
+    offers = await engine.blocking(engine.views.offers, seller_id=seller_id)
+    return web.json_response({"object": "list", "data": [o.public() for o in offers]})
+
+
+async def _own_offer(request: web.Request, seller_id: str) -> Any:
+    engine = engine_of(request)
+    offer_id = _uuid(request.match_info["offer_id"], "offer")
+    offer = await engine.blocking(engine.views.offer, str(offer_id))
+    if offer is None or offer.seller_id != seller_id or offer.state == "deleted":
+        raise not_found("offer")
+    return offer
+
+
+async def update_offer(request: web.Request) -> web.Response:
+    seller_id = await require(request, "seller")
+    body = parse_model(OfferPatch, await json_body(request))
+    offer = await _own_offer(request, seller_id)
+    engine = engine_of(request)
+    changes: dict[str, Any] = body.model_dump(exclude_none=True)
+    if "cost_multiplier" in changes:
+        changes["cost_multiplier"] = _multiplier(changes["cost_multiplier"])
+    if "api_key" in changes:
+        assert engine.catalog is not None
+        spec = engine.catalog.resolve(offer.model)
+        await _check_key(request, offer.provider, offer.base_url, changes["api_key"], spec)
+    try:
+        written = await engine.blocking(
+            engine.commands.update_offer, uuid.UUID(seller_id), uuid.UUID(offer.offer_id), changes
+        )
+    except NotFound:
+        raise not_found("offer") from None
+    await caught_up(request, written.position)
+    fresh = await engine.blocking(engine.views.offer, offer.offer_id)
+    assert fresh is not None
+    return web.json_response(fresh.public())
+
+
+async def delete_offer(request: web.Request) -> web.Response:
+    seller_id = await require(request, "seller")
+    offer = await _own_offer(request, seller_id)
+    engine = engine_of(request)
+    written = await engine.blocking(
+        engine.commands.delete_offer, uuid.UUID(seller_id), uuid.UUID(offer.offer_id)
+    )
+    await caught_up(request, written.position)
+    return web.json_response({"id": offer.offer_id, "object": "offer", "deleted": True})
+
+
+ACCOUNT_ROUTES: list[tuple[str, str, Any, str]] = [
+    ("POST", "/admin/buyers", create_buyer, "Create a buyer (admin); the API key is shown once"),
+    ("POST", "/admin/buyers/{buyer_id}/deposits", deposit, "Fund a buyer account (admin)"),
+    ("POST", "/admin/sellers", create_seller, "Create a seller (admin); the API key is shown once"),
+    ("GET", "/v1/buyer/me", buyer_me, "Your balance and usage"),
+    ("POST", "/v1/seller/offers", create_offer, "List provider capacity as an offer"),
+    ("GET", "/v1/seller/offers", list_offers, "Your offers"),
+    ("PATCH", "/v1/seller/offers/{offer_id}", update_offer, "Change, pause or resume an offer"),
+    ("DELETE", "/v1/seller/offers/{offer_id}", delete_offer, "Withdraw an offer"),
+]
+
+
+def register(app: web.Application) -> None:
+    for method, path, handler, _ in ACCOUNT_ROUTES:
+        app.router.add_route(method, path, handler)

@@ -1,0 +1,160 @@
+"""The composition root: settings in, a running engine out. Adapters are chosen here, once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets as pysecrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from adapters.artifacts import LocalArtifactStore
+from adapters.crypto import Secrets, SecretError
+from adapters.eventstore import MarketApp, open_market, store_env
+from adapters.settings import ConfigError, Settings
+from adapters.venice import ProviderError, VeniceClient
+from domain.catalog import Catalog, parse_venice_models
+from domain.money import FeeSchedule, MoneyError
+from projections.runner import ProjectionRunner
+from projections.views import VIEWS_NAME, Views, open_views
+from services.commands import Commands
+from services.routing import Providers, Router
+from services.worker import Blocking, Worker
+
+log = structlog.get_logger("engine")
+PROVIDERS = ("venice",)
+
+
+def _persisted_secret(path: Path, make: str) -> str:
+    """Embedded mode keeps a generated secret next to its data so restarts can read old data."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(make)
+    return make
+
+
+def resolve_secrets(settings: Settings) -> tuple[Secrets, str]:
+    """The master key and the admin token: from the environment, or generated (embedded only)."""
+    master = settings.MEDIAMARKET_SECRET_KEY
+    admin = settings.MEDIAMARKET_ADMIN_TOKEN
+    if not settings.is_sqlite and (not master or not admin):
+        raise ConfigError(
+            "MEDIAMARKET_SECRET_KEY and MEDIAMARKET_ADMIN_TOKEN must be set with PostgreSQL"
+        )
+    if not master:
+        master = _persisted_secret(settings.data_dir / "secret.key", Secrets.generate_master_key())
+    if not admin:
+        admin = _persisted_secret(
+            settings.data_dir / "admin.token", "mm_admin_" + pysecrets.token_urlsafe(24)
+        )
+    try:
+        return Secrets(master), admin
+    except SecretError as e:
+        raise ConfigError(str(e)) from None
+
+
+def embedded_sim_url(settings: Settings) -> str:
+    return f"http://127.0.0.1:{settings.PORT}/sim/api/v1"
+
+
+@dataclass
+class Engine:
+    settings: Settings
+    secrets: Secrets
+    admin_token: str
+    market: MarketApp
+    views: Views
+    runner: ProjectionRunner
+    blocking: Blocking
+    commands: Commands
+    session: aiohttp.ClientSession
+    providers: Providers
+    router: Router
+    store: LocalArtifactStore
+    fees: FeeSchedule
+    catalog: Catalog | None = None
+    worker: Worker | None = None
+    worker_task: asyncio.Task[None] | None = None
+    base_urls: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    async def open(cls, settings: Settings, *, sim_url: str | None = None) -> Engine:
+        secrets, admin_token = resolve_secrets(settings)
+        try:
+            fees = FeeSchedule(settings.FEE_MULTIPLIER_BPS, settings.FLAT_FEE_USDC)
+        except MoneyError as e:
+            raise ConfigError(str(e)) from None
+        blocking = Blocking(max_workers=16)
+        try:
+            market = await blocking(open_market, settings.DATABASE_URL)
+            views = await blocking(open_views, store_env(settings.DATABASE_URL, role=VIEWS_NAME))
+        except Exception as e:
+            blocking.shutdown()
+            raise ConfigError(f"cannot open the database at DATABASE_URL: {e}") from None
+        runner = ProjectionRunner(market, views)
+        market.on_saved.append(runner.wake)
+        runner.start()
+        base_url = settings.PROVIDER_BASE_URL_VENICE or sim_url or embedded_sim_url(settings)
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, family=socket.AF_INET),
+        )
+        providers = Providers(
+            session, {"venice": base_url},
+            quote_timeout=settings.PROVIDER_QUOTE_TIMEOUT_SECONDS,
+            queue_timeout=settings.PROVIDER_QUEUE_TIMEOUT_SECONDS,
+        )
+        commands = Commands(market, secrets)
+        router = Router(providers, fees, commands.open_offer_key)
+        store = LocalArtifactStore(settings.artifact_dir)
+        return cls(
+            settings=settings, secrets=secrets, admin_token=admin_token, market=market,
+            views=views, runner=runner, blocking=blocking, commands=commands, session=session,
+            providers=providers, router=router, store=store, fees=fees,
+            base_urls={"venice": base_url},
+        )
+
+    async def load_catalog(self, attempts: int = 20) -> Catalog:
+        """Learn the models from each provider's ``/models`` (SPEC 5.1)."""
+        client = VeniceClient(self.session, self.base_urls["venice"])
+        for n in range(attempts):
+            try:
+                models = parse_venice_models("venice", await client.list_models())
+                self.catalog = Catalog(models)
+                log.info("catalog_loaded", models=len(models))
+                return self.catalog
+            except (ProviderError, aiohttp.ClientError, OSError) as e:
+                log.warning("catalog_unavailable", attempt=n + 1, error=str(e))
+                await asyncio.sleep(min(0.2 * 2**n, 5.0))
+        raise ConfigError(f"cannot load the model catalog from {self.base_urls['venice']}")
+
+    def start_worker(self, worker_id: str) -> Worker:
+        worker = Worker(
+            commands=self.commands, views=self.views, router=self.router, store=self.store,
+            blocking=self.blocking, worker_id=worker_id,
+            artifact_ttl_seconds=self.settings.MEDIA_ARTIFACT_TTL_SECONDS,
+            concurrency=self.settings.WORKER_CONCURRENCY,
+        )
+        loop = asyncio.get_running_loop()
+        self.market.on_saved.append(lambda: loop.call_soon_threadsafe(worker.wake))
+        self.worker = worker
+        self.worker_task = asyncio.create_task(worker.run())
+        return worker
+
+    async def close(self) -> None:
+        if self.worker is not None:
+            await self.worker.stop()
+        if self.worker_task is not None:
+            self.worker_task.cancel()
+            await asyncio.gather(self.worker_task, return_exceptions=True)
+        await self.session.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.runner.stop)
+        self.blocking.shutdown()
+        self.market.close()
+        self.views.datastore.close()

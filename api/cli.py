@@ -1,0 +1,248 @@
+"""The ``mediamarket`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from adapters.logs import configure_logging
+from adapters.settings import ConfigError, Settings, load_settings
+from api.app import create_app, is_embedded_simulator
+from api.bootstrap import Engine
+
+log = structlog.get_logger("cli")
+DEMO_MODELS = {
+    "venice-seedance-2-fast-t2v": ["0.80", "0.90"],
+    "venice-runway-gen4-5-text": ["0.80"],
+    "venice-pixverse-c1-t2v": ["0.80"],
+    "venice-wan-2-5-i2v": ["0.80"],
+}
+DEMO_DEPOSIT_USDC = 100_000_000
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def seed_demo(engine: Engine) -> dict[str, str]:
+    """A funded demo buyer and demo offers, once per data directory."""
+    marker = engine.settings.data_dir / "demo.json"
+    if marker.exists():
+        return dict(json.loads(marker.read_text()))
+    commands = engine.commands
+    buyer_id, buyer_key, _ = await engine.blocking(commands.create_buyer, "demo buyer")
+    await engine.blocking(commands.deposit, buyer_id, DEMO_DEPOSIT_USDC, "demo-funding")
+    seller_id, seller_key, _ = await engine.blocking(commands.create_seller, "demo seller")
+    last = 0
+    for model, multipliers in DEMO_MODELS.items():
+        for multiplier in multipliers:
+            _, written = await engine.blocking(
+                commands.create_offer, seller_id=seller_id, model=model, provider="venice",
+                base_url=None, api_key="sim_ok", cost_multiplier=multiplier,
+                max_concurrent_jobs=None,
+            )
+            last = written.position
+    await engine.blocking(engine.runner.wait_for, last, 10.0)
+    demo = {"buyer_id": str(buyer_id), "buyer_api_key": buyer_key,
+            "seller_id": str(seller_id), "seller_api_key": seller_key}
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(demo, f)
+    return demo
+
+
+def demo_banner(settings: Settings, demo: dict[str, str], admin_token: str) -> str:
+    base = f"http://127.0.0.1:{settings.PORT}"
+    key = demo["buyer_api_key"]
+    return f"""
+mediamarket is running on {base}
+
+Demo buyer API key:  {key}
+Admin token:         {admin_token}
+
+Submit a job:
+  curl -s {base}/v1/video/generations \\
+    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
+    -d '{{"model": "venice-video-gen", "prompt": "a lighthouse at dusk", "resolution": "720p"}}'
+
+Poll it (status 202 while pending, 200 when done):
+  curl -s {base}/v1/video/generations/JOB_ID -H "Authorization: Bearer {key}"
+
+Download the video:
+  curl -s -o video.mp4 {base}/v1/media/artifacts/JOB_ID/0 -H "Authorization: Bearer {key}"
+
+Or all at once:
+  JOB=$(curl -s {base}/v1/video/generations -H "Authorization: Bearer {key}" \\
+    -H "Content-Type: application/json" \\
+    -d '{{"model": "venice-video-gen", "prompt": "a lighthouse at dusk", "resolution": "720p"}}' \\
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])') && \\
+  until curl -s {base}/v1/video/generations/$JOB -H "Authorization: Bearer {key}" \\
+    | grep -q '"status": "succeeded"'; do sleep 1; done && \\
+  curl -s -o video.mp4 {base}/v1/media/artifacts/$JOB/0 -H "Authorization: Bearer {key}" \\
+  && echo "saved video.mp4"
+"""
+
+
+async def serve(settings: Settings, *, worker: bool) -> None:
+    embedded = is_embedded_simulator(settings)
+    engine = await Engine.open(settings)
+    app = create_app(engine, mount_simulator=embedded)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.HOST, settings.PORT, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        await engine.close()
+        raise ConfigError(f"cannot listen on {settings.HOST}:{settings.PORT}: {e.strerror}") from None
+    try:
+        await engine.load_catalog()
+        if settings.MEDIAMARKET_DEMO:
+            demo = await seed_demo(engine)
+            print(demo_banner(settings, demo, engine.admin_token), flush=True)
+        else:
+            print(f"mediamarket is running on http://{settings.HOST}:{settings.PORT}", flush=True)
+        if worker:
+            engine.start_worker("embedded" if embedded else f"{socket.gethostname()}:{os.getpid()}")
+        await _wait_for_signal()
+    finally:
+        await engine.close()
+        await runner.cleanup()
+
+
+async def run_worker(settings: Settings) -> None:
+    engine = await Engine.open(settings)
+    worker_id = os.environ.get("WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        engine.start_worker(worker_id)
+        print(f"mediamarket worker {worker_id} running", flush=True)
+        await _wait_for_signal()
+    finally:
+        await engine.close()
+
+
+async def projections(settings: Settings, action: str) -> int:
+    engine = await Engine.open(settings)
+    try:
+        views, market = engine.views, engine.market
+        if action == "digest":
+            _print_digest(await engine.blocking(views.digest))
+            return 0
+        if action == "rebuild":
+            before = await engine.blocking(views.digest)
+            await engine.blocking(views.reset, market.name)
+            applied = await engine.blocking(engine.runner.catch_up)
+            after = await engine.blocking(views.digest)
+            print(f"rebuilt the views from {applied} notifications")
+            _print_digest(after, before)
+            return 0
+        # run: keep the views up to date until stopped
+        print("projection runner running", flush=True)
+        await _wait_for_signal()
+        return 0
+    finally:
+        await engine.close()
+
+
+def _print_digest(after: dict[str, Any], before: dict[str, Any] | None = None) -> None:
+    print(f"{'view':<16} {'rows':>8}  sha256")
+    for table, (rows, digest) in after.items():
+        note = ""
+        if before is not None:
+            note = "  identical" if before.get(table) == (rows, digest) else "  CHANGED"
+        print(f"{table:<16} {rows:>8}  {digest}{note}")
+
+
+async def admin(settings: Settings, args: argparse.Namespace) -> None:
+    engine = await Engine.open(settings)
+    try:
+        commands = engine.commands
+        if args.admin_command == "create-buyer":
+            buyer_id, key, w = await engine.blocking(commands.create_buyer, args.name)
+            out: dict[str, Any] = {"buyer_id": str(buyer_id), "api_key": key}
+        elif args.admin_command == "create-seller":
+            seller_id, key, w = await engine.blocking(commands.create_seller, args.name)
+            out = {"seller_id": str(seller_id), "api_key": key}
+        else:
+            amount = int(args.amount_usdc)
+            w = await engine.blocking(commands.deposit, uuid.UUID(args.buyer_id), amount, None)
+            out = {"buyer_id": args.buyer_id, "amount_usdc": str(amount)}
+        await engine.blocking(engine.runner.wait_for, w.position, 10.0)
+        print(json.dumps(out))
+    finally:
+        await engine.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mediamarket", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="API, worker, projections and (by default) the simulator")
+    p.add_argument("--no-worker", action="store_true", help="serve the API only")
+    p.add_argument("--port", type=int, help="overrides PORT")
+    sub.add_parser("worker", help="run a worker process")
+    p = sub.add_parser("projections", help="run, rebuild or digest the read models")
+    p.add_argument("action", choices=["run", "rebuild", "digest"])
+    p = sub.add_parser("sim", help="run the provider simulator on its own")
+    p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--host", default="127.0.0.1")
+    p = sub.add_parser("admin", help="operator helpers")
+    admin_sub = p.add_subparsers(dest="admin_command", required=True)
+    a = admin_sub.add_parser("create-buyer")
+    a.add_argument("name")
+    a = admin_sub.add_parser("create-seller")
+    a.add_argument("name")
+    a = admin_sub.add_parser("deposit")
+    a.add_argument("buyer_id")
+    a.add_argument("amount_usdc", help="integer microdollars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        overrides: dict[str, Any] = {}
+        if getattr(args, "port", None) is not None and args.command == "serve":
+            overrides["PORT"] = args.port
+        settings = load_settings(**overrides)
+        configure_logging(settings.LOG_LEVEL)
+        if args.command == "serve":
+            asyncio.run(serve(settings, worker=not args.no_worker))
+        elif args.command == "worker":
+            asyncio.run(run_worker(settings))
+        elif args.command == "projections":
+            return asyncio.run(projections(settings, args.action))
+        elif args.command == "sim":
+            from adapters.simulator import run_simulator
+
+            asyncio.run(run_simulator(args.host, args.port,
+                                      render_seconds=settings.SIM_RENDER_SECONDS,
+                                      state_path=Path(settings.data_dir) / "simulator.db"))
+        elif args.command == "admin":
+            asyncio.run(admin(settings, args))
+    except ConfigError as e:
+        print(f"mediamarket: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
