@@ -106,16 +106,6 @@ class Completed:
 _QUEUE_REFUSED = {401, 402, 403, 408, 429}
 # A gateway timeout means the request may have reached the provider and been accepted there.
 _QUEUE_UNKNOWN = {504}
-_RETRIEVE_TRANSIENT = {
-    # A seller's key revoked or out of funds after the job was billed must not lose the job:
-    # the video may still be retrievable once the seller fixes the key, and until then expiry
-    # (not an immediate failure) ends it.
-    401,
-    402,
-    403,
-    408,
-    429,
-}
 
 
 def _optional_int(value: object) -> int | None:
@@ -295,10 +285,9 @@ class VeniceClient:
             return ProviderContentPolicy(status, message)
         if status == 500:
             return ProviderInferenceFailed(status, message)
-        if status in _RETRIEVE_TRANSIENT or status > 500:
-            return ProviderTransient(status, message)
-        if 400 <= status < 500:
-            return ProviderRejected(status, message)
+        # Anything else is retried, including 401/402/403: a seller's key revoked or out of
+        # funds after the job was billed must not lose the job, since the video may still be
+        # retrievable once the key is fixed. Expiry, not a guess here, ends such a job.
         return ProviderTransient(status, message)
 
     def _processing(self, text: str, api_key: str) -> Processing:

@@ -394,11 +394,12 @@ async def test_complete_deletes_the_provider_copy(venice: VeniceClient, tmp_path
 @pytest.mark.parametrize(
     ("status", "kind"),
     [
-        (400, ProviderRejected),
+        (400, ProviderTransient),
         (401, ProviderTransient),
         (402, ProviderTransient),
         (403, ProviderTransient),
         (404, ProviderLost),
+        (409, ProviderTransient),
         (410, ProviderLost),
         (422, ProviderContentPolicy),
         (429, ProviderTransient),
