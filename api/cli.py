@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from adapters.crypto import sha256_hex
 from adapters.logs import configure_logging
 from adapters.settings import ConfigError, Settings, load_settings
 from api.app import create_app, is_embedded_simulator
@@ -43,7 +44,11 @@ async def seed_demo(engine: Engine) -> dict[str, str]:
     """A funded demo buyer and demo offers, once per data directory."""
     marker = engine.settings.data_dir / "demo.json"
     if marker.exists():
-        return dict(json.loads(marker.read_text()))
+        demo = dict(json.loads(marker.read_text()))
+        # The marker may belong to another database (a fresh PostgreSQL, say): check it.
+        if await engine.blocking(engine.views.principal, sha256_hex(demo["buyer_api_key"])):
+            return demo
+        marker.unlink()
     commands = engine.commands
     buyer_id, buyer_key, _ = await engine.blocking(commands.create_buyer, "demo buyer")
     await engine.blocking(commands.deposit, buyer_id, DEMO_DEPOSIT_USDC, "demo-funding")

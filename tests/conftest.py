@@ -1,0 +1,66 @@
+"""Fixtures for end-to-end tests: engines as real processes, on SQLite and on PostgreSQL.
+
+PostgreSQL tests run against ``MM_TEST_POSTGRES_URL`` (default: the local server). Where it is
+absent they are skipped with the reason shown, except under ``CI=true``, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Server, base_env, free_port, postgres_available, postgres_database
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+_pg_problem: str | None = None
+_pg_checked = False
+
+
+def _require_postgres() -> None:
+    global _pg_checked, _pg_problem
+    if not _pg_checked:
+        _pg_problem = postgres_available()
+        _pg_checked = True
+    if _pg_problem is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true requires PostgreSQL: {_pg_problem}")
+        pytest.skip(_pg_problem)
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/data"
+        return
+    _require_postgres()
+    with postgres_database() as url:
+        yield url
+
+
+ServerFactory = Callable[..., Server]
+
+
+@pytest.fixture
+def make_server(database_url: str, tmp_path: Path) -> Iterator[ServerFactory]:
+    """Start engines on the test's database; all are killed at the end of the test."""
+    servers: list[Server] = []
+
+    def make(*args: str, start: bool = True, **env: str) -> Server:
+        port = free_port()
+        server = Server(tmp_path, base_env(database_url, port, **env), port, list(args))
+        servers.append(server)
+        if start:
+            server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.kill()
+
+
+@pytest.fixture
+def server(make_server: ServerFactory) -> Server:
+    return make_server()
