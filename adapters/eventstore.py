@@ -24,7 +24,7 @@ APP_NAME = "market"
 class MarketApp(Application[UUID]):
     name = APP_NAME
     # Buyer accounts gather an event or two per job; a snapshot bounds the replay of a busy one.
-    snapshotting_intervals = {BuyerAccount: 200}  # noqa: RUF012
+    snapshotting_intervals = {BuyerAccount: 200}
 
     def __init__(self, env: dict[str, Any]) -> None:
         super().__init__(env=env)

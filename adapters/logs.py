@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -13,7 +14,7 @@ SECRET_FIELD = re.compile(r"(api_?key|token|authorization|secret|password|sealed
 SECRET_VALUE = re.compile(r"\b(mm_(buyer|seller)_[A-Za-z0-9_-]+|mjt_[A-Za-z0-9_-]+|sim_\w+)")
 
 
-def _mask(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _mask(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in list(event.items()):
         if SECRET_FIELD.search(key):
             event[key] = "[redacted]"
@@ -35,8 +36,9 @@ def configure_logging(level: str = "info") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelName(level.upper()) if isinstance(
-                logging.getLevelName(level.upper()), int) else logging.INFO
+            logging.getLevelName(level.upper())
+            if isinstance(logging.getLevelName(level.upper()), int)
+            else logging.INFO
         ),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,

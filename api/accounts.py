@@ -94,8 +94,9 @@ async def deposit(request: web.Request) -> web.Response:
     amount = body.amount_usdc
     if isinstance(amount, str):
         if not amount.isdigit() or not amount.isascii():
-            raise invalid("amount_usdc must be a positive integer of microdollars, as a string",
-                          "amount_usdc")
+            raise invalid(
+                "amount_usdc must be a positive integer of microdollars, as a string", "amount_usdc"
+            )
         amount = int(amount)
     if amount <= 0 or amount > 10**15:
         raise invalid("amount_usdc must be between 1 and 10^15 microdollars", "amount_usdc")
@@ -107,8 +108,12 @@ async def deposit(request: web.Request) -> web.Response:
     await caught_up(request, written.position)
     buyer = await engine.blocking(engine.commands.buyer, buyer_id)
     return web.json_response(
-        {"object": "deposit", "buyer_id": str(buyer_id), "amount_usdc": to_json(amount),
-         "balance": _balance(buyer)},
+        {
+            "object": "deposit",
+            "buyer_id": str(buyer_id),
+            "amount_usdc": to_json(amount),
+            "balance": _balance(buyer),
+        },
         status=201,
     )
 
@@ -129,14 +134,19 @@ async def buyer_me(request: web.Request) -> web.Response:
     buyer_id = await require(request, "buyer")
     engine = engine_of(request)
     buyer = await engine.blocking(engine.commands.buyer, uuid.UUID(buyer_id))
-    return web.json_response({
-        "id": buyer_id,
-        "object": "buyer",
-        "name": buyer.name,
-        "balance": _balance(buyer),
-        "usage": {"jobs": buyer.jobs, "spent_usdc": to_json(buyer.spent),
-                  "held_usdc": to_json(buyer.held)},
-    })
+    return web.json_response(
+        {
+            "id": buyer_id,
+            "object": "buyer",
+            "name": buyer.name,
+            "balance": _balance(buyer),
+            "usage": {
+                "jobs": buyer.jobs,
+                "spent_usdc": to_json(buyer.spent),
+                "held_usdc": to_json(buyer.held),
+            },
+        }
+    )
 
 
 # ---------------------------------------------------------------------- seller
@@ -155,8 +165,12 @@ async def create_offer(request: web.Request) -> web.Response:
     await _check_key(request, body.provider, body.base_url, body.api_key, spec)
     offer_id, written = await engine.blocking(
         engine.commands.create_offer,
-        seller_id=uuid.UUID(seller_id), model=spec.id, provider=body.provider,
-        base_url=body.base_url, api_key=body.api_key, cost_multiplier=multiplier,
+        seller_id=uuid.UUID(seller_id),
+        model=spec.id,
+        provider=body.provider,
+        base_url=body.base_url,
+        api_key=body.api_key,
+        cost_multiplier=multiplier,
         max_concurrent_jobs=body.max_concurrent_jobs,
     )
     await caught_up(request, written.position)
@@ -165,17 +179,21 @@ async def create_offer(request: web.Request) -> web.Response:
     return web.json_response(offer.public(), status=201)
 
 
-async def _check_key(request: web.Request, provider: str, base_url: str | None, api_key: str,
-                     spec: Any) -> None:
+async def _check_key(
+    request: web.Request, provider: str, base_url: str | None, api_key: str, spec: Any
+) -> None:
     """One quote call with the seller's key before the offer goes live (it spends no quota)."""
     engine = engine_of(request)
     params = default_params(spec)
     try:
         await engine.providers.client(provider, base_url).quote(api_key, params)
     except ProviderError as e:
-        raise ApiError(400, "invalid_provider_key",
-                       f"the provider refused this API key ({e.status}): {e.message}",
-                       "api_key") from None
+        raise ApiError(
+            400,
+            "invalid_provider_key",
+            f"the provider refused this API key ({e.status}): {e.message}",
+            "api_key",
+        ) from None
 
 
 async def list_offers(request: web.Request) -> web.Response:

@@ -23,11 +23,13 @@ PUBLIC_ROUTES: list[tuple[str, str, Any, str]] = []
 
 async def healthz(request: web.Request) -> web.Response:
     engine = engine_of(request)
-    return web.json_response({
-        "status": "ok",
-        "catalog": engine.catalog is not None,
-        "projection_position": engine.runner.position,
-    })
+    return web.json_response(
+        {
+            "status": "ok",
+            "catalog": engine.catalog is not None,
+            "projection_position": engine.runner.position,
+        }
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -49,8 +51,7 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE mediamarket_worker_active_jobs gauge",
         f"mediamarket_worker_active_jobs {len(engine.worker._active) if engine.worker else 0}",
     ]
-    return web.Response(text="\n".join(lines) + "\n",
-                        content_type="text/plain", charset="utf-8")
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
 
 async def models(request: web.Request) -> web.Response:
@@ -61,25 +62,27 @@ async def models(request: web.Request) -> web.Response:
     prices = await asyncio.gather(*(_best_price(engine, spec) for spec in specs))
     data = []
     for spec, price in zip(specs, prices, strict=True):
-        data.append({
-            "id": spec.id,
-            "object": "model",
-            "kind": "video",
-            "provider": spec.provider,
-            "name": spec.name,
-            "aliases": list(spec.aliases),
-            "durations": list(spec.durations),
-            "resolutions": list(spec.resolutions),
-            "aspect_ratios": list(spec.aspect_ratios),
-            "audio": spec.audio,
-            "image_input": spec.image_input,
-            "defaults": {
-                "duration_seconds": spec.default_duration,
-                "resolution": spec.default_resolution,
-                "aspect_ratio": spec.default_aspect_ratio,
-            },
-            **price,
-        })
+        data.append(
+            {
+                "id": spec.id,
+                "object": "model",
+                "kind": "video",
+                "provider": spec.provider,
+                "name": spec.name,
+                "aliases": list(spec.aliases),
+                "durations": list(spec.durations),
+                "resolutions": list(spec.resolutions),
+                "aspect_ratios": list(spec.aspect_ratios),
+                "audio": spec.audio,
+                "image_input": spec.image_input,
+                "defaults": {
+                    "duration_seconds": spec.default_duration,
+                    "resolution": spec.default_resolution,
+                    "aspect_ratio": spec.default_aspect_ratio,
+                },
+                **price,
+            }
+        )
     return web.json_response({"object": "list", "data": data})
 
 
@@ -98,51 +101,80 @@ async def _best_price(engine: Engine, spec: Any) -> dict[str, Any]:
     }
 
 
+def operation_id(method: str, path: str) -> str:
+    return f"{method.lower()}_{re.sub(r'[^a-z0-9]+', '_', path.lower()).strip('_')}"
+
+
 def openapi_document() -> dict[str, Any]:
     error = {"$ref": "#/components/schemas/Error"}
     paths: dict[str, dict[str, Any]] = {}
-    for method, path, _, summary in [*jobs.MEDIA_ROUTES, *accounts.ACCOUNT_ROUTES,
-                                     *PUBLIC_ROUTES]:
+    for method, path, _, summary in [*jobs.MEDIA_ROUTES, *accounts.ACCOUNT_ROUTES, *PUBLIC_ROUTES]:
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
             for name in re.findall(r"{(\w+)}", path)
         ]
         operation: dict[str, Any] = {
             "summary": summary,
-            "operationId": f"{method.lower()}_{re.sub(r'[^a-z0-9]+', '_', path.lower()).strip('_')}",
+            "operationId": operation_id(method, path),
             "parameters": params,
             "responses": {
                 "200": {"description": "OK"},
-                "default": {"description": "Error", "content": {"application/json":
-                                                                {"schema": error}}},
+                "default": {
+                    "description": "Error",
+                    "content": {"application/json": {"schema": error}},
+                },
             },
         }
         if method in ("POST", "PATCH"):
-            operation["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": {"type": "object"}}}}
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
         paths.setdefault(path, {})[method.lower()] = operation
         if path.startswith("/v1/") and path in {p for _, p, _, _ in jobs.MEDIA_ROUTES}:
             prefixed = "/min{min_discount}" + path
-            op = {**operation, "operationId": operation["operationId"] + "_min",
-                  "parameters": [{"name": "min_discount", "in": "path", "required": True,
-                                  "schema": {"type": "integer", "minimum": 0, "maximum": 100}},
-                                 *params]}
+            op = {
+                **operation,
+                "operationId": operation["operationId"] + "_min",
+                "parameters": [
+                    {
+                        "name": "min_discount",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 100},
+                    },
+                    *params,
+                ],
+            }
             paths.setdefault(prefixed, {})[method.lower()] = op
     return {
         "openapi": "3.1.0",
-        "info": {"title": "mediamarket", "version": "0.1.0",
-                 "description": "Event-sourced marketplace for asynchronous AI video generation"},
+        "info": {
+            "title": "mediamarket",
+            "version": "0.1.0",
+            "description": "Event-sourced marketplace for asynchronous AI video generation",
+        },
         "components": {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "jobToken": {"type": "apiKey", "in": "header", "name": "X-Job-Token"},
             },
-            "schemas": {"Error": {"type": "object", "properties": {"error": {
-                "type": "object",
-                "properties": {k: {"type": ["string", "null"]} for k in
-                               ("message", "type", "code", "param")},
-                "required": ["message", "type", "code"],
-            }}, "required": ["error"]}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "properties": {
+                                k: {"type": ["string", "null"]}
+                                for k in ("message", "type", "code", "param")
+                            },
+                            "required": ["message", "type", "code"],
+                        }
+                    },
+                    "required": ["error"],
+                }
+            },
         },
         "security": [{"bearer": []}, {"jobToken": []}],
         "paths": paths,
@@ -153,12 +185,14 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-PUBLIC_ROUTES.extend([
-    ("GET", "/healthz", healthz, "Liveness and readiness"),
-    ("GET", "/metrics", metrics, "Prometheus metrics"),
-    ("GET", "/openapi.json", openapi, "This document"),
-    ("GET", "/v1/models", models, "The model catalog with current best prices"),
-])
+PUBLIC_ROUTES.extend(
+    [
+        ("GET", "/healthz", healthz, "Liveness and readiness"),
+        ("GET", "/metrics", metrics, "Prometheus metrics"),
+        ("GET", "/openapi.json", openapi, "This document"),
+        ("GET", "/v1/models", models, "The model catalog with current best prices"),
+    ]
+)
 
 
 def create_app(engine: Engine, *, mount_simulator: bool = False) -> web.Application:
@@ -171,10 +205,13 @@ def create_app(engine: Engine, *, mount_simulator: bool = False) -> web.Applicat
     for method, path, handler, _ in PUBLIC_ROUTES:
         app.router.add_route(method, path, handler)
     if mount_simulator:
-        app.add_subapp("/sim", create_simulator_app(
-            render_seconds=engine.settings.SIM_RENDER_SECONDS,
-            state_path=engine.settings.data_dir / "simulator.db",
-        ))
+        app.add_subapp(
+            "/sim",
+            create_simulator_app(
+                render_seconds=engine.settings.SIM_RENDER_SECONDS,
+                state_path=engine.settings.data_dir / "simulator.db",
+            ),
+        )
     return app
 
 

@@ -13,7 +13,7 @@ import aiohttp
 import structlog
 
 from adapters.artifacts import LocalArtifactStore
-from adapters.crypto import Secrets, SecretError
+from adapters.crypto import SecretError, Secrets
 from adapters.eventstore import MarketApp, open_market, store_env
 from adapters.settings import ConfigError, Settings
 from adapters.venice import ProviderError, VeniceClient
@@ -106,7 +106,8 @@ class Engine:
             connector=aiohttp.TCPConnector(limit=256, family=socket.AF_INET),
         )
         providers = Providers(
-            session, {"venice": base_url},
+            session,
+            {"venice": base_url},
             quote_timeout=settings.PROVIDER_QUOTE_TIMEOUT_SECONDS,
             queue_timeout=settings.PROVIDER_QUEUE_TIMEOUT_SECONDS,
         )
@@ -114,9 +115,19 @@ class Engine:
         router = Router(providers, fees, commands.open_offer_key)
         store = LocalArtifactStore(settings.artifact_dir)
         return cls(
-            settings=settings, secrets=secrets, admin_token=admin_token, market=market,
-            views=views, runner=runner, blocking=blocking, commands=commands, session=session,
-            providers=providers, router=router, store=store, fees=fees,
+            settings=settings,
+            secrets=secrets,
+            admin_token=admin_token,
+            market=market,
+            views=views,
+            runner=runner,
+            blocking=blocking,
+            commands=commands,
+            session=session,
+            providers=providers,
+            router=router,
+            store=store,
+            fees=fees,
             base_urls={"venice": base_url},
         )
 
@@ -136,13 +147,21 @@ class Engine:
 
     def start_worker(self, worker_id: str) -> Worker:
         worker = Worker(
-            commands=self.commands, views=self.views, router=self.router, store=self.store,
-            blocking=self.blocking, worker_id=worker_id,
+            commands=self.commands,
+            views=self.views,
+            router=self.router,
+            store=self.store,
+            blocking=self.blocking,
+            worker_id=worker_id,
             artifact_ttl_seconds=self.settings.MEDIA_ARTIFACT_TTL_SECONDS,
             concurrency=self.settings.WORKER_CONCURRENCY,
         )
         loop = asyncio.get_running_loop()
-        self.market.on_saved.append(lambda: loop.call_soon_threadsafe(worker.wake))
+
+        def wake_worker() -> None:
+            loop.call_soon_threadsafe(worker.wake)
+
+        self.market.on_saved.append(wake_worker)
         self.worker = worker
         self.worker_task = asyncio.create_task(worker.run())
         return worker

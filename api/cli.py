@@ -57,14 +57,23 @@ async def seed_demo(engine: Engine) -> dict[str, str]:
     for model, multipliers in DEMO_MODELS.items():
         for multiplier in multipliers:
             _, written = await engine.blocking(
-                commands.create_offer, seller_id=seller_id, model=model, provider="venice",
-                base_url=None, api_key="sim_ok", cost_multiplier=multiplier,
+                commands.create_offer,
+                seller_id=seller_id,
+                model=model,
+                provider="venice",
+                base_url=None,
+                api_key="sim_ok",
+                cost_multiplier=multiplier,
                 max_concurrent_jobs=None,
             )
             last = written.position
     await engine.blocking(engine.runner.wait_for, last, 10.0)
-    demo = {"buyer_id": str(buyer_id), "buyer_api_key": buyer_key,
-            "seller_id": str(seller_id), "seller_api_key": seller_key}
+    demo = {
+        "buyer_id": str(buyer_id),
+        "buyer_api_key": buyer_key,
+        "seller_id": str(seller_id),
+        "seller_api_key": seller_key,
+    }
     marker.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -116,7 +125,9 @@ async def serve(settings: Settings, *, worker: bool) -> None:
     except OSError as e:
         await runner.cleanup()
         await engine.close()
-        raise ConfigError(f"cannot listen on {settings.HOST}:{settings.PORT}: {e.strerror}") from None
+        raise ConfigError(
+            f"cannot listen on {settings.HOST}:{settings.PORT}: {e.strerror}"
+        ) from None
     try:
         await engine.load_catalog()
         if settings.MEDIAMARKET_DEMO:
@@ -236,9 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sim":
             from adapters.simulator import run_simulator
 
-            asyncio.run(run_simulator(args.host, args.port,
-                                      render_seconds=settings.SIM_RENDER_SECONDS,
-                                      state_path=Path(settings.data_dir) / "simulator.db"))
+            asyncio.run(
+                run_simulator(
+                    args.host,
+                    args.port,
+                    render_seconds=settings.SIM_RENDER_SECONDS,
+                    state_path=Path(settings.data_dir) / "simulator.db",
+                )
+            )
         elif args.command == "admin":
             asyncio.run(admin(settings, args))
     except ConfigError as e:

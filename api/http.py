@@ -49,13 +49,15 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         except ApiError as e:
             response = e.response()
         except web.HTTPRequestEntityTooLarge:
-            response = ApiError(413, "request_too_large",
-                                f"request body must be at most {MAX_BODY_BYTES} bytes").response()
+            response = ApiError(
+                413, "request_too_large", f"request body must be at most {MAX_BODY_BYTES} bytes"
+            ).response()
         except web.HTTPNotFound:
             response = not_found("route").response()
         except web.HTTPMethodNotAllowed as e:
-            response = ApiError(405, "method_not_allowed",
-                                f"{request.method} is not allowed here").response()
+            response = ApiError(
+                405, "method_not_allowed", f"{request.method} is not allowed here"
+            ).response()
             response.headers["Allow"] = ",".join(sorted(e.allowed_methods))
         except web.HTTPException as e:
             response = ApiError(e.status, "invalid_request", e.reason).response()
@@ -66,8 +68,13 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         route = request.match_info.route.resource
         template = route.canonical if route is not None else "unmatched"
         request.app[METRICS][(request.method, template, response.status)] += 1
-        log.info("request", method=request.method, path=request.path, status=response.status,
-                 ms=round((time.perf_counter() - started) * 1000, 2))
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
         return response
     finally:
         structlog.contextvars.clear_contextvars()
@@ -101,8 +108,9 @@ def parse_model(model: type[M], body: Any) -> M:
             message = f"unknown field {param}"
         elif first["type"] == "missing":
             message = f"{param} is required"
-        raise invalid(f"{param}: {message}" if param and param not in message else message,
-                      param) from None
+        raise invalid(
+            f"{param}: {message}" if param and param not in message else message, param
+        ) from None
 
 
 def min_discount_of(request: web.Request) -> int | None:
@@ -177,11 +185,10 @@ async def job_access(request: web.Request, job_id: str) -> JobRow:
     row = await engine.blocking(engine.views.get_job, str(job_uuid))
     if row is None:
         raise not_found("job")
-    if token is not None:
-        if not hmac.compare_digest(sha256_hex(token), row.token_hash):
-            if bearer(request) is None:
-                raise unauthenticated("invalid job token")
-            buyer_id = await require(request, "buyer")
+    if token is not None and not hmac.compare_digest(sha256_hex(token), row.token_hash):
+        if bearer(request) is None:
+            raise unauthenticated("invalid job token")
+        buyer_id = await require(request, "buyer")
     if buyer_id is not None and row.buyer_id != buyer_id:
         raise not_found("job")
     return row

@@ -51,8 +51,9 @@ def served_doc(request: web.Request, doc: JobDoc) -> JobDoc:
     return {**doc, "results": results}
 
 
-def job_response(request: web.Request, doc: JobDoc, status: int | None = None,
-                 **extra: Any) -> web.Response:
+def job_response(
+    request: web.Request, doc: JobDoc, status: int | None = None, **extra: Any
+) -> web.Response:
     pending = doc["status"] in PENDING
     body = {**served_doc(request, doc), **extra}
     response = web.json_response(body, status=status or (202 if pending else 200))
@@ -73,7 +74,8 @@ async def submit(request: web.Request) -> web.Response:
         raise ApiError(503, "catalog_unavailable", "the model catalog is loading; retry shortly")
     try:
         video = validate_video_request(
-            body, engine.catalog,
+            body,
+            engine.catalog,
             allow_http_webhooks=engine.settings.WEBHOOK_ALLOW_HTTP,
             allow_private_webhooks=engine.settings.WEBHOOK_ALLOW_PRIVATE,
         )
@@ -84,7 +86,9 @@ async def submit(request: web.Request) -> web.Response:
     if idempotency_key is not None:
         try:
             replay = await engine.blocking(
-                engine.commands.find_idempotent, uuid.UUID(buyer_id), idempotency_key,
+                engine.commands.find_idempotent,
+                uuid.UUID(buyer_id),
+                idempotency_key,
                 video.fingerprint(),
             )
         except IdempotencyMismatch:
@@ -112,7 +116,8 @@ async def submit(request: web.Request) -> web.Response:
         )
     except InsufficientBalance as e:
         raise ApiError(
-            402, "insufficient_balance",
+            402,
+            "insufficient_balance",
             f"this job holds up to {e.wanted} microdollars but only {e.available} are available",
         ) from None
     except IdempotencyMismatch:
@@ -123,13 +128,17 @@ async def submit(request: web.Request) -> web.Response:
 
 
 def _reused() -> ApiError:
-    return ApiError(422, "idempotency_key_reused",
-                    "this Idempotency-Key was used with a different request body",
-                    "Idempotency-Key")
+    return ApiError(
+        422,
+        "idempotency_key_reused",
+        "this Idempotency-Key was used with a different request body",
+        "Idempotency-Key",
+    )
 
 
-async def _answer(request: web.Request, job_id: uuid.UUID, token: str, position: int,
-                  replayed: bool) -> web.Response:
+async def _answer(
+    request: web.Request, job_id: uuid.UUID, token: str, position: int, replayed: bool
+) -> web.Response:
     engine = engine_of(request)
     await caught_up(request, position)
     row = await engine.blocking(engine.views.get_job, str(job_id))
@@ -190,12 +199,14 @@ async def list_jobs(request: web.Request) -> web.Response:
     if docs is None:
         raise invalid("after names no job of yours", "after")
     page = docs[:limit]
-    return web.json_response({
-        "object": "list",
-        "data": [served_doc(request, d) for d in page],
-        "has_more": len(docs) > limit,
-        "next_after": page[-1]["id"] if len(docs) > limit else None,
-    })
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [served_doc(request, d) for d in page],
+            "has_more": len(docs) > limit,
+            "next_after": page[-1]["id"] if len(docs) > limit else None,
+        }
+    )
 
 
 async def artifact(request: web.Request) -> web.StreamResponse:

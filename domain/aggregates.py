@@ -176,9 +176,7 @@ class Offer(Aggregate):
         """The provider refused a job before accepting it: back off exponentially."""
         failures = self.failures + 1
         delay = min(30.0 * 2 ** (failures - 1), 1800.0)
-        self._backed_off(
-            reason=reason, until=now + delay, failures=failures, deactivate=deactivate
-        )
+        self._backed_off(reason=reason, until=now + delay, failures=failures, deactivate=deactivate)
 
     @event("BackedOff", topic="mediamarket.offer.backed-off.v1")
     def _backed_off(self, reason: str, until: float, failures: int, deactivate: bool) -> None:
@@ -447,7 +445,11 @@ class Settlement(Aggregate):
         return cls(id=settlement_id(job_id), job_id=str(job_id), buyer_id=buyer_id, hold=hold)
 
     def settle(
-        self, buyer_cost: int, seller_cost: int, seller_id: str | None, offer_id: str | None,
+        self,
+        buyer_cost: int,
+        seller_cost: int,
+        seller_id: str | None,
+        offer_id: str | None,
         outcome: str,
     ) -> None:
         if self.resolved:
@@ -470,8 +472,15 @@ class Settlement(Aggregate):
 
     @event("Settled", topic="mediamarket.settlement.settled.v1")
     def _settled(
-        self, job_id: str, charged: int, seller_cost: int, platform_fee: int, released: int,
-        seller_id: str | None, offer_id: str | None, outcome: str,
+        self,
+        job_id: str,
+        charged: int,
+        seller_cost: int,
+        platform_fee: int,
+        released: int,
+        seller_id: str | None,
+        offer_id: str | None,
+        outcome: str,
     ) -> None:
         self.resolved = True
         self.charged = charged

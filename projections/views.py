@@ -18,12 +18,23 @@ from eventsourcing.persistence import InfrastructureFactory, Tracking, TrackingR
 from eventsourcing.postgres import PostgresTrackingRecorder
 from eventsourcing.sqlite import SQLiteTrackingRecorder
 from eventsourcing.utils import Environment
-from psycopg.sql import SQL
+from psycopg.sql import SQL, Identifier
 
-from domain.aggregates import PENDING, BuyerAccount, Job, Offer, Seller, Settlement
-from projections.jobdoc import JobDoc, apply_job_event, apply_settlement_event, new_doc
+from domain.aggregates import PENDING, BuyerAccount, Offer, Seller
+from projections.jobdoc import (
+    JobDoc,
+    JobEvent,
+    SettlementEvent,
+    apply_job_event,
+    apply_settlement_event,
+    new_doc,
+)
 
 VIEWS_NAME = "views"
+# Generated event classes again (see projections.jobdoc).
+OfferEvent: Any = Offer
+BuyerEvent: Any = BuyerAccount
+SellerEvent: Any = Seller
 
 TABLES: dict[str, str] = {
     "mm_job_views": (
@@ -136,40 +147,44 @@ class Views:
 
     def _project(self, c: Any, items: Sequence[tuple[int, Any]]) -> None:
         job_ids = {
-            str(e.originator_id) if isinstance(e, Job.Event) else e.job_id
+            str(e.originator_id) if isinstance(e, JobEvent.Event) else e.job_id
             for _, e in items
-            if isinstance(e, Job.Event) or isinstance(e, (Settlement.Settled, Settlement.Released))
+            if isinstance(e, (JobEvent.Event, SettlementEvent.Settled, SettlementEvent.Released))
         }
         jobs: dict[str, dict[str, Any]] = self._load_jobs(c, job_ids)
-        offer_ids = {str(e.originator_id) for _, e in items if isinstance(e, Offer.Event)}
+        offer_ids = {str(e.originator_id) for _, e in items if isinstance(e, OfferEvent.Event)}
         offers = self._load_offers(c, offer_ids)
         principals: list[tuple[str, str, str, str]] = []
         for seq, e in items:
-            if isinstance(e, Job.Created):
+            if isinstance(e, JobEvent.Created):
                 job_id = str(e.originator_id)
                 jobs[job_id] = {
-                    "job_id": job_id, "buyer_id": e.buyer_id, "seq": seq, "status": "queued",
-                    "token_hash": e.token_hash, "artifact_stored_at": None,
+                    "job_id": job_id,
+                    "buyer_id": e.buyer_id,
+                    "seq": seq,
+                    "status": "queued",
+                    "token_hash": e.token_hash,
+                    "artifact_stored_at": None,
                     "doc": new_doc(job_id, e),
                 }
-            elif isinstance(e, Job.Event):
+            elif isinstance(e, JobEvent.Event):
                 row = jobs.get(str(e.originator_id))
                 if row is not None:
                     apply_job_event(row["doc"], e)
                     row["status"] = row["doc"]["status"]
-                    if isinstance(e, Job.ArtifactStored):
+                    if isinstance(e, JobEvent.ArtifactStored):
                         row["artifact_stored_at"] = e.artifact["stored_at"]
-                    elif isinstance(e, Job.ArtifactPurged):
+                    elif isinstance(e, JobEvent.ArtifactPurged):
                         row["artifact_stored_at"] = None
-            elif isinstance(e, (Settlement.Settled, Settlement.Released)):
+            elif isinstance(e, (SettlementEvent.Settled, SettlementEvent.Released)):
                 row = jobs.get(e.job_id)
                 if row is not None:
                     apply_settlement_event(row["doc"], e)
-            elif isinstance(e, BuyerAccount.Created):
+            elif isinstance(e, BuyerEvent.Created):
                 principals.append((e.api_key_hash, "buyer", str(e.originator_id), e.name))
-            elif isinstance(e, Seller.Created):
+            elif isinstance(e, SellerEvent.Created):
                 principals.append((e.api_key_hash, "seller", str(e.originator_id), e.name))
-            elif isinstance(e, Offer.Event):
+            elif isinstance(e, OfferEvent.Event):
                 self._apply_offer(offers, seq, e)
         if jobs:
             c.executemany(
@@ -180,8 +195,15 @@ class Views:
                     "artifact_stored_at = excluded.artifact_stored_at, doc = excluded.doc"
                 ),
                 [
-                    (r["job_id"], r["buyer_id"], r["seq"], r["status"], r["token_hash"],
-                     r["artifact_stored_at"], dumps(r["doc"]))
+                    (
+                        r["job_id"],
+                        r["buyer_id"],
+                        r["seq"],
+                        r["status"],
+                        r["token_hash"],
+                        r["artifact_stored_at"],
+                        dumps(r["doc"]),
+                    )
                     for r in jobs.values()
                 ],
             )
@@ -210,37 +232,47 @@ class Views:
     @staticmethod
     def _apply_offer(offers: dict[str, dict[str, Any]], seq: int, e: Any) -> None:
         offer_id = str(e.originator_id)
-        if isinstance(e, Offer.Created):
+        if isinstance(e, OfferEvent.Created):
             offers[offer_id] = {
-                "offer_id": offer_id, "seq": seq, "seller_id": e.seller_id, "model": e.model,
-                "provider": e.provider, "base_url": e.base_url, "sealed_key": e.sealed_key,
-                "key_sha256": e.key_sha256, "cost_multiplier": e.cost_multiplier,
-                "max_concurrent_jobs": e.max_concurrent_jobs, "state": "active",
-                "deactivated_reason": None, "backoff_until": 0.0, "backoff_reason": None,
+                "offer_id": offer_id,
+                "seq": seq,
+                "seller_id": e.seller_id,
+                "model": e.model,
+                "provider": e.provider,
+                "base_url": e.base_url,
+                "sealed_key": e.sealed_key,
+                "key_sha256": e.key_sha256,
+                "cost_multiplier": e.cost_multiplier,
+                "max_concurrent_jobs": e.max_concurrent_jobs,
+                "state": "active",
+                "deactivated_reason": None,
+                "backoff_until": 0.0,
+                "backoff_reason": None,
                 "failures": 0,
             }
             return
         o = offers.get(offer_id)
         if o is None:
             return
-        if isinstance(e, Offer.Updated):
+        if isinstance(e, OfferEvent.Updated):
             for name, value in e.changes.items():
                 if name == "paused":
                     o["state"] = "paused" if value else "active"
                 else:
                     o[name] = value
             if "sealed_key" in e.changes:
-                o.update(deactivated_reason=None, backoff_until=0.0, backoff_reason=None,
-                         failures=0)
+                o.update(
+                    deactivated_reason=None, backoff_until=0.0, backoff_reason=None, failures=0
+                )
                 if o["state"] == "deactivated":
                     o["state"] = "active"
-        elif isinstance(e, Offer.Deleted):
+        elif isinstance(e, OfferEvent.Deleted):
             o["state"] = "deleted"
-        elif isinstance(e, Offer.BackedOff):
+        elif isinstance(e, OfferEvent.BackedOff):
             o.update(backoff_until=e.until, backoff_reason=e.reason, failures=e.failures)
             if e.deactivate:
                 o.update(state="deactivated", deactivated_reason=e.reason)
-        elif isinstance(e, Offer.Recovered):
+        elif isinstance(e, OfferEvent.Recovered):
             o.update(backoff_until=0.0, backoff_reason=None, failures=0)
 
     def _load_jobs(self, c: Any, job_ids: set[str]) -> dict[str, dict[str, Any]]:
@@ -258,9 +290,13 @@ class Views:
             )
             for r in c.fetchall():
                 found[r["job_id"]] = {
-                    "job_id": r["job_id"], "buyer_id": r["buyer_id"], "seq": r["seq"],
-                    "status": r["status"], "token_hash": r["token_hash"],
-                    "artifact_stored_at": r["artifact_stored_at"], "doc": json.loads(r["doc"]),
+                    "job_id": r["job_id"],
+                    "buyer_id": r["buyer_id"],
+                    "seq": r["seq"],
+                    "status": r["status"],
+                    "token_hash": r["token_hash"],
+                    "artifact_stored_at": r["artifact_stored_at"],
+                    "doc": json.loads(r["doc"]),
                 }
         return found
 
@@ -298,7 +334,9 @@ class Views:
         )
         if r is None:
             return None
-        return JobRow(r["job_id"], r["buyer_id"], r["status"], r["token_hash"], json.loads(r["doc"]))
+        return JobRow(
+            r["job_id"], r["buyer_id"], r["status"], r["token_hash"], json.loads(r["doc"])
+        )
 
     def list_jobs(
         self, buyer_id: str, limit: int, after: str | None, status: str | None
@@ -345,7 +383,10 @@ class Views:
         return None if r is None else (r["kind"], r["principal_id"], r["name"])
 
     def offers(
-        self, *, model: str | None = None, seller_id: str | None = None,
+        self,
+        *,
+        model: str | None = None,
+        seller_id: str | None = None,
         include_deleted: bool = False,
     ) -> list[OfferRow]:
         clauses, params = [], []
@@ -393,7 +434,9 @@ class Views:
 
 
 def _plain(value: Any) -> Any:
-    return float(value) if hasattr(value, "as_integer_ratio") and not isinstance(value, int) else value
+    return (
+        float(value) if hasattr(value, "as_integer_ratio") and not isinstance(value, int) else value
+    )
 
 
 def _offer_row(r: Any) -> OfferRow:
@@ -421,18 +464,16 @@ class PostgresViews(Views, PostgresTrackingRecorder):
 
     def __init__(self, datastore: Any, **kwargs: Any) -> None:
         super().__init__(datastore, **kwargs)
-        self.sql_create_statements.extend(
-            SQL(s.replace("DOUBLE PRECISION", "double precision"))  # type: ignore[arg-type]
-            for s in [*TABLES.values(), *INDEXES]
-        )
+        statements: list[Any] = [SQL(s) for s in [*TABLES.values(), *INDEXES]]
+        self.sql_create_statements.extend(statements)
 
     def q(self, statement: str) -> Any:
         return statement.replace("?", "%s")
 
     def _reset_tracking(self, c: Any, application_name: str) -> None:
         c.execute(
-            SQL("DELETE FROM {} WHERE application_name = %s").format(  # type: ignore[arg-type]
-                SQL(self.tracking_table_name)  # type: ignore[arg-type]
+            SQL("DELETE FROM {} WHERE application_name = %s").format(
+                Identifier(self.tracking_table_name)
             ),
             (application_name,),
         )

@@ -91,7 +91,7 @@ class Commands:
 
     def _get(self, cls: type[T], aggregate_id: UUID) -> T:
         try:
-            aggregate = self.app.repository.get(aggregate_id)
+            aggregate: Any = self.app.repository.get(aggregate_id)
         except AggregateNotFoundError:
             raise NotFound(str(aggregate_id)) from None
         if not isinstance(aggregate, cls):
@@ -126,8 +126,15 @@ class Commands:
     # ------------------------------------------------------------------ offers
 
     def create_offer(
-        self, *, seller_id: UUID, model: str, provider: str, base_url: str | None, api_key: str,
-        cost_multiplier: str, max_concurrent_jobs: int | None,
+        self,
+        *,
+        seller_id: UUID,
+        model: str,
+        provider: str,
+        base_url: str | None,
+        api_key: str,
+        cost_multiplier: str,
+        max_concurrent_jobs: int | None,
     ) -> tuple[UUID, Written]:
         self._get(Seller, seller_id)
         offer_id = uuid.uuid4()
@@ -193,25 +200,32 @@ class Commands:
     # ------------------------------------------------------------------ submit
 
     def submit(
-        self, *, buyer_id: UUID, request: VideoRequest, route: list[dict[str, Any]],
-        estimated_cost: int, max_cost: int, ttl_seconds: int, min_discount: int | None,
+        self,
+        *,
+        buyer_id: UUID,
+        request: VideoRequest,
+        route: list[dict[str, Any]],
+        estimated_cost: int,
+        max_cost: int,
+        ttl_seconds: int,
+        min_discount: int | None,
         idempotency_key: str | None,
     ) -> Submitted:
         """Create the job, its settlement and the hold in one save (SPEC 1, 6)."""
         fingerprint = request.fingerprint()
-        generation = 0
 
         def attempt() -> Submitted:
-            nonlocal generation
             if idempotency_key is None:
                 job_id = uuid.uuid4()
             else:
-                job_id = idempotent_job_id(str(buyer_id), idempotency_key, generation)
-                replay = self._idempotent_replay(job_id, fingerprint)
-                if replay is not None:
-                    if replay == "expired":
-                        generation += 1
-                        return attempt()
+                generation = 0
+                while True:
+                    job_id = idempotent_job_id(str(buyer_id), idempotency_key, generation)
+                    replay = self._idempotent_replay(job_id, fingerprint)
+                    if replay != "expired":
+                        break
+                    generation += 1
+                if isinstance(replay, Submitted):
                     return replay
             now = int(self.clock())
             token = self.secrets.job_token(str(job_id))
@@ -249,7 +263,7 @@ class Commands:
 
     def _idempotent_replay(self, job_id: UUID, fingerprint: str) -> Submitted | str | None:
         try:
-            job = self.app.repository.get(job_id)
+            job: Any = self.app.repository.get(job_id)
         except AggregateNotFoundError:
             return None
         assert isinstance(job, Job)

@@ -67,8 +67,13 @@ class Providers:
     """One client per provider base URL, sharing one HTTP session, plus a short quote cache."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, default_base_urls: dict[str, str], *,
-        quote_timeout: float, queue_timeout: float, clock: Callable[[], float] = time.monotonic,
+        self,
+        session: aiohttp.ClientSession,
+        default_base_urls: dict[str, str],
+        *,
+        quote_timeout: float,
+        queue_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.session = session
         self.default_base_urls = default_base_urls
@@ -83,14 +88,20 @@ class Providers:
         client = self._clients.get(url)
         if client is None:
             client = VeniceClient(
-                self.session, url, quote_timeout=self.quote_timeout,
+                self.session,
+                url,
+                quote_timeout=self.quote_timeout,
                 queue_timeout=self.queue_timeout,
             )
             self._clients[url] = client
         return client
 
     async def quote(
-        self, provider: str, base_url: str | None, key_sha256: str, api_key: str,
+        self,
+        provider: str,
+        base_url: str | None,
+        key_sha256: str,
+        api_key: str,
         params: VideoParams,
     ) -> int:
         cache_key = (key_sha256, base_url or provider, params)
@@ -134,7 +145,10 @@ def is_available(offer: OfferRow, now: float) -> bool:
 
 class Router:
     def __init__(
-        self, providers: Providers, fees: FeeSchedule, open_key: Callable[[str, dict[str, str]], str],
+        self,
+        providers: Providers,
+        fees: FeeSchedule,
+        open_key: Callable[[str, dict[str, str]], str],
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.providers = providers

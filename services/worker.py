@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from operator import methodcaller
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -62,9 +63,18 @@ class Blocking:
 
 class Worker:
     def __init__(
-        self, *, commands: Commands, views: Views, router: Router, store: LocalArtifactStore,
-        blocking: Blocking, worker_id: str, artifact_ttl_seconds: int, concurrency: int = 64,
-        poll_interval: float = 0.25, clock: Callable[[], float] = time.time,
+        self,
+        *,
+        commands: Commands,
+        views: Views,
+        router: Router,
+        store: LocalArtifactStore,
+        blocking: Blocking,
+        worker_id: str,
+        artifact_ttl_seconds: int,
+        concurrency: int = 64,
+        poll_interval: float = 0.25,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.commands = commands
         self.views = views
@@ -112,7 +122,10 @@ class Worker:
                 continue
             task = asyncio.create_task(self._drive_guarded(job_id))
             self._active[job_id] = task
-            task.add_done_callback(lambda _, jid=job_id: self._active.pop(jid, None))
+            task.add_done_callback(partial(self._forget, job_id))
+
+    def _forget(self, job_id: str, _: object) -> None:
+        self._active.pop(job_id, None)
 
     async def _drive_guarded(self, job_id: str) -> None:
         async with self._slots:
@@ -149,8 +162,12 @@ class Worker:
                 lease_until = time.monotonic() + LEASE_SECONDS
             if job.dispatching is not None:
                 # We (or a dead worker) sent a queue call whose answer was never recorded.
-                await self._fail(job_id, "upstream_unknown",
-                                 "it is unknown whether the provider accepted the job", False)
+                await self._fail(
+                    job_id,
+                    "upstream_unknown",
+                    "it is unknown whether the provider accepted the job",
+                    False,
+                )
                 return
             if job.cancel_requested:
                 await self._cancel(job)
@@ -173,7 +190,7 @@ class Worker:
                 continue
             offer = await self.blocking(self.views.offer, offer_id)
             if offer is None or not is_available(offer, self.clock()):
-                await self._update(job.id, lambda j, o=offer_id: j.skipped(o, "unavailable"))
+                await self._update(job.id, methodcaller("skipped", offer_id, "unavailable"))
                 continue
             api_key = self.commands.open_offer_key(offer.offer_id, offer.sealed_key)
             client = self.router.providers.client(offer.provider, offer.base_url)
@@ -182,13 +199,14 @@ class Worker:
                     offer.provider, offer.base_url, offer.key_sha256, api_key, params
                 )
             except ProviderError:
-                await self._update(job.id, lambda j, o=offer_id: j.skipped(o, "quote_failed"))
+                await self._update(job.id, methodcaller("skipped", offer_id, "quote_failed"))
                 continue
-            price = price_offer(list_price, parse_multiplier(offer.cost_multiplier),
-                                self.router.fees)
+            price = price_offer(
+                list_price, parse_multiplier(offer.cost_multiplier), self.router.fees
+            )
             if price.buyer_cost > job.max_cost:
                 price_changed = True
-                await self._update(job.id, lambda j, o=offer_id: j.skipped(o, "price_changed"))
+                await self._update(job.id, methodcaller("skipped", offer_id, "price_changed"))
                 continue
             attempt = {
                 "offer_id": offer_id,
@@ -199,16 +217,19 @@ class Worker:
                 "seller_cost": price.seller_cost,
                 "buyer_cost": price.buyer_cost,
             }
-            await self._update(job.id, lambda j, a=attempt: j.start_dispatch(a))
+            await self._update(job.id, methodcaller("start_dispatch", attempt))
             try:
-                queue_id = await client.queue(api_key, params, job.request["prompt"],
-                                              job.request.get("image_url"))
+                queue_id = await client.queue(
+                    api_key, params, job.request["prompt"], job.request.get("image_url")
+                )
             except ProviderRefused as e:
-                await self._update(job.id, lambda j, o=offer_id, e=e: j.refused(o, e.status,
-                                                                                e.message))
-                await self.blocking(self.commands.offer_refused, UUID(offer_id),
-                                    f"provider refused the job ({e.status}): {e.message}",
-                                    e.status in DEACTIVATING_STATUSES)
+                await self._update(job.id, methodcaller("refused", offer_id, e.status, e.message))
+                await self.blocking(
+                    self.commands.offer_refused,
+                    UUID(offer_id),
+                    f"provider refused the job ({e.status}): {e.message}",
+                    e.status in DEACTIVATING_STATUSES,
+                )
                 continue
             except ProviderRejected as e:
                 await self._fail(job.id, "upstream_rejected", e.message, False)
@@ -216,15 +237,18 @@ class Worker:
             except ProviderUnknown as e:
                 await self._fail(job.id, "upstream_unknown", e.message, False)
                 return
-            await self._update(job.id, lambda j, q=queue_id: j.dispatched(q))
+            await self._update(job.id, methodcaller("dispatched", queue_id))
             await self.blocking(self.commands.offer_succeeded, UUID(offer_id))
             return
         if price_changed:
-            await self._fail(job.id, "price_changed",
-                             "every offer now costs more than the amount held for this job", True)
+            await self._fail(
+                job.id,
+                "price_changed",
+                "every offer now costs more than the amount held for this job",
+                True,
+            )
         else:
-            await self._fail(job.id, "no_sellers_available",
-                             "no seller could accept the job", True)
+            await self._fail(job.id, "no_sellers_available", "no seller could accept the job", True)
 
     async def _poll(self, job: Job, delay: float) -> float:
         """One retrieve call; returns how long to wait before the next (0: look again now)."""
@@ -238,8 +262,9 @@ class Worker:
         client = self.router.providers.client(offer.provider, offer.base_url)
         scratch = self.store.scratch(str(job.id))
         try:
-            outcome = await client.retrieve(api_key, job.request["provider_model"],
-                                            dispatch["queue_id"], scratch)
+            outcome = await client.retrieve(
+                api_key, job.request["provider_model"], dispatch["queue_id"], scratch
+            )
         except ProviderTransient:
             return min(delay * 2, 10.0)
         except ProviderContentPolicy as e:
@@ -249,32 +274,37 @@ class Worker:
             await self._fail(job.id, "inference_failed", e.message, True)
             return 0
         except ProviderLost as e:
-            await self._fail(job.id, "inference_failed",
-                             f"the provider no longer has this job: {e.message}", True)
+            await self._fail(
+                job.id,
+                "inference_failed",
+                f"the provider no longer has this job: {e.message}",
+                True,
+            )
             return 0
         if isinstance(outcome, Completed):
             await self._store(job, outcome.path)
             with contextlib.suppress(ProviderError):
                 await client.complete(api_key, job.request["provider_model"], dispatch["queue_id"])
-                await self._update(job.id, lambda j: j.upstream_media_deleted(), terminal_ok=True)
+                await self._update(job.id, methodcaller("upstream_media_deleted"), terminal_ok=True)
             return 0
         average, elapsed = outcome.average_execution_time_ms, outcome.execution_duration_ms
         if average and elapsed is not None:
             progress = elapsed / average
             if progress - job.progress >= 0.05 or job.status != "running":
-                await self._update(job.id, lambda j, p=progress: j.progressed(p))
+                await self._update(job.id, methodcaller("progressed", progress))
             # Come back around when the provider expects to be done, never hammering it.
             return max(0.25, min((average - elapsed) / 1000, 5.0))
         if job.status != "running":
-            await self._update(job.id, lambda j: j.progressed(0.0))
+            await self._update(job.id, methodcaller("progressed", 0.0))
         return min(max(delay * 1.5, 0.25), 5.0)
 
     async def _store(self, job: Job, downloaded: Any) -> None:
         try:
             info = await self.blocking(probe_mp4, downloaded)
         except MediaError as e:
-            await self._fail(job.id, "inference_failed", f"the provider returned no video: {e}",
-                             True)
+            await self._fail(
+                job.id, "inference_failed", f"the provider returned no video: {e}", True
+            )
             return
         path = await self.blocking(self.store.put, str(job.id), 0, downloaded)
         artifact = {
@@ -299,14 +329,15 @@ class Worker:
     async def _fail(self, job_id: UUID, code: str, message: str, retryable: bool) -> None:
         now = int(self.clock())
         await self.blocking(
-            self.commands.terminate, job_id,
-            lambda j: j.fail(code=code, message=message, retryable=retryable, now=now),
+            self.commands.terminate,
+            job_id,
+            methodcaller("fail", code=code, message=message, retryable=retryable, now=now),
         )
         log.info("job_failed", job_id=str(job_id), code=code)
 
     async def _cancel(self, job: Job) -> None:
         now = int(self.clock())
-        await self.blocking(self.commands.terminate, job.id, lambda j: j.cancel(now))
+        await self.blocking(self.commands.terminate, job.id, methodcaller("cancel", now))
         if job.dispatch is not None:
             await self._delete_upstream(job)
 
@@ -326,7 +357,7 @@ class Worker:
         client = self.router.providers.client(offer.provider, offer.base_url)
         with contextlib.suppress(ProviderError):
             await client.complete(api_key, job.request["provider_model"], dispatch["queue_id"])
-            await self._update(job.id, lambda j: j.upstream_media_deleted(), terminal_ok=True)
+            await self._update(job.id, methodcaller("upstream_media_deleted"), terminal_ok=True)
 
     async def _update(
         self, job_id: UUID, change: Callable[[Job], Any], *, terminal_ok: bool = False
@@ -342,5 +373,4 @@ class Worker:
         for job_id in await self.blocking(self.views.artifacts_stored_before, cutoff, 100):
             await self.blocking(self.store.delete, job_id)
             now = int(self.clock())
-            await self._update(UUID(job_id), lambda j, n=now: j.purge_artifacts(n),
-                               terminal_ok=True)
+            await self._update(UUID(job_id), methodcaller("purge_artifacts", now), terminal_ok=True)

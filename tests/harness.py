@@ -54,8 +54,14 @@ class Client:
     )
 
     def request(
-        self, method: str, path: str, *, key: str | None = None, json_body: Any = None,
-        headers: dict[str, str] | None = None, body: bytes | None = None,
+        self,
+        method: str,
+        path: str,
+        *,
+        key: str | None = None,
+        json_body: Any = None,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
     ) -> Response:
         h = dict(headers or {})
         if key is not None:
@@ -63,8 +69,9 @@ class Client:
         if json_body is not None:
             body = json.dumps(json_body).encode()
             h["Content-Type"] = "application/json"
-        r = self.http.request(method, self.base + path, body=body, headers=h,
-                              preload_content=True, redirect=False)
+        r = self.http.request(
+            method, self.base + path, body=body, headers=h, preload_content=True, redirect=False
+        )
         return Response(r.status, {k.lower(): v for k, v in r.headers.items()}, r.data)
 
     def get(self, path: str, **kw: Any) -> Response:
@@ -86,8 +93,11 @@ class Client:
         assert r.status == 201, r.body
         buyer = r.json()
         if deposit_usdc:
-            d = self.post(f"/admin/buyers/{buyer['buyer_id']}/deposits", key=ADMIN_TOKEN,
-                          json_body={"amount_usdc": str(deposit_usdc)})
+            d = self.post(
+                f"/admin/buyers/{buyer['buyer_id']}/deposits",
+                key=ADMIN_TOKEN,
+                json_body={"amount_usdc": str(deposit_usdc)},
+            )
             assert d.status == 201, d.body
         return buyer["buyer_id"], buyer["api_key"]
 
@@ -96,12 +106,26 @@ class Client:
         assert r.status == 201, r.body
         return r.json()["seller_id"], r.json()["api_key"]
 
-    def create_offer(self, seller_key: str, model: str, provider_key: str = "sim_ok",
-                     multiplier: str = "0.80", **extra: Any) -> dict[str, Any]:
-        r = self.post("/v1/seller/offers", key=seller_key, json_body={
-            "model": model, "provider": "venice", "api_key": provider_key,
-            "pricing_mode": "cost_multiplier", "cost_multiplier": multiplier, **extra,
-        })
+    def create_offer(
+        self,
+        seller_key: str,
+        model: str,
+        provider_key: str = "sim_ok",
+        multiplier: str = "0.80",
+        **extra: Any,
+    ) -> dict[str, Any]:
+        r = self.post(
+            "/v1/seller/offers",
+            key=seller_key,
+            json_body={
+                "model": model,
+                "provider": "venice",
+                "api_key": provider_key,
+                "pricing_mode": "cost_multiplier",
+                "cost_multiplier": multiplier,
+                **extra,
+            },
+        )
         assert r.status == 201, r.body
         return dict(r.json())
 
@@ -143,8 +167,11 @@ class Server:
     def start(self, wait: bool = True) -> Server:
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", *self.args], cwd=self.data_dir, env=self.env,
-            stdout=log, stderr=subprocess.STDOUT,
+            [str(BIN), "serve", *self.args],
+            cwd=self.data_dir,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         if wait:
             self.wait_ready()
@@ -185,23 +212,31 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN), *args], cwd=self.data_dir, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(BIN), *args],
+            cwd=self.data_dir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 def base_env(database_url: str, port: int, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIAMARKET_", "PROVIDER_"))}
-    env.update({
-        "DATABASE_URL": database_url,
-        "PORT": str(port),
-        "MEDIAMARKET_ADMIN_TOKEN": ADMIN_TOKEN,
-        "MEDIAMARKET_SECRET_KEY": SECRET_KEY,
-        "MEDIAMARKET_DEMO": "false",
-        "SIM_RENDER_SECONDS": "0.3",
-        "PROVIDER_QUEUE_TIMEOUT_SECONDS": "1",
-        "PROVIDER_QUOTE_TIMEOUT_SECONDS": "2",
-        "LOG_LEVEL": "info",
-    })
+    env.update(
+        {
+            "DATABASE_URL": database_url,
+            "PORT": str(port),
+            "MEDIAMARKET_ADMIN_TOKEN": ADMIN_TOKEN,
+            "MEDIAMARKET_SECRET_KEY": SECRET_KEY,
+            "MEDIAMARKET_DEMO": "false",
+            "SIM_RENDER_SECONDS": "0.3",
+            "PROVIDER_QUEUE_TIMEOUT_SECONDS": "1",
+            "PROVIDER_QUOTE_TIMEOUT_SECONDS": "2",
+            "LOG_LEVEL": "info",
+        }
+    )
     env.update(overrides)
     return env
 

@@ -11,12 +11,17 @@ from tests.harness import Server
 
 def test_submit_poll_download_and_settle(server: Server, tmp_path: Path) -> None:
     c = server.client
-    buyer_id, buyer_key = c.create_buyer(deposit_usdc=5_000_000)
+    _, buyer_key = c.create_buyer(deposit_usdc=5_000_000)
     _, seller_key = c.create_seller()
     c.create_offer(seller_key, "venice-runway-gen4-5-text", "sim_ok", "0.80")
 
-    r = c.submit(buyer_key, model="venice-runway-gen4-5-text", duration_seconds=5,
-                 resolution="1080p", metadata={"order": "42"})
+    r = c.submit(
+        buyer_key,
+        model="venice-runway-gen4-5-text",
+        duration_seconds=5,
+        resolution="1080p",
+        metadata={"order": "42"},
+    )
     assert r.status == 202, r.body
     job = r.json()
     # runway 1080p: 0.15 USD/s * 5 s = 750000 list; seller 0.80 -> 600000; no fee
@@ -32,8 +37,11 @@ def test_submit_poll_download_and_settle(server: Server, tmp_path: Path) -> None
 
     done = c.wait_terminal(job["id"], buyer_key)
     assert done["status"] == "succeeded", done
-    assert done["usage"] == {"seller_cost_usdc": "600000", "buyer_cost_usdc": "600000",
-                             "settlement_status": "confirmed"}
+    assert done["usage"] == {
+        "seller_cost_usdc": "600000",
+        "buyer_cost_usdc": "600000",
+        "settlement_status": "confirmed",
+    }
     [result] = done["results"]
     assert (result["width"], result["height"], result["duration_seconds"]) == (1920, 1080, 5)
 
@@ -52,7 +60,11 @@ def test_submit_poll_download_and_settle(server: Server, tmp_path: Path) -> None
     assert by_token.status == 200 and by_token.body == video.body
 
     me = c.get("/v1/buyer/me", key=buyer_key).json()
-    assert me["balance"] == {"available_usdc": "4400000", "held_usdc": "0",
-                             "spent_usdc": "600000", "deposited_usdc": "5000000"}
+    assert me["balance"] == {
+        "available_usdc": "4400000",
+        "held_usdc": "0",
+        "spent_usdc": "600000",
+        "deposited_usdc": "5000000",
+    }
     billed = c.billing()[sha256_hex("sim_ok")]
     assert billed["billed_micros"] == "750000"
