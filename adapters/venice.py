@@ -123,8 +123,12 @@ class VeniceClient:
         quote_timeout: float = 10.0,
         queue_timeout: float = 30.0,
         retrieve_timeout: float = 120.0,
+        queue_session: aiohttp.ClientSession | None = None,
     ) -> None:
         self._session = session
+        # A pooled keep-alive connection that the server closed a moment ago fails a POST in a
+        # way indistinguishable from a lost answer; queue (which bills) deserves a fresh one.
+        self._queue_session = queue_session or session
         self._base = base_url.rstrip("/")
         self._quote_timeout = quote_timeout
         self._queue_timeout = queue_timeout
@@ -213,7 +217,7 @@ class VeniceClient:
         if image_url is not None:
             body["image_url"] = image_url
         try:
-            async with self._session.post(
+            async with self._queue_session.post(
                 f"{self._base}/video/queue",
                 json=body,
                 headers=self._headers(api_key),

@@ -105,11 +105,16 @@ class Engine:
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=256, family=socket.AF_INET),
         )
+        # Queue calls bill the seller: never on a pooled connection that may have just died.
+        queue_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True, family=socket.AF_INET),
+        )
         providers = Providers(
             session,
             {"venice": base_url},
             quote_timeout=settings.PROVIDER_QUOTE_TIMEOUT_SECONDS,
             queue_timeout=settings.PROVIDER_QUEUE_TIMEOUT_SECONDS,
+            queue_session=queue_session,
         )
         commands = Commands(market, secrets)
         router = Router(providers, fees, commands.open_offer_key)
@@ -173,6 +178,8 @@ class Engine:
             self.worker_task.cancel()
             await asyncio.gather(self.worker_task, return_exceptions=True)
         await self.session.close()
+        if self.providers.queue_session is not None:
+            await self.providers.queue_session.close()
         await asyncio.get_running_loop().run_in_executor(None, self.runner.stop)
         self.blocking.shutdown()
         self.market.close()

@@ -73,9 +73,11 @@ class Providers:
         *,
         quote_timeout: float,
         queue_timeout: float,
+        queue_session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.session = session
+        self.queue_session = queue_session
         self.default_base_urls = default_base_urls
         self.quote_timeout = quote_timeout
         self.queue_timeout = queue_timeout
@@ -92,6 +94,7 @@ class Providers:
                 url,
                 quote_timeout=self.quote_timeout,
                 queue_timeout=self.queue_timeout,
+                queue_session=self.queue_session,
             )
             self._clients[url] = client
         return client

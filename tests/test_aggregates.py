@@ -1,0 +1,196 @@
+"""The aggregates' rules: legal transitions only, one resolution per hold, replay equality."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapters.eventstore import open_market
+from domain.aggregates import (
+    BuyerAccount,
+    IllegalTransition,
+    InsufficientBalance,
+    Job,
+    Offer,
+    Settlement,
+)
+
+
+def new_job(max_cost: int = 110, expires_at: int = 1000) -> Job:
+    return Job(
+        id=uuid.uuid4(),
+        buyer_id="b",
+        request={"model": "m", "prompt": "p"},
+        fingerprint="f",
+        token_hash="t",
+        created=0,
+        expires_at=expires_at,
+        estimated_cost=100,
+        max_cost=max_cost,
+        route=[{"offer_id": "o1"}],
+        min_discount=None,
+    )
+
+
+def attempt(buyer_cost: int = 100, offer_id: str = "o1") -> dict[str, Any]:
+    return {
+        "offer_id": offer_id,
+        "seller_id": "s",
+        "list_price": 125,
+        "seller_cost": 90,
+        "buyer_cost": buyer_cost,
+    }
+
+
+def test_job_happy_path_and_terminal_is_final() -> None:
+    job = new_job()
+    job.start_dispatch(attempt())
+    job.dispatched("q1")
+    assert job.status == "submitted"
+    job.progressed(0.5)
+    assert job.status == "running"
+    with pytest.raises(IllegalTransition):
+        job.succeed(now=5)  # no artifact yet
+    job.artifact_stored({"index": 0})
+    job.succeed(now=5)
+    assert job.charge == (100, 90)
+    for command in (
+        lambda: job.fail("x", "y", False, 6),
+        lambda: job.cancel(6),
+        lambda: job.expire(2000),
+        lambda: job.progressed(0.7),
+        lambda: job.start_dispatch(attempt()),
+    ):
+        with pytest.raises(IllegalTransition):
+            command()
+
+
+def test_dispatch_never_costs_more_than_the_hold() -> None:
+    job = new_job(max_cost=110)
+    with pytest.raises(IllegalTransition):
+        job.start_dispatch(attempt(buyer_cost=111))
+    job.start_dispatch(attempt(buyer_cost=110))
+    with pytest.raises(IllegalTransition):
+        job.start_dispatch(attempt())  # one dispatch in flight at a time
+
+
+def test_cancel_waits_for_an_in_flight_queue_call_and_bills_after_dispatch() -> None:
+    job = new_job()
+    job.start_dispatch(attempt())
+    with pytest.raises(IllegalTransition):
+        job.cancel(now=1)
+    job.request_cancel()
+    job.dispatched("q1")
+    job.cancel(now=2)
+    assert job.status == "canceled" and job.charge == (100, 90)
+
+    clean = new_job()
+    clean.cancel(now=1)
+    assert clean.charge == (0, 0)
+
+
+def test_expiry_only_when_due_and_free() -> None:
+    job = new_job(expires_at=100)
+    job.start_dispatch(attempt())
+    job.dispatched("q")
+    with pytest.raises(IllegalTransition):
+        job.expire(now=99)
+    job.expire(now=100)
+    assert job.status == "expired" and job.charge == (0, 0)
+
+
+def test_refusal_clears_the_dispatch_for_the_next_offer() -> None:
+    job = new_job()
+    job.start_dispatch(attempt(offer_id="o1"))
+    with pytest.raises(IllegalTransition):
+        job.refused("o2", 402, "no")
+    job.refused("o1", 402, "no")
+    job.start_dispatch(attempt(offer_id="o2"))
+    assert job.attempts == [{"offer_id": "o1", "status": 402, "message": "no"}]
+
+
+def test_settlement_resolves_exactly_once_and_never_above_the_hold() -> None:
+    s = Settlement.for_job(uuid.uuid4(), "b", hold=110)
+    with pytest.raises(IllegalTransition):
+        s.settle(buyer_cost=111, seller_cost=100, seller_id="s", offer_id="o", outcome="x")
+    with pytest.raises(IllegalTransition):
+        s.settle(buyer_cost=50, seller_cost=60, seller_id="s", offer_id="o", outcome="x")
+    s.settle(buyer_cost=100, seller_cost=90, seller_id="s", offer_id="o", outcome="succeeded")
+    assert (s.charged, s.released, s.platform_fee) == (100, 10, 10)
+    with pytest.raises(IllegalTransition):
+        s.settle(buyer_cost=0, seller_cost=0, seller_id=None, offer_id=None, outcome="failed")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    deposit=st.integers(1, 10**9),
+    holds=st.lists(st.tuples(st.integers(0, 10**8), st.integers(0, 100)), max_size=30),
+)
+def test_buyer_account_never_overdraws(deposit: int, holds: list[tuple[int, int]]) -> None:
+    buyer = BuyerAccount(id=uuid.uuid4(), name="b", api_key_hash="h")
+    buyer.deposit(deposit, "d")
+    for amount, charge_percent in holds:
+        job_id = uuid.uuid4()
+        try:
+            buyer.hold(job_id, amount)
+        except InsufficientBalance:
+            assert amount > buyer.available
+            continue
+        assert buyer.available >= 0
+        charge = amount * charge_percent // 100
+        buyer.resolve_hold(job_id, charge)
+        with pytest.raises(IllegalTransition):
+            buyer.resolve_hold(job_id, 0)
+        assert buyer.deposited == buyer.available + buyer.held + buyer.spent
+    assert buyer.held == 0
+
+
+def test_offer_backoff_doubles_and_resets() -> None:
+    offer = Offer(
+        id=uuid.uuid4(),
+        seller_id="s",
+        model="m",
+        provider="venice",
+        base_url=None,
+        sealed_key={"kid": "k", "ct": "c"},
+        key_sha256="h",
+        cost_multiplier="0.80",
+        max_concurrent_jobs=None,
+    )
+    offer.refused("402", now=1000.0, deactivate=False)
+    assert offer.backoff_until == 1030.0
+    offer.refused("402", now=1000.0, deactivate=False)
+    assert offer.backoff_until == 1060.0
+    offer.succeeded()
+    assert (offer.failures, offer.backoff_until) == (0, 0.0)
+
+
+def test_replay_from_the_store_equals_the_live_aggregates(tmp_path: Path) -> None:
+    app = open_market(f"sqlite:///{tmp_path}")
+    buyer = BuyerAccount(id=uuid.uuid4(), name="b", api_key_hash="h")
+    buyer.deposit(1_000, "d")
+    job = new_job()
+    buyer.hold(job.id, job.max_cost)
+    settlement = Settlement.for_job(job.id, str(buyer.id), job.max_cost)
+    app.save(job, settlement, buyer)
+    for _ in range(250):  # past the snapshot interval
+        buyer.deposit(1, "x")
+    app.save(buyer)
+    job.start_dispatch(attempt())
+    job.dispatched("q")
+    job.artifact_stored({"index": 0})
+    job.succeed(now=3)
+    settlement.settle(
+        buyer_cost=100, seller_cost=90, seller_id="s", offer_id="o1", outcome="succeeded"
+    )
+    buyer.resolve_hold(job.id, 100)
+    app.save(job, settlement, buyer)
+    for live in (job, settlement, buyer):
+        stored = app.repository.get(live.id)
+        assert vars(stored) == vars(live)
+    app.close()
