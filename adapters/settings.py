@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     SIM_RENDER_SECONDS: float = Field(default=3.0, ge=0)
     PROVIDER_QUOTE_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0)
     PROVIDER_QUEUE_TIMEOUT_SECONDS: float = Field(default=30.0, gt=0)
-    WORKER_CONCURRENCY: int = Field(default=64, gt=0)
+    WORKER_CONCURRENCY: int = Field(default=256, gt=0)
     WEBHOOK_ALLOW_HTTP: bool = False
     WEBHOOK_ALLOW_PRIVATE: bool = False
     LOG_LEVEL: str = "info"
