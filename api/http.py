@@ -102,7 +102,8 @@ def parse_model(model: type[M], body: Any) -> M:
         return model.model_validate(body)
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        # The top-level field: pydantic appends the member type for a union ("amount_usdc.str").
+        param = str(first["loc"][0]) if first["loc"] else None
         message = first["msg"]
         if first["type"] == "extra_forbidden":
             message = f"unknown field {param}"

@@ -18,12 +18,12 @@ from api.http import (
     min_discount_of,
     require,
 )
-from domain.aggregates import PENDING, TERMINAL, InsufficientBalance
-from domain.catalog import RequestError, validate_video_request
+from domain.aggregates import PENDING, TERMINAL, IllegalTransition, InsufficientBalance
+from domain.catalog import RequestError, VideoRequest, validate_video_request
 from domain.money import max_cost
 from domain.routing import RoutingError
 from projections.jobdoc import JobDoc
-from services.commands import IdempotencyMismatch, NotFound
+from services.commands import IdempotencyMismatch, NotFound, Submitted
 from services.routing import Route
 
 ROUTING_STATUS = {"no_sellers_for_model": 404}
@@ -84,15 +84,7 @@ async def submit(request: web.Request) -> web.Response:
         raise ApiError(status, e.code, e.message, e.param) from None
 
     if idempotency_key is not None:
-        try:
-            replay = await engine.blocking(
-                engine.commands.find_idempotent,
-                uuid.UUID(buyer_id),
-                idempotency_key,
-                video.fingerprint(),
-            )
-        except IdempotencyMismatch:
-            raise _reused() from None
+        replay = await _find_replay(request, buyer_id, idempotency_key, video)
         if replay is not None:
             return await _answer(request, replay.job_id, replay.job_token, replay.position, True)
 
@@ -122,9 +114,36 @@ async def submit(request: web.Request) -> web.Response:
         ) from None
     except IdempotencyMismatch:
         raise _reused() from None
+    except IllegalTransition:
+        # A concurrent duplicate with the same Idempotency-Key created the job between this
+        # command's replay check and its read of the buyer (whose account already holds funds
+        # for that job id): answer with that job, as the replay check would have.
+        if idempotency_key is None:
+            raise
+        replay = await _find_replay(request, buyer_id, idempotency_key, video)
+        if replay is None:
+            raise
+        return await _answer(request, replay.job_id, replay.job_token, replay.position, True)
     return await _answer(
         request, submitted.job_id, submitted.job_token, submitted.position, submitted.replayed
     )
+
+
+async def _find_replay(
+    request: web.Request, buyer_id: str, idempotency_key: str, video: VideoRequest
+) -> Submitted | None:
+    """The job this buyer's Idempotency-Key already created, if any; 422 for another body."""
+    engine = engine_of(request)
+    try:
+        found: Submitted | None = await engine.blocking(
+            engine.commands.find_idempotent,
+            uuid.UUID(buyer_id),
+            idempotency_key,
+            video.fingerprint(),
+        )
+    except IdempotencyMismatch:
+        raise _reused() from None
+    return found
 
 
 def _reused() -> ApiError:
