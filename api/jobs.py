@@ -18,7 +18,7 @@ from api.http import (
     min_discount_of,
     require,
 )
-from domain.aggregates import PENDING, TERMINAL, IllegalTransition, InsufficientBalance
+from domain.aggregates import PENDING, TERMINAL, InsufficientBalance
 from domain.catalog import RequestError, VideoRequest, validate_video_request
 from domain.money import max_cost
 from domain.routing import RoutingError
@@ -114,16 +114,6 @@ async def submit(request: web.Request) -> web.Response:
         ) from None
     except IdempotencyMismatch:
         raise _reused() from None
-    except IllegalTransition:
-        # A concurrent duplicate with the same Idempotency-Key created the job between this
-        # command's replay check and its read of the buyer (whose account already holds funds
-        # for that job id): answer with that job, as the replay check would have.
-        if idempotency_key is None:
-            raise
-        replay = await _find_replay(request, buyer_id, idempotency_key, video)
-        if replay is None:
-            raise
-        return await _answer(request, replay.job_id, replay.job_token, replay.position, True)
     return await _answer(
         request, submitted.job_id, submitted.job_token, submitted.position, submitted.replayed
     )

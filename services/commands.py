@@ -215,6 +215,10 @@ class Commands:
         fingerprint = request.fingerprint()
 
         def attempt() -> Submitted:
+            # The account first: a duplicate that saved before this read is then certainly
+            # visible to the replay check below, and one that saves after it makes our save
+            # conflict on the account, so the retry finds it.
+            buyer = self._get(BuyerAccount, buyer_id)
             if idempotency_key is None:
                 job_id = uuid.uuid4()
             else:
@@ -229,7 +233,6 @@ class Commands:
                     return replay
             now = int(self.clock())
             token = self.secrets.job_token(str(job_id))
-            buyer = self._get(BuyerAccount, buyer_id)
             job = Job(
                 id=job_id,
                 buyer_id=str(buyer_id),
