@@ -174,7 +174,7 @@ async def create_offer(request: web.Request) -> web.Response:
         max_concurrent_jobs=body.max_concurrent_jobs,
     )
     await caught_up(request, written.position)
-    offer = await engine.blocking(engine.views.offer, str(offer_id))
+    offer = await engine.read(engine.views.offer, str(offer_id))
     assert offer is not None
     return web.json_response(offer.public(), status=201)
 
@@ -199,14 +199,14 @@ async def _check_key(
 async def list_offers(request: web.Request) -> web.Response:
     seller_id = await require(request, "seller")
     engine = engine_of(request)
-    offers = await engine.blocking(engine.views.offers, seller_id=seller_id)
+    offers = await engine.read(engine.views.offers, seller_id=seller_id)
     return web.json_response({"object": "list", "data": [o.public() for o in offers]})
 
 
 async def _own_offer(request: web.Request, seller_id: str) -> Any:
     engine = engine_of(request)
     offer_id = _uuid(request.match_info["offer_id"], "offer")
-    offer = await engine.blocking(engine.views.offer, str(offer_id))
+    offer = await engine.read(engine.views.offer, str(offer_id))
     if offer is None or offer.seller_id != seller_id or offer.state == "deleted":
         raise not_found("offer")
     return offer
@@ -231,7 +231,7 @@ async def update_offer(request: web.Request) -> web.Response:
     except NotFound:
         raise not_found("offer") from None
     await caught_up(request, written.position)
-    fresh = await engine.blocking(engine.views.offer, offer.offer_id)
+    fresh = await engine.read(engine.views.offer, offer.offer_id)
     assert fresh is not None
     return web.json_response(fresh.public())
 

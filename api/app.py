@@ -88,7 +88,7 @@ async def models(request: web.Request) -> web.Response:
 
 async def _best_price(engine: Engine, spec: Any) -> dict[str, Any]:
     """The best current estimated buyer price for a model's default parameters."""
-    offers = await engine.blocking(engine.views.offers, model=spec.id)
+    offers = await engine.read(engine.views.offers, model=spec.id)
     try:
         route = await engine.router.route_params(default_params(spec), offers, None)
     except RoutingError:

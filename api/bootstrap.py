@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import os
 import secrets as pysecrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -26,6 +29,7 @@ from services.routing import Providers, Router
 from services.worker import Blocking, Worker
 
 log = structlog.get_logger("engine")
+T = TypeVar("T")
 PROVIDERS = ("venice",)
 
 
@@ -83,6 +87,47 @@ class Engine:
     worker: Worker | None = None
     worker_task: asyncio.Task[None] | None = None
     base_urls: dict[str, str] = field(default_factory=dict)
+    _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    def __post_init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.views.bind_inline_reader()
+        self.runner.on_advance.append(self._runner_advanced)
+
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A view query: inline where the view store makes that cheap, else in the pool."""
+        if self.views.inline_reads:
+            return fn(*args, **kwargs)
+        return await self.blocking(fn, *args, **kwargs)
+
+    def _runner_advanced(self, position: int) -> None:
+        # Called from the runner's thread; only bother the loop when someone is waiting.
+        if self._waiters and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._release_waiters, position)
+
+    def _release_waiters(self, position: int) -> None:
+        while self._waiters and self._waiters[0][0] <= position:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)
+
+    async def caught_up(self, position: int, wait_seconds: float) -> bool:
+        """Wait, without holding a thread, until the views include ``position``."""
+        if self.runner.position >= position:
+            return True
+        assert self._loop is not None
+        future: asyncio.Future[None] = self._loop.create_future()
+        heapq.heappush(self._waiters, (position, id(future), future))
+        self.runner.wake()
+        if self.runner.position >= position:  # it may have advanced before we registered
+            self._release_waiters(self.runner.position)
+        try:
+            await asyncio.wait_for(future, wait_seconds)
+            return True
+        except TimeoutError:
+            # Maybe another process's runner applied it: ask the database once.
+            return await self.blocking(self.runner.wait_for, position, 0.0)
 
     @classmethod
     async def open(cls, settings: Settings, *, sim_url: str | None = None) -> Engine:

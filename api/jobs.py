@@ -88,7 +88,7 @@ async def submit(request: web.Request) -> web.Response:
         if replay is not None:
             return await _answer(request, replay.job_id, replay.job_token, replay.position, True)
 
-    offers = await engine.blocking(engine.views.offers, model=video.model.id)
+    offers = await engine.read(engine.views.offers, model=video.model.id)
     try:
         route: Route = await engine.router.route(video, offers, min_discount)
     except RoutingError as e:
@@ -150,7 +150,7 @@ async def _answer(
 ) -> web.Response:
     engine = engine_of(request)
     await caught_up(request, position)
-    row = await engine.blocking(engine.views.get_job, str(job_id))
+    row = await engine.read(engine.views.get_job, str(job_id))
     if row is None:
         raise ApiError(503, "projection_lagging", "the job is saved but not yet visible; retry")
     response = job_response(request, row.doc, status=202, job_token=token)
@@ -176,7 +176,7 @@ async def cancel(request: web.Request) -> web.Response:
     except NotFound:
         raise not_found("job") from None
     await caught_up(request, written.position)
-    fresh = await engine.blocking(engine.views.get_job, row.job_id)
+    fresh = await engine.read(engine.views.get_job, row.job_id)
     assert fresh is not None
     return job_response(request, fresh.doc, status=200)
 
@@ -204,7 +204,7 @@ async def list_jobs(request: web.Request) -> web.Response:
             after = str(uuid.UUID(after))
         except ValueError:
             raise invalid("after must be a job id", "after") from None
-    docs = await engine.blocking(engine.views.list_jobs, buyer_id, limit + 1, after, status)
+    docs = await engine.read(engine.views.list_jobs, buyer_id, limit + 1, after, status)
     if docs is None:
         raise invalid("after names no job of yours", "after")
     page = docs[:limit]
@@ -249,7 +249,7 @@ async def _signed_access(request: web.Request, job_id: str) -> Any:
         request.path, expires, request.query.get("sig", "")
     ):
         raise ApiError(401, "invalid_api_key", "the signed URL is invalid or has expired")
-    row = await engine.blocking(engine.views.get_job, job_id)
+    row = await engine.read(engine.views.get_job, job_id)
     if row is None:
         raise not_found("job")
     return row

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import structlog
 from eventsourcing.persistence import IntegrityError, OperationalError, Tracking
@@ -34,6 +35,7 @@ class ProjectionRunner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._caught_up = threading.Condition()
+        self.on_advance: list[Callable[[int], None]] = []
 
     def run_once(self) -> int:
         """Apply the next batch, if any; returns how many notifications it covered."""
@@ -68,9 +70,13 @@ class ProjectionRunner:
 
     def _advance(self, position: int) -> None:
         with self._caught_up:
-            if position > self.position:
+            advanced = position > self.position
+            if advanced:
                 self.position = position
             self._caught_up.notify_all()
+        if advanced:
+            for callback in self.on_advance:
+                callback(position)
 
     def wake(self) -> None:
         self._wake.set()

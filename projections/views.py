@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -317,6 +319,12 @@ class Views:
 
     # ---------------------------------------------------------------- queries
 
+    # Whether point reads are cheap enough to run on the calling (event-loop) thread.
+    inline_reads = False
+
+    def bind_inline_reader(self) -> None:
+        """Let the calling thread read without a thread-pool hop (where that is cheap)."""
+
     def _one(self, statement: str, params: Sequence[Any]) -> Any:
         with self.datastore.transaction(commit=False) as c:
             c.execute(self.q(statement), params)
@@ -452,6 +460,30 @@ def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
 
 
 class SQLiteViews(Views, SQLiteTrackingRecorder):
+    # A primary-key read of a local WAL file takes microseconds, far less than a hand-off to
+    # the thread pool and back; the event loop gets its own autocommit connection for them.
+    inline_reads = True
+    _inline: tuple[int, sqlite3.Connection] | None = None
+
+    def bind_inline_reader(self) -> None:
+        conn = sqlite3.connect(
+            self.datastore.pool.db_name, uri=True, check_same_thread=False, isolation_level=None
+        )
+        conn.row_factory = sqlite3.Row
+        self._inline = (threading.get_ident(), conn)
+
+    def _one(self, statement: str, params: Sequence[Any]) -> Any:
+        inline = self._inline
+        if inline is not None and inline[0] == threading.get_ident():
+            return inline[1].execute(statement, params).fetchone()
+        return super()._one(statement, params)
+
+    def _all(self, statement: str, params: Sequence[Any]) -> list[Any]:
+        inline = self._inline
+        if inline is not None and inline[0] == threading.get_ident():
+            return inline[1].execute(statement, params).fetchall()
+        return super()._all(statement, params)
+
     def construct_create_table_statements(self) -> list[str]:
         return [*super().construct_create_table_statements(), *TABLES.values(), *INDEXES]
 

@@ -78,6 +78,7 @@ class Commands:
         self.app = app
         self.secrets = secrets
         self.clock = clock
+        self._open_keys: dict[tuple[str, str], str] = {}
 
     def _retrying(self, attempt: Callable[[], T]) -> T:
         for n in range(MAX_ATTEMPTS):
@@ -195,7 +196,16 @@ class Commands:
         self._retrying(attempt)
 
     def open_offer_key(self, offer_id: str, sealed_key: dict[str, str]) -> str:
-        return self.secrets.open(sealed_key, context=f"offer:{offer_id}")
+        # Routing opens every candidate's key on every submit; the plaintext is needed in
+        # memory for the call anyway, so keep it rather than pay AES-GCM each time.
+        cache_key = (offer_id, sealed_key["ct"])
+        key = self._open_keys.get(cache_key)
+        if key is None:
+            key = self.secrets.open(sealed_key, context=f"offer:{offer_id}")
+            if len(self._open_keys) > 10_000:
+                self._open_keys.clear()
+            self._open_keys[cache_key] = key
+        return key
 
     # ------------------------------------------------------------------ submit
 
