@@ -502,6 +502,15 @@ class PostgresViews(Views, PostgresTrackingRecorder):
     def q(self, statement: str) -> Any:
         return statement.replace("?", "%s")
 
+    # Reads run on autocommit connections: one round trip, not BEGIN, SELECT and ROLLBACK.
+    def _one(self, statement: str, params: Sequence[Any]) -> Any:
+        with self.datastore.get_connection() as conn:
+            return conn.execute(self.q(statement), params).fetchone()
+
+    def _all(self, statement: str, params: Sequence[Any]) -> list[Any]:
+        with self.datastore.get_connection() as conn:
+            return list(conn.execute(self.q(statement), params).fetchall())
+
     def _reset_tracking(self, c: Any, application_name: str) -> None:
         c.execute(
             SQL("DELETE FROM {} WHERE application_name = %s").format(

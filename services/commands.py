@@ -8,9 +8,12 @@ never lost and never surfaces to a caller unless retries are exhausted.
 from __future__ import annotations
 
 import random
+import threading
 import time
 import uuid
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import UUID
@@ -79,6 +82,26 @@ class Commands:
         self.secrets = secrets
         self.clock = clock
         self._open_keys: dict[tuple[str, str], str] = {}
+        self._account_locks: weakref.WeakValueDictionary[str, threading.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._account_locks_guard = threading.Lock()
+
+    @contextmanager
+    def _account(self, buyer_id: UUID | str) -> Iterator[None]:
+        """Serialise this process's writes to one buyer's account.
+
+        Concurrent submits by one buyer would otherwise load the same account version and all
+        but one would redo their work after a conflict; other processes still conflict and
+        retry, which stays correct, just slower.
+        """
+        with self._account_locks_guard:
+            lock = self._account_locks.get(str(buyer_id))
+            if lock is None:
+                lock = threading.Lock()
+                self._account_locks[str(buyer_id)] = lock
+        with lock:
+            yield
 
     def _retrying(self, attempt: Callable[[], T]) -> T:
         for n in range(MAX_ATTEMPTS):
@@ -115,9 +138,10 @@ class Commands:
         deposit_ref = deposit_id or str(uuid.uuid4())
 
         def attempt() -> Written:
-            buyer = self._get(BuyerAccount, buyer_id)
-            buyer.deposit(amount, deposit_ref)
-            return Written(_position(self.app.save(buyer)))
+            with self._account(buyer_id):
+                buyer = self._get(BuyerAccount, buyer_id)
+                buyer.deposit(amount, deposit_ref)
+                return Written(_position(self.app.save(buyer)))
 
         return self._retrying(attempt)
 
@@ -225,6 +249,10 @@ class Commands:
         fingerprint = request.fingerprint()
 
         def attempt() -> Submitted:
+            with self._account(buyer_id):
+                return create()
+
+        def create() -> Submitted:
             # The account first: a duplicate that saved before this read is then certainly
             # visible to the replay check below, and one that saves after it makes our save
             # conflict on the account, so the retry finds it.
@@ -312,7 +340,6 @@ class Commands:
         """Save a job that just became terminal, with its settlement and the buyer's hold."""
         buyer_cost, seller_cost = job.charge
         settlement = self._get(Settlement, settlement_id(job.id))
-        buyer = self._get(BuyerAccount, UUID(job.buyer_id))
         dispatch = job.dispatch or {}
         settlement.settle(
             buyer_cost=buyer_cost,
@@ -321,8 +348,10 @@ class Commands:
             offer_id=dispatch.get("offer_id"),
             outcome=job.status,
         )
-        buyer.resolve_hold(job.id, buyer_cost)
-        return _position(self.app.save(job, settlement, buyer, *extra))
+        with self._account(job.buyer_id):
+            buyer = self._get(BuyerAccount, UUID(job.buyer_id))
+            buyer.resolve_hold(job.id, buyer_cost)
+            return _position(self.app.save(job, settlement, buyer, *extra))
 
     def update_job(self, job_id: UUID, change: Callable[[Job], Any]) -> Job:
         """Apply a non-terminal change (claim, dispatch steps, progress) and save it."""
