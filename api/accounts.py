@@ -63,28 +63,26 @@ def _multiplier(text: str) -> str:
 # ---------------------------------------------------------------------- operator
 
 
-async def create_buyer(request: web.Request) -> web.Response:
+async def _create_principal(request: web.Request, kind: str) -> web.Response:
+    """A buyer or seller named by the operator; its API key is shown this once."""
     require_admin(request)
     body = parse_model(NameBody, await json_body(request))
     engine = engine_of(request)
-    buyer_id, api_key, written = await engine.blocking(engine.commands.create_buyer, body.name)
+    create = engine.commands.create_buyer if kind == "buyer" else engine.commands.create_seller
+    principal_id, api_key, written = await engine.blocking(create, body.name)
     await caught_up(request, written.position)
     return web.json_response(
-        {"buyer_id": str(buyer_id), "object": "buyer", "name": body.name, "api_key": api_key},
+        {f"{kind}_id": str(principal_id), "object": kind, "name": body.name, "api_key": api_key},
         status=201,
     )
+
+
+async def create_buyer(request: web.Request) -> web.Response:
+    return await _create_principal(request, "buyer")
 
 
 async def create_seller(request: web.Request) -> web.Response:
-    require_admin(request)
-    body = parse_model(NameBody, await json_body(request))
-    engine = engine_of(request)
-    seller_id, api_key, written = await engine.blocking(engine.commands.create_seller, body.name)
-    await caught_up(request, written.position)
-    return web.json_response(
-        {"seller_id": str(seller_id), "object": "seller", "name": body.name, "api_key": api_key},
-        status=201,
-    )
+    return await _create_principal(request, "seller")
 
 
 async def deposit(request: web.Request) -> web.Response:

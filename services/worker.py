@@ -32,10 +32,11 @@ from adapters.venice import (
     ProviderRejected,
     ProviderTransient,
     ProviderUnknown,
+    VeniceClient,
 )
 from domain.aggregates import IllegalTransition, Job
 from domain.money import parse_multiplier, price_offer
-from projections.views import Views
+from projections.views import OfferRow, Views
 from services.commands import Commands
 from services.routing import Router, is_available, video_params
 
@@ -192,8 +193,7 @@ class Worker:
             if offer is None or not is_available(offer, self.clock()):
                 await self._update(job.id, methodcaller("skipped", offer_id, "unavailable"))
                 continue
-            api_key = self.commands.open_offer_key(offer.offer_id, offer.sealed_key)
-            client = self.router.providers.client(offer.provider, offer.base_url)
+            client, api_key = self._client_for(offer)
             try:
                 list_price = await self.router.providers.quote(
                     offer.provider, offer.base_url, offer.key_sha256, api_key, params
@@ -258,8 +258,7 @@ class Worker:
         if offer is None:
             await self._fail(job.id, "inference_failed", "the seller's offer disappeared", True)
             return 0
-        api_key = self.commands.open_offer_key(offer.offer_id, offer.sealed_key)
-        client = self.router.providers.client(offer.provider, offer.base_url)
+        client, api_key = self._client_for(offer)
         scratch = self.store.scratch(str(job.id))
         try:
             outcome = await client.retrieve(
@@ -353,11 +352,15 @@ class Worker:
         offer = await self.blocking(self.views.offer, dispatch["offer_id"])
         if offer is None:
             return
-        api_key = self.commands.open_offer_key(offer.offer_id, offer.sealed_key)
-        client = self.router.providers.client(offer.provider, offer.base_url)
+        client, api_key = self._client_for(offer)
         with contextlib.suppress(ProviderError):
             await client.complete(api_key, job.request["provider_model"], dispatch["queue_id"])
             await self._update(job.id, methodcaller("upstream_media_deleted"), terminal_ok=True)
+
+    def _client_for(self, offer: OfferRow) -> tuple[VeniceClient, str]:
+        """The provider client and the opened seller key for calls on behalf of ``offer``."""
+        api_key = self.commands.open_offer_key(offer.offer_id, offer.sealed_key)
+        return self.router.providers.client(offer.provider, offer.base_url), api_key
 
     async def _update(
         self, job_id: UUID, change: Callable[[Job], Any], *, terminal_ok: bool = False
