@@ -7,7 +7,6 @@ only within one application, so the whole market is one application with one log
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 from uuid import UUID
@@ -73,7 +72,3 @@ def open_market(database_url: str) -> MarketApp:
         "AGGREGATE_CACHE_FASTFORWARD": "y",
     }
     return MarketApp(env=env)
-
-
-def sqlite_file(database_url: str, name: str) -> Path:
-    return sqlite_dir(database_url) / name

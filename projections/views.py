@@ -22,7 +22,7 @@ from eventsourcing.sqlite import SQLiteTrackingRecorder
 from eventsourcing.utils import Environment
 from psycopg.sql import SQL, Identifier
 
-from domain.aggregates import PENDING, BuyerAccount, Offer, Seller
+from domain.aggregates import BuyerAccount, Offer, Seller
 from projections.jobdoc import (
     JobDoc,
     JobEvent,
@@ -127,7 +127,6 @@ class Views:
     """Queries and the batch projector, over whichever datastore the subclass brings."""
 
     datastore: Any
-    placeholder = "?"
 
     def q(self, statement: str) -> Any:
         return statement
@@ -492,8 +491,6 @@ class SQLiteViews(Views, SQLiteTrackingRecorder):
 
 
 class PostgresViews(Views, PostgresTrackingRecorder):
-    placeholder = "%s"
-
     def __init__(self, datastore: Any, **kwargs: Any) -> None:
         super().__init__(datastore, **kwargs)
         statements: list[Any] = [SQL(s) for s in [*TABLES.values(), *INDEXES]]
@@ -530,4 +527,4 @@ def open_views(env: dict[str, str]) -> Views:
     return recorder
 
 
-__all__ = ["PENDING", "JobRow", "OfferRow", "Views", "open_views"]
+__all__ = ["JobRow", "OfferRow", "Views", "open_views"]
