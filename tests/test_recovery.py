@@ -170,12 +170,14 @@ def test_projection_rebuild_is_byte_identical(server: Server) -> None:
     served_before = _served(c, buyer_key, seller_key)
 
     server.stop()
-    assert _digest(server) == before
+    stopped = _digest(server)
+    assert stopped == before, (before, stopped)
     rebuilt = server.cli("projections", "rebuild")
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "CHANGED" not in rebuilt.stdout, rebuilt.stdout
     assert rebuilt.stdout.count("identical") == 3, rebuilt.stdout
-    assert _digest(server) == before
+    rebuilt_digest = _digest(server)
+    assert rebuilt_digest == before, (before, rebuilt_digest)
 
     server.start()
     assert _served(c, buyer_key, seller_key) == served_before
