@@ -150,6 +150,10 @@ class Worker:
         while True:
             job = await self.blocking(self.commands.job, job_id)
             if job.is_terminal:
+                # A cancel or expiry recorded elsewhere (the API) ended a dispatched job: the
+                # provider's copy is still ours to delete.
+                if job.dispatch is not None and not job.upstream_deleted:
+                    await self._delete_upstream(job)
                 return
             if self.clock() >= job.expires_at:
                 await self._expire(job)
@@ -230,6 +234,10 @@ class Worker:
                     f"provider refused the job ({e.status}): {e.message}",
                     e.status in DEACTIVATING_STATUSES,
                 )
+                # A cancel that arrived during the refused call is a cancel before dispatch:
+                # stop here and let the drive loop cancel it, free, instead of trying on.
+                if (await self.blocking(self.commands.job, job.id)).cancel_requested:
+                    return
                 continue
             except ProviderRejected as e:
                 await self._fail(job.id, "upstream_rejected", e.message, False)
