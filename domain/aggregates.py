@@ -13,6 +13,8 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.domain import Snapshot as LibrarySnapshot
 
+from domain import money
+
 QUEUED = "queued"
 SUBMITTED = "submitted"
 RUNNING = "running"
@@ -454,17 +456,19 @@ class Settlement(Aggregate):
     ) -> None:
         if self.resolved:
             raise IllegalTransition("the hold is already resolved")
-        if not 0 <= seller_cost <= buyer_cost <= self.hold:
-            raise IllegalTransition("charge must satisfy 0 <= seller cost <= buyer cost <= hold")
-        if buyer_cost == 0:
-            self._released(job_id=self.job_id, released=self.hold, outcome=outcome)
+        try:
+            amounts = money.settle(self.hold, buyer_cost or None, seller_cost)
+        except money.MoneyError as e:
+            raise IllegalTransition(str(e)) from None
+        if amounts.charged == 0:
+            self._released(job_id=self.job_id, released=amounts.released, outcome=outcome)
             return
         self._settled(
             job_id=self.job_id,
-            charged=buyer_cost,
-            seller_cost=seller_cost,
-            platform_fee=buyer_cost - seller_cost,
-            released=self.hold - buyer_cost,
+            charged=amounts.charged,
+            seller_cost=amounts.seller_paid,
+            platform_fee=amounts.platform_fee,
+            released=amounts.released,
             seller_id=seller_id,
             offer_id=offer_id,
             outcome=outcome,

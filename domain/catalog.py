@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar, cast
 from urllib.parse import SplitResult, urlsplit
 
 ALIASES: dict[str, str] = {"venice-video-gen": "venice-seedance-2-fast-t2v"}
@@ -416,6 +416,21 @@ def _check_metadata(metadata: dict[Any, Any]) -> dict[str, Any]:
     return dict(metadata)
 
 
+T = TypeVar("T")
+
+
+def _choice(
+    body: dict[str, Any], field: str, allowed: tuple[T, ...], default: T, model: ModelSpec
+) -> T:
+    """An optional field that must be one of the model's values; omitted means the default."""
+    value = body.get(field)
+    if value is None:
+        return default
+    if value not in allowed:
+        raise _unsupported(field, f"{field} must be one of {_one_of(allowed)} for model {model.id}")
+    return cast(T, value)
+
+
 def validate_video_request(
     body: object,
     catalog: Catalog,
@@ -454,32 +469,11 @@ def validate_video_request(
     prompt: str = body["prompt"]
     _check_prompt(prompt)
 
-    duration = body.get("duration_seconds")
-    if duration is None:
-        duration = model.default_duration
-    elif duration not in model.durations:
-        raise _unsupported(
-            "duration_seconds",
-            f"duration_seconds must be one of {_one_of(model.durations)} for model {model.id}",
-        )
-
-    resolution = body.get("resolution")
-    if resolution is None:
-        resolution = model.default_resolution
-    elif resolution not in model.resolutions:
-        raise _unsupported(
-            "resolution",
-            f"resolution must be one of {_one_of(model.resolutions)} for model {model.id}",
-        )
-
-    aspect_ratio = body.get("aspect_ratio")
-    if aspect_ratio is None:
-        aspect_ratio = model.default_aspect_ratio
-    elif aspect_ratio not in model.aspect_ratios:
-        raise _unsupported(
-            "aspect_ratio",
-            f"aspect_ratio must be one of {_one_of(model.aspect_ratios)} for model {model.id}",
-        )
+    duration = _choice(body, "duration_seconds", model.durations, model.default_duration, model)
+    resolution = _choice(body, "resolution", model.resolutions, model.default_resolution, model)
+    aspect_ratio = _choice(
+        body, "aspect_ratio", model.aspect_ratios, model.default_aspect_ratio, model
+    )
 
     audio = body.get("audio")
     if audio is None:

@@ -27,18 +27,11 @@ QUOTE_CACHE_SECONDS = 5.0
 def request_data(request: VideoRequest) -> dict[str, Any]:
     """The request as stored in the job's creation event: plain JSON, enough to dispatch."""
     return {
-        "model": request.model.id,
+        **request.canonical(),
         "provider": request.model.provider,
         "provider_model": request.model.provider_model,
-        "prompt": request.prompt,
-        "duration_seconds": request.duration_seconds,
-        "resolution": request.resolution,
-        "aspect_ratio": request.aspect_ratio,
         # Sent to the provider only for models that know the parameter.
         "audio": request.audio if request.model.audio else None,
-        "image_url": request.image_url,
-        "webhook_url": request.webhook_url,
-        "metadata": request.metadata,
     }
 
 

@@ -35,7 +35,6 @@ from adapters.venice import (
     VeniceClient,
 )
 from domain.aggregates import IllegalTransition, Job
-from domain.money import parse_multiplier, price_offer
 from projections.views import OfferRow, Views
 from services.commands import Commands
 from services.routing import Router, is_available, video_params
@@ -197,17 +196,11 @@ class Worker:
             if offer is None or not is_available(offer, self.clock()):
                 await self._update(job.id, methodcaller("skipped", offer_id, "unavailable"))
                 continue
-            client, api_key = self._client_for(offer)
-            try:
-                list_price = await self.router.providers.quote(
-                    offer.provider, offer.base_url, offer.key_sha256, api_key, params
-                )
-            except ProviderError:
+            candidate = await self.router.price(offer, params)
+            if candidate is None:
                 await self._update(job.id, methodcaller("skipped", offer_id, "quote_failed"))
                 continue
-            price = price_offer(
-                list_price, parse_multiplier(offer.cost_multiplier), self.router.fees
-            )
+            price = candidate.price
             if price.buyer_cost > job.max_cost:
                 price_changed = True
                 await self._update(job.id, methodcaller("skipped", offer_id, "price_changed"))
@@ -222,6 +215,7 @@ class Worker:
                 "buyer_cost": price.buyer_cost,
             }
             await self._update(job.id, methodcaller("start_dispatch", attempt))
+            client, api_key = self._client_for(offer)
             try:
                 queue_id = await client.queue(
                     api_key, params, job.request["prompt"], job.request.get("image_url")
