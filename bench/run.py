@@ -12,7 +12,9 @@ connections, a warm-up and a fixed measured window:
 
 * poll: ``GET /v1/video/generations/{id}`` of one existing job (baseline ``GET /json``);
 * submit: ``POST /v1/video/generations`` round-robin over several funded buyers
-  (baseline ``POST /json``); anything but 202 counts as an error.
+  (baseline ``POST /json``); anything but 202 counts as an error;
+* submit, N offers: the submit workload on a fresh engine whose model has N seller offers
+  (``--offers``, default 1, 10 and 100), each with its own provider key and multiplier.
 
 Each row also accounts for the CPU (server, its PostgreSQL backends, load generator, the rest of
 the machine) and reports server CPU per request, which stays meaningful when other processes
@@ -30,6 +32,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import re
 import resource
 import signal
@@ -41,8 +44,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +61,8 @@ MODEL = "venice-seedance-2-fast-t2v"
 SUBMIT_BODY = {"model": MODEL, "prompt": "bench"}
 START_MARK = "<!-- bench:start -->"
 END_MARK = "<!-- bench:end -->"
+OFFER_COUNTS = (1, 10, 100)  # offers on the model in the "submit, N offers" rows
+QUOTE_CACHE_SECONDS = 5.0  # the engine's quote cache lifetime (services.routing), for the note
 POLL_GOAL = 0.60  # of bare aiohttp's GET rate
 SUBMIT_GOAL = 500.0  # jobs/s on SQLite
 
@@ -209,6 +215,7 @@ class Row:
     baseline: dict[str, Any] | None = None
     cpu: Cpu | None = None
     note: str = ""
+    offers: int | None = None  # the offer count of a "submit, N offers" row
 
     @property
     def rps(self) -> float:
@@ -328,7 +335,8 @@ def engine_env(database_url: str, port: int) -> dict[str, str]:
 
 @dataclass
 class EngineRun:
-    """A running, set-up ``mediamarket serve``: funded buyers, one offer, one queued job."""
+    """A running, set-up ``mediamarket serve``: funded buyers, offers (one unless asked for
+    more), one queued job."""
 
     proc: subprocess.Popen[bytes]
     base: str
@@ -355,9 +363,49 @@ class EngineRun:
         }
 
 
+def offer_multipliers(count: int) -> list[str]:
+    """``count`` cost multipliers: one offer is at 0.80; more are spread evenly over 0.50..0.95
+    in a fixed shuffled order, so the cheapest offer is neither the oldest nor the newest."""
+    if count == 1:
+        return ["0.80"]
+    low, high = Decimal("0.50"), Decimal("0.95")
+    step = (high - low) / (count - 1)
+    values = [str((low + step * i).quantize(Decimal("0.01"))) for i in range(count)]
+    random.Random(count).shuffle(values)
+    return values
+
+
+def create_offers(base: str, count: int) -> None:
+    """``count`` sellers with one offer each on the model, through the real admin and seller API.
+
+    Every offer has its own simulator key (``sim_ok_bench_<n>``; any ``sim_`` key is accepted),
+    so each has its own quote-cache entry in the engine, as real sellers' keys would."""
+    for n, multiplier in enumerate(offer_multipliers(count)):
+        seller = expect(
+            call(base, "POST", "/admin/sellers", ADMIN_TOKEN, {"name": f"bench seller {n}"}), 201
+        )
+        expect(
+            call(
+                base,
+                "POST",
+                "/v1/seller/offers",
+                seller["api_key"],
+                {
+                    "model": MODEL,
+                    "provider": "venice",
+                    "api_key": f"sim_ok_bench_{n}",
+                    "pricing_mode": "cost_multiplier",
+                    "cost_multiplier": multiplier,
+                    "max_concurrent_jobs": None,
+                },
+            ),
+            201,
+        )
+
+
 @contextlib.contextmanager
 def running_engine(
-    procs: Processes, database_url: str, workdir: Path, buyers: int
+    procs: Processes, database_url: str, workdir: Path, buyers: int, offers: int = 1
 ) -> Iterator[EngineRun]:
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -390,23 +438,7 @@ def running_engine(
                 201,
             )
             keys.append(buyer["api_key"])
-        seller = expect(call(base, "POST", "/admin/sellers", ADMIN_TOKEN, {"name": "bench"}), 201)
-        expect(
-            call(
-                base,
-                "POST",
-                "/v1/seller/offers",
-                seller["api_key"],
-                {
-                    "model": MODEL,
-                    "provider": "venice",
-                    "api_key": "sim_ok",
-                    "pricing_mode": "cost_multiplier",
-                    "cost_multiplier": "0.80",
-                },
-            ),
-            201,
-        )
+        create_offers(base, offers)
         job = expect(call(base, "POST", "/v1/video/generations", keys[0], SUBMIT_BODY), 202)
         db_name = None if database_url.startswith("sqlite") else database_url.rsplit("/", 1)[1]
         yield EngineRun(proc, base, log, keys, job["id"], db_name)
@@ -432,6 +464,38 @@ def measure_engine(
                 procs, engine.proc, load, db_name=engine.db_name, **engine.workload(name)
             )
             rows.append(Row(backend, name, res, baseline[name].result, cpu))
+    return rows
+
+
+def offers_workload(count: int) -> str:
+    return f"submit, {count} offer{'' if count == 1 else 's'}"
+
+
+def measure_offers(
+    procs: Processes,
+    load: Load,
+    backend: str,
+    database: Callable[[Path], contextlib.AbstractContextManager[str]],
+    workdir: Path,
+    baseline: dict[str, Row],
+    buyers: int,
+    counts: list[int],
+) -> list[Row]:
+    """The submit workload on a fresh engine per offer count; ``database(engine_dir)`` gives
+    each engine its own database URL."""
+    rows = []
+    for count in counts:
+        print(f"bench: {backend}, {offers_workload(count)}", file=sys.stderr, flush=True)
+        engine_dir = workdir / f"offers-{count}"
+        with (
+            database(engine_dir) as url,
+            running_engine(procs, url, engine_dir, buyers, offers=count) as engine,
+        ):
+            res, cpu = run_load(
+                procs, engine.proc, load, db_name=engine.db_name, **engine.workload("submit")
+            )
+        workload = offers_workload(count)
+        rows.append(Row(backend, workload, res, baseline["submit"].result, cpu, offers=count))
     return rows
 
 
@@ -544,6 +608,8 @@ def render(
         "`.venv/bin/pip install py-spy && .venv/bin/python -m bench.profile poll` (or "
         "`submit`, `--backend postgres`).",
     ]
+    if any(row.offers is not None for row in rows):
+        lines += ["", offers_note(load)]
     noisy = max((row.cpu.other for row in rows if row.cpu is not None), default=0.0)
     if noisy > 0.25:
         lines += [
@@ -578,7 +644,53 @@ def render(
         lines.append(
             f"- submit ≥ {SUBMIT_GOAL:.0f} jobs/s on SQLite: {row.rps:,.0f} jobs/s{cost} — {met}"
         )
+    lines += offers_scaling(rows)
     return "\n".join(lines) + "\n"
+
+
+def offers_note(load: Load) -> str:
+    refreshes = load.duration / QUOTE_CACHE_SECONDS
+    how_often = "at most once" if refreshes < 1.5 else f"about {refreshes:.0f} times"
+    return (
+        "Submit, N offers: a fresh engine per row, set up as above except that N sellers "
+        "each put one offer on the model, each with its own simulator key (`sim_ok_bench_<n>`) "
+        "and a cost multiplier spread over 0.50..0.95 in a fixed shuffled order (one offer: "
+        "0.80); then only the submit load, the same as the submit row's. Routing prices every "
+        "available offer on each submit, but the engine caches each quote per (seller key, "
+        f"parameters) for {QUOTE_CACHE_SECONDS:g} s and every submit here has the same "
+        "parameters, so after warm-up most submits hit the cache: the cached quotes expire "
+        f"and are fetched again from the embedded simulator {how_often} in a "
+        f"{load.duration:g} s measured window. These rows therefore mostly show what N offers "
+        "cost a submit inside the engine, not N quote round trips. Their baseline is bare "
+        "aiohttp's `POST /json`, like the submit row's; the list after the goals compares them "
+        "with the 1-offer row of the same backend."
+    )
+
+
+def offers_scaling(rows: list[Row]) -> list[str]:
+    """One line per backend: each offer count's rate, CPU and p99 relative to 1 offer."""
+    lines: list[str] = []
+    backends = dict.fromkeys(r.backend for r in rows if r.offers is not None)
+    for backend in backends:
+        mine = [r for r in rows if r.backend == backend and r.offers is not None and r.result]
+        one = next((r for r in mine if r.offers == 1), None)
+        if one is None or one.result is None or not one.rps:
+            continue
+        parts = []
+        for row in mine:
+            if row is one or row.result is None:
+                continue
+            part = f"{row.offers} offers: {row.rps / one.rps:.0%} of the 1-offer rate"
+            if row.cpu_ms and one.cpu_ms:
+                part += f", {row.cpu_ms / one.cpu_ms:.1f}x its server CPU per job"
+            if row.result["p99_ms"] and one.result["p99_ms"]:
+                part += f", {row.result['p99_ms'] / one.result['p99_ms']:.1f}x its p99"
+            parts.append(part)
+        if parts:
+            lines.append(f"- {backend}: " + "; ".join(parts) + ".")
+    if not lines:
+        return []
+    return ["", "Submit with more offers on the model, against 1 offer (same backend):", "", *lines]
 
 
 def update_readme(path: Path, report: str) -> None:
@@ -595,6 +707,17 @@ def update_readme(path: Path, report: str) -> None:
 
 
 # ---------------------------------------------------------------------- main
+
+
+def offer_counts(text: str) -> list[int]:
+    """``--offers``: comma-separated offer counts, each at least 1."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of counts: {text!r}") from None
+    if any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError("offer counts must be at least 1")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -614,6 +737,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="measured seconds per row (default 5)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds per row (default 1)")
     parser.add_argument("--buyers", type=int, default=8)
+    parser.add_argument(
+        "--offers",
+        type=offer_counts,
+        default=list(OFFER_COUNTS),
+        metavar="N,N,...",
+        help="offer counts for the 'submit, N offers' rows (default 1,10,100; '' for none)",
+    )
     parser.add_argument(
         "--postgres-url",
         default=POSTGRES_URL,
@@ -670,6 +800,16 @@ def main(argv: list[str] | None = None) -> int:
                 baseline,
                 args.buyers,
             )
+            rows += measure_offers(
+                procs,
+                load,
+                "SQLite",
+                lambda engine_dir: contextlib.nullcontext(f"sqlite:///{engine_dir / 'data'}"),
+                workdir / "sqlite",
+                baseline,
+                args.buyers,
+                args.offers,
+            )
             if args.no_postgres:
                 skipped.append("PostgreSQL rows skipped: --no-postgres.")
             else:
@@ -681,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"bench: {skipped[-1]}", file=sys.stderr, flush=True)
                 else:
                     print("bench: engine on PostgreSQL", file=sys.stderr, flush=True)
+                    before = len(rows)
                     try:
                         with postgres_database(args.postgres_url) as url:
                             rows += measure_engine(
@@ -692,8 +833,19 @@ def main(argv: list[str] | None = None) -> int:
                                 baseline,
                                 args.buyers,
                             )
+                        rows += measure_offers(
+                            procs,
+                            load,
+                            "PostgreSQL",
+                            lambda _engine_dir: postgres_database(args.postgres_url),
+                            workdir / "postgres",
+                            baseline,
+                            args.buyers,
+                            args.offers,
+                        )
                     except (RuntimeError, OSError, ImportError) as e:
-                        skipped.append(f"PostgreSQL rows skipped: the run failed ({e}).")
+                        which = "The other PostgreSQL" if len(rows) > before else "PostgreSQL"
+                        skipped.append(f"{which} rows skipped: the run failed ({e}).")
                         print(f"bench: {skipped[-1]}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
