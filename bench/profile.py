@@ -3,6 +3,7 @@
     .venv/bin/pip install py-spy
     .venv/bin/python -m bench.profile poll            # SQLite, GIL-holding samples
     .venv/bin/python -m bench.profile submit --backend postgres --all-threads
+    .venv/bin/python -m bench.profile submit --offers 100   # 100 seller offers on the model
 
 Starts the engine exactly as ``bench.run`` does, drives one workload from a separate load
 generator, samples the server with py-spy (non-blocking, so the server is not slowed), and
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--buyers", type=int, default=8)
+    parser.add_argument("--offers", type=int, default=1, help="seller offers on the model")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument(
         "--all-threads",
@@ -116,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                 url = f"sqlite:///{tmp / 'data'}"
             else:
                 url = stack.enter_context(postgres_database(args.postgres_url))
-            engine = stack.enter_context(running_engine(procs, url, tmp / "engine", args.buyers))
+            engine = stack.enter_context(
+                running_engine(procs, url, tmp / "engine", args.buyers, offers=args.offers)
+            )
             raw = args.out or tmp / "profile.txt"
             spy_args = [
                 pyspy, "record", "--pid", str(engine.proc.pid), "--rate", str(args.rate),
