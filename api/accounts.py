@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Literal
+from datetime import date
+from typing import Any, Literal, NoReturn
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -174,7 +175,7 @@ async def create_offer(request: web.Request) -> web.Response:
     await caught_up(request, written.position)
     offer = await engine.read(engine.views.offer, str(offer_id))
     assert offer is not None
-    return web.json_response(offer.public(), status=201)
+    return web.json_response(offer.public(engine.router.wall_clock()), status=201)
 
 
 async def _check_key(
@@ -198,7 +199,8 @@ async def list_offers(request: web.Request) -> web.Response:
     seller_id = await require(request, "seller")
     engine = engine_of(request)
     offers = await engine.read(engine.views.offers, seller_id=seller_id)
-    return web.json_response({"object": "list", "data": [o.public() for o in offers]})
+    now = engine.router.wall_clock()
+    return web.json_response({"object": "list", "data": [o.public(now) for o in offers]})
 
 
 async def _own_offer(request: web.Request, seller_id: str) -> Any:
@@ -231,7 +233,7 @@ async def update_offer(request: web.Request) -> web.Response:
     await caught_up(request, written.position)
     fresh = await engine.read(engine.views.offer, offer.offer_id)
     assert fresh is not None
-    return web.json_response(fresh.public())
+    return web.json_response(fresh.public(engine.router.wall_clock()))
 
 
 async def delete_offer(request: web.Request) -> web.Response:
@@ -245,11 +247,128 @@ async def delete_offer(request: web.Request) -> web.Response:
     return web.json_response({"id": offer.offer_id, "object": "offer", "deleted": True})
 
 
+async def earnings(request: web.Request) -> web.Response:
+    """Settled payouts of the seller's jobs, in total, by model and by day (UTC)."""
+    seller_id = await require(request, "seller")
+    first_day = _day_param(request, "from")
+    last_day = _day_param(request, "to")
+    engine = engine_of(request)
+    rows = await engine.read(engine.views.seller_earnings, seller_id, first_day, last_day)
+    models: dict[str, tuple[int, int]] = {}
+    days: dict[str, list[tuple[str, int, int]]] = {}
+    for day, model, jobs, payout in rows:
+        before = models.get(model, (0, 0))
+        models[model] = (before[0] + jobs, before[1] + payout)
+        days.setdefault(day, []).append((model, jobs, payout))
+
+    def line(jobs: int, payout: int) -> dict[str, Any]:
+        return {"jobs": jobs, "payout_usdc": to_json(payout)}
+
+    return web.json_response(
+        {
+            "object": "seller.earnings",
+            "seller_id": seller_id,
+            "from": first_day,
+            "to": last_day,
+            **line(sum(j for j, _ in models.values()), sum(p for _, p in models.values())),
+            "by_model": [{"model": m, **line(j, p)} for m, (j, p) in sorted(models.items())],
+            "by_day": [
+                {
+                    "day": day,
+                    **line(sum(j for _, j, _ in entries), sum(p for _, _, p in entries)),
+                    "models": [{"model": m, **line(j, p)} for m, j, p in entries],
+                }
+                for day, entries in days.items()
+            ],
+        }
+    )
+
+
+def _day_param(request: web.Request, name: str) -> str | None:
+    value = request.query.get(name)
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value).isoformat() if len(value) == 10 else _bad_day(name)
+    except ValueError:
+        return _bad_day(name)
+
+
+def _bad_day(name: str) -> NoReturn:
+    raise invalid(f"{name} must be a date as YYYY-MM-DD", name)
+
+
+# ---------------------------------------------------------------------- buyer-owned providers
+
+
+class BuyerProviderBody(Strict):
+    provider: Literal["venice"]
+    api_key: StrictStr = Field(min_length=1, max_length=500)
+    model: StrictStr | None
+    base_url: StrictStr | None = Field(default=None, pattern=r"^https?://")
+
+
+async def add_buyer_provider(request: web.Request) -> web.Response:
+    """A buyer's own provider key: for one model (tried first) or, with ``model: null``, for
+    every model of that provider (tried after the market)."""
+    buyer_id = await require(request, "buyer")
+    body = parse_model(BuyerProviderBody, await json_body(request))
+    engine = engine_of(request)
+    if engine.catalog is None:
+        raise ApiError(503, "catalog_unavailable", "the model catalog is loading; retry shortly")
+    if body.model is None:
+        spec = next((m for m in engine.catalog.models() if m.provider == body.provider), None)
+        if spec is None:
+            raise invalid(f"the catalog has no model of provider {body.provider}", "provider")
+    else:
+        spec = engine.catalog.resolve(body.model)
+        if spec is None:
+            raise ApiError(404, "model_not_found", f"unknown model {body.model}", "model")
+    await _check_key(request, body.provider, body.base_url, body.api_key, spec)
+    provider_id, written = await engine.blocking(
+        engine.commands.add_buyer_provider,
+        buyer_id=uuid.UUID(buyer_id),
+        provider=body.provider,
+        model=None if body.model is None else spec.id,
+        base_url=body.base_url,
+        api_key=body.api_key,
+    )
+    await caught_up(request, written.position)
+    row = await engine.read(engine.views.buyer_provider, str(provider_id))
+    assert row is not None
+    return web.json_response(row.public(), status=201)
+
+
+async def list_buyer_providers(request: web.Request) -> web.Response:
+    buyer_id = await require(request, "buyer")
+    engine = engine_of(request)
+    rows = await engine.read(engine.views.buyer_providers, buyer_id)
+    return web.json_response({"object": "list", "data": [r.public() for r in rows]})
+
+
+async def delete_buyer_provider(request: web.Request) -> web.Response:
+    buyer_id = await require(request, "buyer")
+    provider_id = _uuid(request.match_info["provider_id"], "provider")
+    engine = engine_of(request)
+    try:
+        written = await engine.blocking(
+            engine.commands.delete_buyer_provider, uuid.UUID(buyer_id), provider_id
+        )
+    except NotFound:
+        raise not_found("provider") from None
+    await caught_up(request, written.position)
+    return web.json_response({"id": str(provider_id), "object": "buyer.provider", "deleted": True})
+
+
 ACCOUNT_ROUTES: list[tuple[str, str, Any, str]] = [
     ("POST", "/admin/buyers", create_buyer, "Create a buyer (admin); the API key is shown once"),
     ("POST", "/admin/buyers/{buyer_id}/deposits", deposit, "Fund a buyer account (admin)"),
     ("POST", "/admin/sellers", create_seller, "Create a seller (admin); the API key is shown once"),
     ("GET", "/v1/buyer/me", buyer_me, "Your balance and usage"),
+    ("POST", "/v1/buyer/providers", add_buyer_provider, "Bring your own provider key"),
+    ("GET", "/v1/buyer/providers", list_buyer_providers, "Your own provider keys"),
+    ("DELETE", "/v1/buyer/providers/{provider_id}", delete_buyer_provider, "Remove a key"),
+    ("GET", "/v1/seller/earnings", earnings, "Settled payouts by model and day"),
     ("POST", "/v1/seller/offers", create_offer, "List provider capacity as an offer"),
     ("GET", "/v1/seller/offers", list_offers, "Your offers"),
     ("PATCH", "/v1/seller/offers/{offer_id}", update_offer, "Change, pause or resume an offer"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections import Counter
 from typing import Any
@@ -11,12 +10,9 @@ from aiohttp import web
 
 from adapters.settings import Settings
 from adapters.simulator import create_simulator_app
-from api import accounts, jobs
+from api import accounts, jobs, market
 from api.bootstrap import Engine
 from api.http import ENGINE, MAX_BODY_BYTES, METRICS, PRINCIPALS, engine_of, request_context
-from domain.money import format_discount, to_json
-from domain.routing import RoutingError
-from services.routing import default_params
 
 PUBLIC_ROUTES: list[tuple[str, str, Any, str]] = []
 
@@ -54,53 +50,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
 
-async def models(request: web.Request) -> web.Response:
-    engine = engine_of(request)
-    if engine.catalog is None:
-        return web.json_response({"object": "list", "data": []})
-    specs = engine.catalog.models()
-    prices = await asyncio.gather(*(_best_price(engine, spec) for spec in specs))
-    data = []
-    for spec, price in zip(specs, prices, strict=True):
-        data.append(
-            {
-                "id": spec.id,
-                "object": "model",
-                "kind": "video",
-                "provider": spec.provider,
-                "name": spec.name,
-                "aliases": list(spec.aliases),
-                "durations": list(spec.durations),
-                "resolutions": list(spec.resolutions),
-                "aspect_ratios": list(spec.aspect_ratios),
-                "audio": spec.audio,
-                "image_input": spec.image_input,
-                "defaults": {
-                    "duration_seconds": spec.default_duration,
-                    "resolution": spec.default_resolution,
-                    "aspect_ratio": spec.default_aspect_ratio,
-                },
-                **price,
-            }
-        )
-    return web.json_response({"object": "list", "data": data})
-
-
-async def _best_price(engine: Engine, spec: Any) -> dict[str, Any]:
-    """The best current estimated buyer price for a model's default parameters."""
-    offers = await engine.read(engine.views.offers, model=spec.id)
-    try:
-        route = await engine.router.route_params(default_params(spec), offers, None)
-    except RoutingError:
-        return {"estimated_cost_usdc": None, "list_price_usdc": None, "discount_percent": None}
-    best = route.best.price
-    return {
-        "estimated_cost_usdc": to_json(best.buyer_cost),
-        "list_price_usdc": to_json(best.list_price),
-        "discount_percent": format_discount(best.discount).rstrip("%"),
-    }
-
-
 def operation_id(method: str, path: str) -> str:
     return f"{method.lower()}_{re.sub(r'[^a-z0-9]+', '_', path.lower()).strip('_')}"
 
@@ -108,7 +57,8 @@ def operation_id(method: str, path: str) -> str:
 def openapi_document() -> dict[str, Any]:
     error = {"$ref": "#/components/schemas/Error"}
     paths: dict[str, dict[str, Any]] = {}
-    for method, path, _, summary in [*jobs.MEDIA_ROUTES, *accounts.ACCOUNT_ROUTES, *PUBLIC_ROUTES]:
+    routes = [*jobs.MEDIA_ROUTES, *accounts.ACCOUNT_ROUTES, *market.MARKET_ROUTES, *PUBLIC_ROUTES]
+    for method, path, _, summary in routes:
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
             for name in re.findall(r"{(\w+)}", path)
@@ -190,7 +140,6 @@ PUBLIC_ROUTES.extend(
         ("GET", "/healthz", healthz, "Liveness and readiness"),
         ("GET", "/metrics", metrics, "Prometheus metrics"),
         ("GET", "/openapi.json", openapi, "This document"),
-        ("GET", "/v1/models", models, "The model catalog with current best prices"),
     ]
 )
 
@@ -202,6 +151,7 @@ def create_app(engine: Engine, *, mount_simulator: bool = False) -> web.Applicat
     app[PRINCIPALS] = {}
     jobs.register(app)
     accounts.register(app)
+    market.register(app)
     for method, path, handler, _ in PUBLIC_ROUTES:
         app.router.add_route(method, path, handler)
     if mount_simulator:

@@ -25,7 +25,8 @@ from domain.money import FeeSchedule, MoneyError
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, Views, open_views
 from services.commands import Commands
-from services.routing import Providers, Router
+from services.market import Market
+from services.routing import OfferHealth, Providers, Router
 from services.worker import Blocking, Worker
 
 log = structlog.get_logger("engine")
@@ -87,11 +88,13 @@ class Engine:
     worker: Worker | None = None
     worker_task: asyncio.Task[None] | None = None
     base_urls: dict[str, str] = field(default_factory=dict)
+    market_data: Market = field(init=False)
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
 
     def __post_init__(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.market_data = Market(self.read, self.views, self.router)
         self.views.bind_inline_reader()
         self.runner.on_advance.append(self._runner_advanced)
 
@@ -140,6 +143,8 @@ class Engine:
         try:
             market = await blocking(open_market, settings.DATABASE_URL)
             views = await blocking(open_views, store_env(settings.DATABASE_URL, role=VIEWS_NAME))
+            if await blocking(views.ensure_schema, market.name):
+                log.info("views_reset_for_new_schema")
         except Exception as e:
             blocking.shutdown()
             raise ConfigError(f"cannot open the database at DATABASE_URL: {e}") from None
@@ -162,7 +167,8 @@ class Engine:
             queue_session=queue_session,
         )
         commands = Commands(market, secrets)
-        router = Router(providers, fees, commands.open_offer_key)
+        health = OfferHealth(commands, blocking)
+        router = Router(providers, fees, commands.open_key, on_quote_failed=health.quote_failed)
         store = LocalArtifactStore(settings.artifact_dir)
         return cls(
             settings=settings,

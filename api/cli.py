@@ -178,12 +178,13 @@ async def projections(settings: Settings, action: str) -> int:
 
 
 def _print_digest(after: dict[str, Any], before: dict[str, Any] | None = None) -> None:
-    print(f"{'view':<16} {'rows':>8}  sha256")
+    width = max(len(table) for table in after)
+    print(f"{'view':<{width}} {'rows':>8}  sha256")
     for table, (rows, digest) in after.items():
         note = ""
         if before is not None:
             note = "  identical" if before.get(table) == (rows, digest) else "  CHANGED"
-        print(f"{table:<16} {rows:>8}  {digest}{note}")
+        print(f"{table:<{width}} {rows:>8}  {digest}{note}")
 
 
 async def admin(settings: Settings, args: argparse.Namespace) -> None:

@@ -20,7 +20,6 @@ from api.http import (
 )
 from domain.aggregates import PENDING, TERMINAL, InsufficientBalance
 from domain.catalog import RequestError, VideoRequest, validate_video_request
-from domain.money import max_cost
 from domain.routing import RoutingError
 from projections.jobdoc import JobDoc
 from services.commands import IdempotencyMismatch, NotFound, Submitted
@@ -89,19 +88,20 @@ async def submit(request: web.Request) -> web.Response:
             return await _answer(request, replay.job_id, replay.job_token, replay.position, True)
 
     offers = await engine.read(engine.views.offers, model=video.model.id)
+    own_keys = await engine.read(engine.views.buyer_providers, buyer_id, video.model.id)
     try:
-        route: Route = await engine.router.route(video, offers, min_discount)
+        route: Route = await engine.router.route(video, offers, min_discount, own_keys)
     except RoutingError as e:
         raise ApiError(ROUTING_STATUS.get(e.code, 503), e.code, str(e)) from None
-    estimated = route.best.price.buyer_cost
     try:
         submitted = await engine.blocking(
             engine.commands.submit,
             buyer_id=uuid.UUID(buyer_id),
             request=video,
             route=route.as_event_data(),
-            estimated_cost=estimated,
-            max_cost=max_cost(estimated),
+            routing=route.decision(),
+            estimated_cost=route.best.price.buyer_cost,
+            holds=route.holds(),
             ttl_seconds=engine.settings.JOB_TTL_SECONDS,
             min_discount=min_discount,
             idempotency_key=idempotency_key,

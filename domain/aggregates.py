@@ -146,6 +146,43 @@ class Offer(Aggregate):
         self.deactivated_reason: str | None = None
         self.backoff_until = 0.0
         self.failures = 0
+        # Jobs dispatched on this offer's key and not ended: what max_concurrent_jobs limits.
+        self.in_flight: set[str] = set()
+
+    def unavailable_because(self, now: float) -> str | None:
+        """Why a new job may not start on this offer now, or None when it may."""
+        if self.deleted:
+            return "deleted"
+        if self.paused:
+            return "paused"
+        if self.deactivated_reason is not None:
+            return "deactivated"
+        if self.backoff_until > now:
+            return "backoff"
+        if self.max_concurrent_jobs is not None and len(self.in_flight) >= self.max_concurrent_jobs:
+            return "at_capacity"
+        return None
+
+    def take_slot(self, job_id: UUID, now: float) -> str | None:
+        """Reserve capacity for a dispatch; returns why not when the offer can't take it."""
+        if str(job_id) in self.in_flight:
+            return None
+        reason = self.unavailable_because(now)
+        if reason is None:
+            self._slot_taken(job_id=str(job_id))
+        return reason
+
+    @event("SlotTaken", topic="mediamarket.offer.slot-taken.v1")
+    def _slot_taken(self, job_id: str) -> None:
+        self.in_flight.add(job_id)
+
+    def release_slot(self, job_id: UUID) -> None:
+        if str(job_id) in self.in_flight:
+            self._slot_released(job_id=str(job_id))
+
+    @event("SlotReleased", topic="mediamarket.offer.slot-released.v1")
+    def _slot_released(self, job_id: str) -> None:
+        self.in_flight.discard(job_id)
 
     def update(self, changes: dict[str, Any]) -> None:
         if self.deleted:
@@ -197,6 +234,40 @@ class Offer(Aggregate):
         self.backoff_until = 0.0
 
 
+class BuyerProvider(Aggregate):
+    """A buyer's own provider key (SPEC 3): tried before the market for its model, or after it
+    for every model when registered with ``model`` None. No seller is paid for its jobs."""
+
+    TOPIC = "mediamarket.buyer-provider"
+
+    @event("Created", topic="mediamarket.buyer-provider.created.v1")
+    def __init__(
+        self,
+        id: UUID,
+        buyer_id: str,
+        provider: str,
+        model: str | None,
+        base_url: str | None,
+        sealed_key: dict[str, str],
+        key_sha256: str,
+    ) -> None:
+        self.buyer_id = buyer_id
+        self.provider = provider
+        self.model = model
+        self.base_url = base_url
+        self.sealed_key = sealed_key
+        self.key_sha256 = key_sha256
+        self.deleted = False
+
+    def delete(self) -> None:
+        if not self.deleted:
+            self._deleted()
+
+    @event("Deleted", topic="mediamarket.buyer-provider.deleted.v1")
+    def _deleted(self) -> None:
+        self.deleted = True
+
+
 # --------------------------------------------------------------------------- jobs
 
 
@@ -219,6 +290,7 @@ class Job(Aggregate):
         max_cost: int,
         route: list[dict[str, Any]],
         min_discount: int | None,
+        routing: dict[str, Any] | None = None,
     ) -> None:
         self.buyer_id = buyer_id
         self.request = request
@@ -230,6 +302,9 @@ class Job(Aggregate):
         self.max_cost = max_cost
         self.route = route
         self.min_discount = min_discount
+        # What routing saw at submit besides ``route``: how many offers it considered and
+        # which it left out and why (SPEC 6: the routing decision is part of the job's history).
+        self.routing = routing or {}
         self.status = QUEUED
         self.progress = 0.0
         self.dispatching: dict[str, Any] | None = None
@@ -240,6 +315,8 @@ class Job(Aggregate):
         self.artifacts: list[dict[str, Any]] = []
         self.lease: dict[str, Any] | None = None
         self.upstream_deleted = False
+        # The marketplace offer whose capacity this job holds, from dispatch until it ends.
+        self.slot_offer_id: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -257,6 +334,10 @@ class Job(Aggregate):
         lease = self.lease
         if lease and lease["worker_id"] != worker_id and lease["until"] > now:
             return False
+        if lease and lease["worker_id"] == worker_id and lease["until"] - now > lease_seconds / 2:
+            # Still ours for a good while: a job that keeps being rescheduled (waiting for
+            # capacity) must not write an event every time it is looked at.
+            return True
         self._claimed(worker_id=worker_id, until=now + lease_seconds)
         return True
 
@@ -278,6 +359,8 @@ class Job(Aggregate):
     @event("DispatchStarted", topic="mediamarket.job.dispatch-started.v1")
     def _dispatch_started(self, attempt: dict[str, Any]) -> None:
         self.dispatching = attempt
+        if attempt.get("seller_id") is not None:
+            self.slot_offer_id = attempt["offer_id"]
 
     def refused(self, offer_id: str, status: int, message: str) -> None:
         """The provider answered and did not accept: safe to try the next offer."""
@@ -289,6 +372,7 @@ class Job(Aggregate):
     def _refused(self, offer_id: str, status: int, message: str) -> None:
         self.attempts.append({"offer_id": offer_id, "status": status, "message": message})
         self.dispatching = None
+        self.slot_offer_id = None
 
     def skipped(self, offer_id: str, reason: str) -> None:
         self._require_pending()

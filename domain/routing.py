@@ -115,28 +115,26 @@ class RoutingError(Exception):
         self.best_discount = best_discount
 
 
-def choose(
-    candidates_total: int, healthy: Sequence[Candidate], min_discount: int | None
-) -> list[Candidate]:
+def choose(offers_listed: int, priced: Sequence[Candidate], min_discount: int | None) -> Ranking:
     """The candidates to try, in order, or the reason there are none.
 
-    ``candidates_total`` counts every offer for the model before health and capacity were
-    considered; ``healthy`` are those that could be quoted.
+    ``offers_listed`` counts the model's marketplace offers before health and capacity were
+    considered; ``priced`` are the candidates (offers and the buyer's own keys) that could be
+    quoted now.
     """
-    if candidates_total == 0:
+    ranking = rank_candidates(priced, min_discount)
+    if ranking.eligible:
+        return ranking
+    if offers_listed == 0:
         raise RoutingError("no_sellers_for_model", "no seller offers this model")
-    if not healthy:
+    if ranking.best_discount is None:
         raise RoutingError(
             "no_healthy_sellers", "no seller of this model is available right now; retry later"
         )
-    ranking = rank_candidates(healthy, min_discount)
-    if ranking.eligible:
-        return ranking.eligible
     best = ranking.best_discount
-    available = format_discount(best) if best is not None else "none"
     raise RoutingError(
         "minimum_discount_not_met",
         f"no offer meets the minimum discount of {min_discount}%; "
-        f"the best available is {available}",
+        f"the best available is {format_discount(best)}",
         best_discount=best,
     )

@@ -22,7 +22,7 @@ from eventsourcing.sqlite import SQLiteTrackingRecorder
 from eventsourcing.utils import Environment
 from psycopg.sql import SQL, Identifier
 
-from domain.aggregates import BuyerAccount, Offer, Seller
+from domain.aggregates import BuyerAccount, BuyerProvider, Offer, Seller
 from projections.jobdoc import (
     JobDoc,
     JobEvent,
@@ -37,6 +37,7 @@ VIEWS_NAME = "views"
 OfferEvent: Any = Offer
 BuyerEvent: Any = BuyerAccount
 SellerEvent: Any = Seller
+BuyerProviderEvent: Any = BuyerProvider
 
 TABLES: dict[str, str] = {
     "mm_job_views": (
@@ -56,7 +57,22 @@ TABLES: dict[str, str] = {
         "model TEXT NOT NULL, provider TEXT NOT NULL, base_url TEXT, sealed_key TEXT NOT NULL, "
         "key_sha256 TEXT NOT NULL, cost_multiplier TEXT NOT NULL, max_concurrent_jobs BIGINT, "
         "state TEXT NOT NULL, deactivated_reason TEXT, backoff_until DOUBLE PRECISION NOT NULL, "
-        "backoff_reason TEXT, failures BIGINT NOT NULL)"
+        "backoff_reason TEXT, failures BIGINT NOT NULL, in_flight BIGINT NOT NULL, "
+        "jobs BIGINT NOT NULL, volume BIGINT NOT NULL, payout BIGINT NOT NULL)"
+    ),
+    # One row per job settled with a charge on a marketplace offer: market volume over time
+    # and seller earnings by model and day.
+    "mm_trades": (
+        "CREATE TABLE IF NOT EXISTS mm_trades ("
+        "job_id TEXT PRIMARY KEY, model TEXT NOT NULL, offer_id TEXT NOT NULL, "
+        "seller_id TEXT NOT NULL, settled_at BIGINT NOT NULL, day TEXT NOT NULL, "
+        "buyer_cost BIGINT NOT NULL, seller_cost BIGINT NOT NULL)"
+    ),
+    "mm_buyer_providers": (
+        "CREATE TABLE IF NOT EXISTS mm_buyer_providers ("
+        "provider_id TEXT PRIMARY KEY, seq BIGINT NOT NULL, buyer_id TEXT NOT NULL, "
+        "provider TEXT NOT NULL, model TEXT, base_url TEXT, sealed_key TEXT NOT NULL, "
+        "key_sha256 TEXT NOT NULL, created BIGINT NOT NULL, deleted BIGINT NOT NULL)"
     ),
 }
 INDEXES = [
@@ -66,9 +82,20 @@ INDEXES = [
     "CREATE INDEX IF NOT EXISTS mm_job_views_stored ON mm_job_views (artifact_stored_at) "
     "WHERE artifact_stored_at IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS mm_offers_model ON mm_offers (model, state)",
+    "CREATE INDEX IF NOT EXISTS mm_trades_model ON mm_trades (model, settled_at)",
+    "CREATE INDEX IF NOT EXISTS mm_trades_seller ON mm_trades (seller_id, day)",
+    "CREATE INDEX IF NOT EXISTS mm_buyer_providers_buyer ON mm_buyer_providers (buyer_id, seq)",
 ]
+# Bumped whenever a table above changes shape: views of an older version are rebuilt.
+SCHEMA_VERSION = 2
 # Every column of every table, in a fixed order, for digests.
-DIGEST_ORDER = {"mm_job_views": "job_id", "mm_principals": "key_hash", "mm_offers": "offer_id"}
+DIGEST_ORDER = {
+    "mm_job_views": "job_id",
+    "mm_principals": "key_hash",
+    "mm_offers": "offer_id",
+    "mm_trades": "job_id",
+    "mm_buyer_providers": "provider_id",
+}
 
 
 def dumps(value: Any) -> str:
@@ -101,8 +128,48 @@ class OfferRow:
     backoff_until: float
     backoff_reason: str | None
     failures: int
+    in_flight: int
+    jobs: int
+    volume: int
+    payout: int
 
-    def public(self) -> dict[str, Any]:
+    @property
+    def key_id(self) -> str:
+        return self.offer_id
+
+    @property
+    def key_context(self) -> str:
+        return f"offer:{self.offer_id}"
+
+    def unavailable_because(self, now: float) -> str | None:
+        """Why routing leaves this offer out now (the ``Offer`` aggregate decides for real)."""
+        if self.state != "active":
+            return self.state
+        if self.backoff_until > now:
+            return "backoff"
+        if self.max_concurrent_jobs is not None and self.in_flight >= self.max_concurrent_jobs:
+            return "at_capacity"
+        return None
+
+    def health(self, now: float) -> dict[str, Any]:
+        if self.backoff_until > now:
+            return {
+                "status": "backoff",
+                "until": int(self.backoff_until),
+                "reason": self.backoff_reason,
+                "failures": self.failures,
+            }
+        return {"status": "healthy"}
+
+    def capacity(self) -> dict[str, int | None]:
+        limit = self.max_concurrent_jobs
+        return {
+            "max_concurrent_jobs": limit,
+            "in_flight": self.in_flight,
+            "left": None if limit is None else max(limit - self.in_flight, 0),
+        }
+
+    def public(self, now: float) -> dict[str, Any]:
         return {
             "id": self.offer_id,
             "object": "offer",
@@ -115,11 +182,43 @@ class OfferRow:
             "max_concurrent_jobs": self.max_concurrent_jobs,
             "state": self.state,
             "deactivated_reason": self.deactivated_reason,
-            "health": (
-                {"status": "backoff", "until": self.backoff_until, "reason": self.backoff_reason}
-                if self.failures
-                else {"status": "healthy"}
-            ),
+            "health": self.health(now),
+            "capacity": self.capacity(),
+            "jobs": self.jobs,
+            "volume_usdc": str(self.volume),
+            "payout_usdc": str(self.payout),
+        }
+
+
+@dataclass(frozen=True)
+class BuyerProviderRow:
+    provider_id: str
+    seq: int
+    buyer_id: str
+    provider: str
+    model: str | None
+    base_url: str | None
+    sealed_key: dict[str, str]
+    key_sha256: str
+    created: int
+    deleted: int
+
+    @property
+    def key_id(self) -> str:
+        return self.provider_id
+
+    @property
+    def key_context(self) -> str:
+        return f"buyer-provider:{self.provider_id}"
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.provider_id,
+            "object": "buyer.provider",
+            "provider": self.provider,
+            "model": self.model,
+            "base_url": self.base_url,
+            "created": self.created,
         }
 
 
@@ -154,8 +253,15 @@ class Views:
         }
         jobs: dict[str, dict[str, Any]] = self._load_jobs(c, job_ids)
         offer_ids = {str(e.originator_id) for _, e in items if isinstance(e, OfferEvent.Event)}
+        offer_ids.update(
+            e.offer_id
+            for _, e in items
+            if isinstance(e, SettlementEvent.Settled) and e.offer_id and e.seller_id
+        )
         offers = self._load_offers(c, offer_ids)
         principals: list[tuple[str, str, str, str]] = []
+        trades: list[tuple[Any, ...]] = []
+        buyer_providers: dict[str, dict[str, Any]] = {}
         for seq, e in items:
             if isinstance(e, JobEvent.Created):
                 job_id = str(e.originator_id)
@@ -181,12 +287,39 @@ class Views:
                 row = jobs.get(e.job_id)
                 if row is not None:
                     apply_settlement_event(row["doc"], e)
+                if isinstance(e, SettlementEvent.Settled):
+                    trade = self._apply_trade(offers, e)
+                    if trade is not None:
+                        trades.append(trade)
             elif isinstance(e, BuyerEvent.Created):
                 principals.append((e.api_key_hash, "buyer", str(e.originator_id), e.name))
             elif isinstance(e, SellerEvent.Created):
                 principals.append((e.api_key_hash, "seller", str(e.originator_id), e.name))
             elif isinstance(e, OfferEvent.Event):
                 self._apply_offer(offers, seq, e)
+            elif isinstance(e, BuyerProviderEvent.Created):
+                provider_id = str(e.originator_id)
+                buyer_providers[provider_id] = {
+                    "provider_id": provider_id,
+                    "seq": seq,
+                    "buyer_id": e.buyer_id,
+                    "provider": e.provider,
+                    "model": e.model,
+                    "base_url": e.base_url,
+                    "sealed_key": e.sealed_key,
+                    "key_sha256": e.key_sha256,
+                    "created": int(e.timestamp.timestamp()),
+                    "deleted": 0,
+                }
+            elif isinstance(e, BuyerProviderEvent.Deleted):
+                deleted = buyer_providers.get(str(e.originator_id))
+                if deleted is not None:
+                    deleted["deleted"] = 1
+                else:
+                    c.execute(
+                        self.q("UPDATE mm_buyer_providers SET deleted = 1 WHERE provider_id = ?"),
+                        (str(e.originator_id),),
+                    )
         if jobs:
             c.executemany(
                 self.q(
@@ -230,6 +363,50 @@ class Views:
                 ],
             )
 
+        if trades:
+            c.executemany(
+                self.q(
+                    "INSERT INTO mm_trades (job_id, model, offer_id, seller_id, settled_at, day, "
+                    "buyer_cost, seller_cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (job_id) DO NOTHING"
+                ),
+                trades,
+            )
+        if buyer_providers:
+            columns = list(BuyerProviderRow.__dataclass_fields__)
+            c.executemany(
+                self.q(
+                    f"INSERT INTO mm_buyer_providers ({', '.join(columns)}) "
+                    f"VALUES ({', '.join('?' for _ in columns)}) ON CONFLICT (provider_id) "
+                    "DO UPDATE SET deleted = excluded.deleted"
+                ),
+                [
+                    tuple(dumps(p[k]) if k == "sealed_key" else p[k] for k in columns)
+                    for p in buyer_providers.values()
+                ],
+            )
+
+    @staticmethod
+    def _apply_trade(offers: dict[str, dict[str, Any]], e: Any) -> tuple[Any, ...] | None:
+        """Market volume and seller earnings from a settlement that charged for an offer."""
+        offer = offers.get(e.offer_id) if e.offer_id and e.seller_id else None
+        if offer is None:
+            return None
+        offer["jobs"] += 1
+        offer["volume"] += e.charged
+        offer["payout"] += e.seller_cost
+        settled_at = e.timestamp
+        return (
+            e.job_id,
+            offer["model"],
+            e.offer_id,
+            e.seller_id,
+            int(settled_at.timestamp()),
+            settled_at.strftime("%Y-%m-%d"),
+            e.charged,
+            e.seller_cost,
+        )
+
     @staticmethod
     def _apply_offer(offers: dict[str, dict[str, Any]], seq: int, e: Any) -> None:
         offer_id = str(e.originator_id)
@@ -250,6 +427,10 @@ class Views:
                 "backoff_until": 0.0,
                 "backoff_reason": None,
                 "failures": 0,
+                "in_flight": 0,
+                "jobs": 0,
+                "volume": 0,
+                "payout": 0,
             }
             return
         o = offers.get(offer_id)
@@ -275,6 +456,10 @@ class Views:
                 o.update(state="deactivated", deactivated_reason=e.reason)
         elif isinstance(e, OfferEvent.Recovered):
             o.update(backoff_until=0.0, backoff_reason=None, failures=0)
+        elif isinstance(e, OfferEvent.SlotTaken):
+            o["in_flight"] += 1
+        elif isinstance(e, OfferEvent.SlotReleased):
+            o["in_flight"] -= 1
 
     def _load_jobs(self, c: Any, job_ids: set[str]) -> dict[str, dict[str, Any]]:
         if not job_ids:
@@ -413,6 +598,64 @@ class Views:
         r = self._one("SELECT * FROM mm_offers WHERE offer_id = ?", (offer_id,))
         return None if r is None else _offer_row(r)
 
+    def market_activity(self, since: int) -> dict[str, dict[str, int]]:
+        """Per model: settled marketplace jobs and their buyer cost, since ``since`` and ever."""
+        activity: dict[str, dict[str, int]] = {}
+        for r in self._all(
+            "SELECT model, SUM(jobs) AS jobs, SUM(volume) AS volume FROM mm_offers GROUP BY model",
+            (),
+        ):
+            activity[r["model"]] = {
+                "jobs": int(r["jobs"]),
+                "volume": int(r["volume"]),
+                "jobs_24h": 0,
+                "volume_24h": 0,
+            }
+        for r in self._all(
+            "SELECT model, COUNT(*) AS jobs, SUM(buyer_cost) AS volume FROM mm_trades "
+            "WHERE settled_at >= ? GROUP BY model",
+            (since,),
+        ):
+            entry = activity.setdefault(
+                r["model"], {"jobs": 0, "volume": 0, "jobs_24h": 0, "volume_24h": 0}
+            )
+            entry.update(jobs_24h=int(r["jobs"]), volume_24h=int(r["volume"]))
+        return activity
+
+    def seller_earnings(
+        self, seller_id: str, first_day: str | None, last_day: str | None
+    ) -> list[tuple[str, str, int, int]]:
+        """``(day, model, jobs, payout)`` of a seller's settled jobs, oldest day first."""
+        clauses, params = ["seller_id = ?"], [seller_id]
+        if first_day is not None:
+            clauses.append("day >= ?")
+            params.append(first_day)
+        if last_day is not None:
+            clauses.append("day <= ?")
+            params.append(last_day)
+        rows = self._all(
+            "SELECT day, model, COUNT(*) AS jobs, SUM(seller_cost) AS payout FROM mm_trades "
+            f"WHERE {' AND '.join(clauses)} GROUP BY day, model ORDER BY day, model",
+            params,
+        )
+        return [(r["day"], r["model"], int(r["jobs"]), int(r["payout"])) for r in rows]
+
+    def buyer_providers(self, buyer_id: str, model: str | None = None) -> list[BuyerProviderRow]:
+        """A buyer's live provider keys; with ``model``, those that may serve it (its own
+        keys and the catch-alls)."""
+        clauses, params = ["buyer_id = ?", "deleted = 0"], [buyer_id]
+        if model is not None:
+            clauses.append("(model = ? OR model IS NULL)")
+            params.append(model)
+        rows = self._all(
+            f"SELECT * FROM mm_buyer_providers WHERE {' AND '.join(clauses)} ORDER BY seq", params
+        )
+        return [_buyer_provider_row(r) for r in rows]
+
+    def buyer_provider(self, provider_id: str) -> BuyerProviderRow | None:
+        r = self._one("SELECT * FROM mm_buyer_providers WHERE provider_id = ?", (provider_id,))
+        return None if r is None else _buyer_provider_row(r)
+
     def position(self, application_name: str) -> int:
         return self.max_tracking_id(application_name) or 0
 
@@ -427,6 +670,31 @@ class Views:
 
     def _reset_tracking(self, c: Any, application_name: str) -> None:
         raise NotImplementedError
+
+    def _lock_schema(self, c: Any) -> None:
+        """Keep processes starting together from migrating the same views at once."""
+
+    def ensure_schema(self, application_name: str) -> bool:
+        """Views of another schema version are dropped and rebuilt from the log.
+
+        They hold nothing the log doesn't, so a new column is a rebuild, not a migration.
+        Returns whether the views were reset.
+        """
+        with self.datastore.transaction(commit=True) as c:
+            self._lock_schema(c)
+            c.execute(self.q("CREATE TABLE IF NOT EXISTS mm_schema (version BIGINT NOT NULL)"), ())
+            c.execute(self.q("SELECT version FROM mm_schema"), ())
+            row = c.fetchone()
+            if row is not None and int(row["version"]) == SCHEMA_VERSION:
+                return False
+            for table in TABLES:
+                c.execute(self.q(f"DROP TABLE IF EXISTS {table}"), ())
+            for statement in [*TABLES.values(), *INDEXES]:
+                c.execute(self.q(statement), ())
+            self._reset_tracking(c, application_name)
+            c.execute(self.q("DELETE FROM mm_schema"), ())
+            c.execute(self.q("INSERT INTO mm_schema (version) VALUES (?)"), (SCHEMA_VERSION,))
+            return True
 
     def digest(self) -> dict[str, tuple[int, str]]:
         """Per table: row count and a SHA-256 over every row in key order."""
@@ -451,6 +719,12 @@ def _offer_row(r: Any) -> OfferRow:
     values["sealed_key"] = json.loads(values["sealed_key"])
     values["backoff_until"] = float(values["backoff_until"])
     return OfferRow(**values)
+
+
+def _buyer_provider_row(r: Any) -> BuyerProviderRow:
+    values = {k: r[k] for k in BuyerProviderRow.__dataclass_fields__}
+    values["sealed_key"] = json.loads(values["sealed_key"])
+    return BuyerProviderRow(**values)
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
@@ -516,6 +790,13 @@ class PostgresViews(Views, PostgresTrackingRecorder):
             (application_name,),
         )
 
+    def _lock_schema(self, c: Any) -> None:
+        c.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))
+
+
+# An arbitrary constant: the advisory lock that serialises view schema changes on PostgreSQL.
+SCHEMA_LOCK_ID = 7_305_117
+
 
 def open_views(env: dict[str, str]) -> Views:
     factory = InfrastructureFactory.construct(Environment(VIEWS_NAME, env))
@@ -527,4 +808,4 @@ def open_views(env: dict[str, str]) -> Views:
     return recorder
 
 
-__all__ = ["JobRow", "OfferRow", "Views", "open_views"]
+__all__ = ["BuyerProviderRow", "JobRow", "OfferRow", "Views", "open_views"]

@@ -7,6 +7,7 @@ never lost and never surfaces to a caller unless retries are exhausted.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -25,6 +26,7 @@ from adapters.crypto import Secrets, new_api_key, sha256_hex
 from adapters.eventstore import MarketApp
 from domain.aggregates import (
     BuyerAccount,
+    BuyerProvider,
     IllegalTransition,
     InsufficientBalance,
     Job,
@@ -82,26 +84,35 @@ class Commands:
         self.secrets = secrets
         self.clock = clock
         self._open_keys: dict[tuple[str, str], str] = {}
-        self._account_locks: weakref.WeakValueDictionary[str, threading.Lock] = (
+        self._locks: weakref.WeakValueDictionary[str, threading.Lock] = (
             weakref.WeakValueDictionary()
         )
-        self._account_locks_guard = threading.Lock()
+        self._locks_guard = threading.Lock()
 
     @contextmanager
-    def _account(self, buyer_id: UUID | str) -> Iterator[None]:
-        """Serialise this process's writes to one buyer's account.
+    def _serialised(self, *names: str) -> Iterator[None]:
+        """Serialise this process's writes to hot aggregates (a buyer's account, an offer).
 
-        Concurrent submits by one buyer would otherwise load the same account version and all
-        but one would redo their work after a conflict; other processes still conflict and
-        retry, which stays correct, just slower.
+        Concurrent writers would otherwise load the same version and all but one would redo
+        their work after a conflict; other processes still conflict and retry, which stays
+        correct, just slower. Locks are taken in sorted order, so two commands that need the
+        same pair can never deadlock.
         """
-        with self._account_locks_guard:
-            lock = self._account_locks.get(str(buyer_id))
-            if lock is None:
-                lock = threading.Lock()
-                self._account_locks[str(buyer_id)] = lock
-        with lock:
+        with self._locks_guard:
+            locks = []
+            for name in sorted(set(names)):
+                lock = self._locks.get(name)
+                if lock is None:
+                    lock = threading.Lock()
+                    self._locks[name] = lock
+                locks.append(lock)
+        with contextlib.ExitStack() as stack:
+            for lock in locks:
+                stack.enter_context(lock)
             yield
+
+    def _account(self, buyer_id: UUID | str) -> contextlib.AbstractContextManager[None]:
+        return self._serialised(f"buyer:{buyer_id}")
 
     def _retrying(self, attempt: Callable[[], T]) -> T:
         for n in range(MAX_ATTEMPTS):
@@ -204,32 +215,61 @@ class Commands:
         return offer
 
     def offer_refused(self, offer_id: UUID, reason: str, deactivate: bool) -> None:
+        """Passive health: the offer's key failed (a quote here); back off exponentially."""
+
         def attempt() -> None:
-            offer = self._get(Offer, offer_id)
-            offer.refused(reason, now=self.clock(), deactivate=deactivate)
-            self.app.save(offer)
+            with self._serialised(f"offer:{offer_id}"):
+                offer = self._get(Offer, offer_id)
+                offer.refused(reason, now=self.clock(), deactivate=deactivate)
+                self.app.save(offer)
 
         self._retrying(attempt)
 
-    def offer_succeeded(self, offer_id: UUID) -> None:
-        def attempt() -> None:
-            offer = self._get(Offer, offer_id)
-            offer.succeeded()
-            self.app.save(offer)
-
-        self._retrying(attempt)
-
-    def open_offer_key(self, offer_id: str, sealed_key: dict[str, str]) -> str:
+    def open_key(self, context: str, sealed_key: dict[str, str]) -> str:
         # Routing opens every candidate's key on every submit; the plaintext is needed in
         # memory for the call anyway, so keep it rather than pay AES-GCM each time.
-        cache_key = (offer_id, sealed_key["ct"])
+        cache_key = (context, sealed_key["ct"])
         key = self._open_keys.get(cache_key)
         if key is None:
-            key = self.secrets.open(sealed_key, context=f"offer:{offer_id}")
+            key = self.secrets.open(sealed_key, context=context)
             if len(self._open_keys) > 10_000:
                 self._open_keys.clear()
             self._open_keys[cache_key] = key
         return key
+
+    # ------------------------------------------------------------------ buyer-owned providers
+
+    def add_buyer_provider(
+        self,
+        *,
+        buyer_id: UUID,
+        provider: str,
+        model: str | None,
+        base_url: str | None,
+        api_key: str,
+    ) -> tuple[UUID, Written]:
+        self._get(BuyerAccount, buyer_id)
+        provider_id = uuid.uuid4()
+        key = BuyerProvider(
+            id=provider_id,
+            buyer_id=str(buyer_id),
+            provider=provider,
+            model=model,
+            base_url=base_url,
+            sealed_key=self.secrets.seal(api_key, context=f"buyer-provider:{provider_id}"),
+            key_sha256=sha256_hex(api_key),
+        )
+        return provider_id, Written(_position(self.app.save(key)))
+
+    def delete_buyer_provider(self, buyer_id: UUID, provider_id: UUID) -> Written:
+        def attempt() -> Written:
+            key = self._get(BuyerProvider, provider_id)
+            if key.buyer_id != str(buyer_id) or key.deleted:
+                raise NotFound(str(provider_id))
+            key.delete()
+            return Written(_position(self.app.save(key)))
+
+        return self._retrying(attempt)
 
     # ------------------------------------------------------------------ submit
 
@@ -239,13 +279,18 @@ class Commands:
         buyer_id: UUID,
         request: VideoRequest,
         route: list[dict[str, Any]],
+        routing: dict[str, Any],
         estimated_cost: int,
-        max_cost: int,
+        holds: list[int],
         ttl_seconds: int,
         min_discount: int | None,
         idempotency_key: str | None,
     ) -> Submitted:
-        """Create the job, its settlement and the hold in one save (SPEC 1, 6)."""
+        """Create the job, its settlement and the hold in one save (SPEC 1, 6).
+
+        ``holds`` are the acceptable amounts to hold, preferred first: the first the buyer's
+        available balance covers becomes the job's ``max_cost``.
+        """
         fingerprint = request.fingerprint()
 
         def attempt() -> Submitted:
@@ -269,6 +314,9 @@ class Commands:
                     generation += 1
                 if isinstance(replay, Submitted):
                     return replay
+            hold = next((h for h in holds if buyer.can_hold(h)), None)
+            if hold is None:
+                raise InsufficientBalance(buyer.available, min(holds))
             now = int(self.clock())
             token = self.secrets.job_token(str(job_id))
             job = Job(
@@ -280,12 +328,13 @@ class Commands:
                 created=now,
                 expires_at=now + ttl_seconds,
                 estimated_cost=estimated_cost,
-                max_cost=max_cost,
+                max_cost=hold,
                 route=route,
                 min_discount=min_discount,
+                routing=routing,
             )
-            settlement = Settlement.for_job(job_id, str(buyer_id), max_cost)
-            buyer.hold(job_id, max_cost)
+            settlement = Settlement.for_job(job_id, str(buyer_id), hold)
+            buyer.hold(job_id, hold)
             recordings = self.app.save(job, settlement, buyer)
             return Submitted(job_id, token, _position(recordings), replayed=False)
 
@@ -336,8 +385,9 @@ class Commands:
 
         return self._retrying(attempt)
 
-    def _finish(self, job: Job, *extra: Any) -> int:
-        """Save a job that just became terminal, with its settlement and the buyer's hold."""
+    def _finish(self, job: Job) -> int:
+        """Save a job that just became terminal, with its settlement, the buyer's hold and the
+        capacity it held on its offer, all in one save."""
         buyer_cost, seller_cost = job.charge
         settlement = self._get(Settlement, settlement_id(job.id))
         dispatch = job.dispatch or {}
@@ -348,10 +398,97 @@ class Commands:
             offer_id=dispatch.get("offer_id"),
             outcome=job.status,
         )
-        with self._account(job.buyer_id):
+        slot = job.slot_offer_id
+        locks = [f"buyer:{job.buyer_id}", *([f"offer:{slot}"] if slot else [])]
+        with self._serialised(*locks):
             buyer = self._get(BuyerAccount, UUID(job.buyer_id))
             buyer.resolve_hold(job.id, buyer_cost)
-            return _position(self.app.save(job, settlement, buyer, *extra))
+            aggregates: list[Any] = [job, settlement, buyer]
+            if slot:
+                offer = self._get(Offer, UUID(slot))
+                offer.release_slot(job.id)
+                aggregates.append(offer)
+            return _position(self.app.save(*aggregates))
+
+    # ------------------------------------------------------------------ dispatch
+
+    def start_dispatch(self, job_id: UUID, attempt: dict[str, Any]) -> str | None:
+        """Record a dispatch before its queue call, taking a slot of the offer's capacity in
+        the same save. Returns why the offer can't take the job (nothing started), else None.
+
+        An offer at capacity is only deferred (the caller waits for a slot); any other reason
+        is recorded on the job as a skip.
+        """
+        offer_id = attempt["offer_id"]
+        if attempt["seller_id"] is None:  # the buyer's own key: no seller capacity to take
+
+            def own_key() -> str | None:
+                job = self._get(Job, job_id)
+                job.start_dispatch(attempt)
+                self.app.save(job)
+                return None
+
+            return self._retrying(own_key)
+
+        def marketplace() -> str | None:
+            with self._serialised(f"offer:{offer_id}"):
+                job = self._get(Job, job_id)
+                offer = self._get(Offer, UUID(offer_id))
+                reason = offer.take_slot(job_id, now=self.clock())
+                if reason == "at_capacity":
+                    return reason
+                if reason is not None:
+                    job.skipped(offer_id, reason)
+                    self.app.save(job)
+                    return reason
+                job.start_dispatch(attempt)
+                self.app.save(job, offer)
+                return None
+
+        return self._retrying(marketplace)
+
+    def queue_refused(
+        self, job_id: UUID, offer_id: str, status: int, message: str, *, deactivate: bool
+    ) -> Job:
+        """The provider refused before accepting: the job moves on, the offer backs off and
+        gives back the slot, in one save."""
+
+        def attempt() -> Job:
+            job = self._get(Job, job_id)
+            slot = job.slot_offer_id
+            job.refused(offer_id, status, message)
+            if slot is None:
+                self.app.save(job)
+                return job
+            with self._serialised(f"offer:{slot}"):
+                offer = self._get(Offer, UUID(slot))
+                offer.release_slot(job_id)
+                offer.refused(
+                    f"provider refused a job ({status}): {message}",
+                    now=self.clock(),
+                    deactivate=deactivate,
+                )
+                self.app.save(job, offer)
+            return job
+
+        return self._retrying(attempt)
+
+    def dispatched(self, job_id: UUID, queue_id: str) -> None:
+        """The provider accepted the job; a successful dispatch also ends the offer's backoff."""
+
+        def attempt() -> None:
+            job = self._get(Job, job_id)
+            job.dispatched(queue_id)
+            slot = job.slot_offer_id
+            if slot is None:
+                self.app.save(job)
+                return
+            with self._serialised(f"offer:{slot}"):
+                offer = self._get(Offer, UUID(slot))
+                offer.succeeded()
+                self.app.save(job, offer)
+
+        self._retrying(attempt)
 
     def update_job(self, job_id: UUID, change: Callable[[Job], Any]) -> Job:
         """Apply a non-terminal change (claim, dispatch steps, progress) and save it."""

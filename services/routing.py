@@ -8,20 +8,29 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
+from uuid import UUID
 
 import aiohttp
+import structlog
 
-from adapters.venice import ProviderError, VeniceClient, VideoParams
+from adapters.venice import ProviderError, QuoteFailed, VeniceClient, VideoParams
 from domain.catalog import ModelSpec, VideoRequest
-from domain.money import FeeSchedule, parse_multiplier, price_offer
+from domain.money import FeeSchedule, max_cost, parse_multiplier, price_buyer_owned, price_offer
 from domain.routing import Candidate, choose
-from projections.views import OfferRow
+from projections.views import BuyerProviderRow, OfferRow
 
+log = structlog.get_logger("routing")
 QUOTE_CACHE_SECONDS = 5.0
+# Refusals that say the key itself is bad: the offer is switched off until the seller sets a new
+# key. Other refusals (402, 429, 5xx, no answer) only put it into backoff.
+DEACTIVATING_STATUSES = frozenset({401, 403})
+# Quote failures that describe the request rather than the seller's account or the provider's
+# health; they do not count against an offer.
+REQUEST_STATUSES = frozenset({400, 413, 422})
 
 
 def request_data(request: VideoRequest) -> dict[str, Any]:
@@ -57,7 +66,10 @@ def default_params(spec: ModelSpec) -> VideoParams:
 
 
 class Providers:
-    """One client per provider base URL, sharing one HTTP session, plus a short quote cache."""
+    """One client per provider base URL, sharing one HTTP session, plus a short quote cache.
+
+    Identical quotes asked for at the same time (many submits, one seller key) share one call.
+    """
 
     def __init__(
         self,
@@ -77,6 +89,7 @@ class Providers:
         self.clock = clock
         self._clients: dict[str, VeniceClient] = {}
         self._quotes: dict[tuple[str, str, VideoParams], tuple[float, int]] = {}
+        self._in_flight: dict[tuple[str, str, VideoParams], asyncio.Future[int]] = {}
 
     def client(self, provider: str, base_url: str | None) -> VeniceClient:
         url = base_url or self.default_base_urls[provider]
@@ -105,23 +118,68 @@ class Providers:
         hit = self._quotes.get(cache_key)
         if hit is not None and hit[0] > now:
             return hit[1]
-        micros = await self.client(provider, base_url).quote(api_key, params)
+        pending = self._in_flight.get(cache_key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._in_flight[cache_key] = future
+        try:
+            micros = await self.client(provider, base_url).quote(api_key, params)
+        except BaseException as e:
+            future.set_exception(e)
+            # Retrieved here so a failure nobody else waited for is not reported as unhandled.
+            future.exception()
+            raise
+        else:
+            future.set_result(micros)
+        finally:
+            del self._in_flight[cache_key]
         if len(self._quotes) > 10_000:
             self._quotes = {k: v for k, v in self._quotes.items() if v[0] > now}
-        self._quotes[cache_key] = (now + QUOTE_CACHE_SECONDS, micros)
+        self._quotes[cache_key] = (self.clock() + QUOTE_CACHE_SECONDS, micros)
         return micros
 
 
 @dataclass(frozen=True)
 class Route:
+    """The outcome of routing one request: the candidates in the order they will be tried,
+    plus what was looked at and left out, which the job's creation event records."""
+
     candidates: list[Candidate]
+    considered: int
+    skipped: list[dict[str, str]]
 
     @property
     def best(self) -> Candidate:
         return self.candidates[0]
 
+    @property
+    def best_offer(self) -> Candidate | None:
+        """The first marketplace offer, which a failed priority key would fall back to."""
+        return next((c for c in self.candidates if not c.buyer_owned), None)
+
     def as_event_data(self) -> list[dict[str, Any]]:
         return [candidate_data(c) for c in self.candidates]
+
+    def decision(self) -> dict[str, Any]:
+        return {"considered": self.considered, "skipped": self.skipped}
+
+    def holds(self) -> list[int]:
+        """The holds (``max_cost``) to try for this route, preferred first.
+
+        SPEC 1 holds the estimate plus 10% for price drift between submit and dispatch. The
+        preferred hold also covers the job's first failover: the next offer if the chosen one
+        refuses, or the best offer when the job starts on the buyer's own key. Without that, a
+        single refusal would fail the job with ``price_changed`` whenever the next offer costs
+        more than 10% above the first, and the buyer would see a refusal SPEC 3 promises to
+        hide. A buyer whose balance does not cover that gets the plain SPEC hold instead.
+        """
+        estimated = self.best.price.buyer_cost
+        offers = [c for c in self.candidates if not c.buyer_owned]
+        covered = offers[:1] if self.best.buyer_owned else offers[:2]
+        preferred = max_cost(max([estimated, *(c.price.buyer_cost for c in covered)]))
+        minimal = max_cost(estimated)
+        return [preferred, minimal] if preferred > minimal else [minimal]
 
 
 def candidate_data(c: Candidate) -> dict[str, Any]:
@@ -135,8 +193,8 @@ def candidate_data(c: Candidate) -> dict[str, Any]:
     }
 
 
-def is_available(offer: OfferRow, now: float) -> bool:
-    return offer.state == "active" and offer.backoff_until <= now
+KeyRow = OfferRow | BuyerProviderRow
+QuoteFailureHandler = Callable[[OfferRow, QuoteFailed], None]
 
 
 class Router:
@@ -146,42 +204,136 @@ class Router:
         fees: FeeSchedule,
         open_key: Callable[[str, dict[str, str]], str],
         wall_clock: Callable[[], float] = time.time,
+        on_quote_failed: QuoteFailureHandler | None = None,
     ) -> None:
         self.providers = providers
         self.fees = fees
         self.open_key = open_key
         self.wall_clock = wall_clock
+        self.on_quote_failed = on_quote_failed
 
-    async def price(self, offer: OfferRow, params: VideoParams) -> Candidate | None:
-        """The live price of one offer for one request, or None when it can't quote."""
-        api_key = self.open_key(offer.offer_id, offer.sealed_key)
+    def api_key(self, row: KeyRow) -> str:
+        return self.open_key(row.key_context, row.sealed_key)
+
+    async def price(
+        self, row: KeyRow, params: VideoParams, *, count_failure: bool = True
+    ) -> Candidate | None:
+        """The live price of one offer (or buyer key) for one request; None when it can't quote.
+
+        A failed quote of a marketplace offer is the seller's problem, not the buyer's: it is
+        handed to ``on_quote_failed`` (backoff) unless ``count_failure`` is off.
+        """
         try:
             list_price = await self.providers.quote(
-                offer.provider, offer.base_url, offer.key_sha256, api_key, params
+                row.provider, row.base_url, row.key_sha256, self.api_key(row), params
             )
-        except ProviderError:
+        except ProviderError as e:
+            if (
+                count_failure
+                and isinstance(row, OfferRow)
+                and isinstance(e, QuoteFailed)
+                and e.status not in REQUEST_STATUSES
+                and self.on_quote_failed is not None
+            ):
+                self.on_quote_failed(row, e)
             return None
-        multiplier: Fraction = parse_multiplier(offer.cost_multiplier)
+        if isinstance(row, BuyerProviderRow):
+            return Candidate(
+                offer_id=row.provider_id,
+                seller_id=None,
+                multiplier=None,
+                created_seq=row.seq,
+                price=price_buyer_owned(list_price, self.fees),
+                catch_all=row.model is None,
+            )
+        multiplier: Fraction = parse_multiplier(row.cost_multiplier)
         return Candidate(
-            offer_id=offer.offer_id,
-            seller_id=offer.seller_id,
+            offer_id=row.offer_id,
+            seller_id=row.seller_id,
             multiplier=multiplier,
-            created_seq=offer.seq,
+            created_seq=row.seq,
             price=price_offer(list_price, multiplier, self.fees),
         )
 
     async def route(
-        self, request: VideoRequest, offers: list[OfferRow], min_discount: int | None
+        self,
+        request: VideoRequest,
+        offers: list[OfferRow],
+        min_discount: int | None,
+        own_keys: Sequence[BuyerProviderRow] = (),
     ) -> Route:
-        """Quote every available offer concurrently and rank them; raises ``RoutingError``."""
-        return await self.route_params(video_params(request_data(request)), offers, min_discount)
+        """Quote every available candidate concurrently and rank them; raises ``RoutingError``."""
+        params = video_params(request_data(request))
+        return await self.route_params(params, offers, min_discount, own_keys)
 
     async def route_params(
-        self, params: VideoParams, offers: list[OfferRow], min_discount: int | None
+        self,
+        params: VideoParams,
+        offers: list[OfferRow],
+        min_discount: int | None,
+        own_keys: Sequence[BuyerProviderRow] = (),
     ) -> Route:
         listed = [o for o in offers if o.state in ("active", "deactivated")]
         now = self.wall_clock()
-        available = [o for o in listed if is_available(o, now)]
-        priced = await asyncio.gather(*(self.price(o, params) for o in available))
-        healthy = [c for c in priced if c is not None]
-        return Route(choose(len(listed), healthy, min_discount))
+        skipped: list[dict[str, str]] = []
+        available: list[KeyRow] = []
+        for offer in listed:
+            reason = offer.unavailable_because(now)
+            if reason is None:
+                available.append(offer)
+            else:
+                skipped.append({"offer_id": offer.offer_id, "reason": reason})
+        available.extend(own_keys)
+        priced = await asyncio.gather(*(self.price(row, params) for row in available))
+        candidates: list[Candidate] = []
+        for row, candidate in zip(available, priced, strict=True):
+            if candidate is None:
+                skipped.append({"offer_id": row.key_id, "reason": "quote_failed"})
+            else:
+                candidates.append(candidate)
+        ranking = choose(len(listed), candidates, min_discount)
+        skipped.extend(
+            {"offer_id": c.offer_id, "reason": "below_minimum_discount"}
+            for c in ranking.filtered_by_min
+        )
+        return Route(ranking.eligible, considered=len(listed) + len(own_keys), skipped=skipped)
+
+
+class OfferHealth:
+    """Passive health from quotes: a failed quote puts its offer into backoff, off the caller's
+    path. One report per offer per quote-cache period, so a burst of submits that all saw the
+    same failure backs the offer off once, not once each."""
+
+    def __init__(
+        self,
+        commands: Any,
+        blocking: Callable[..., Awaitable[Any]],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.commands = commands
+        self.blocking = blocking
+        self.clock = clock
+        self._reported: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def quote_failed(self, offer: OfferRow, error: QuoteFailed) -> None:
+        now = self.clock()
+        if self._reported.get(offer.offer_id, 0.0) > now:
+            return
+        if len(self._reported) > 10_000:
+            self._reported = {k: v for k, v in self._reported.items() if v > now}
+        self._reported[offer.offer_id] = now + QUOTE_CACHE_SECONDS
+        task = asyncio.get_running_loop().create_task(self._report(offer, error))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _report(self, offer: OfferRow, error: QuoteFailed) -> None:
+        try:
+            await self.blocking(
+                self.commands.offer_refused,
+                UUID(offer.offer_id),
+                f"quote failed ({error.status}): {error.message}",
+                error.status in DEACTIVATING_STATUSES,
+            )
+        except Exception:
+            log.exception("offer_health_report_failed", offer_id=offer.offer_id)

@@ -37,14 +37,12 @@ from adapters.venice import (
 from domain.aggregates import IllegalTransition, Job
 from projections.views import OfferRow, Views
 from services.commands import Commands
-from services.routing import Router, is_available, video_params
+from services.routing import DEACTIVATING_STATUSES, KeyRow, Router, video_params
 
 log = structlog.get_logger("worker")
 T = TypeVar("T")
 
 LEASE_SECONDS = 60.0
-# Refusals that say the seller's key itself is bad: the offer is switched off until a new key.
-DEACTIVATING_STATUSES = frozenset({401, 403})
 
 
 class Blocking:
@@ -144,7 +142,7 @@ class Worker:
         job = await self.blocking(self.commands.claim, job_id, self.worker_id, LEASE_SECONDS)
         if job is None:
             return
-        lease_until = time.monotonic() + LEASE_SECONDS
+        lease_until = self._lease_until(job)
         poll_delay = 0.25
         while True:
             job = await self.blocking(self.commands.job, job_id)
@@ -163,7 +161,7 @@ class Worker:
                 )
                 if claimed is None:
                     return
-                lease_until = time.monotonic() + LEASE_SECONDS
+                lease_until = self._lease_until(claimed)
             if job.dispatching is not None:
                 # We (or a dead worker) sent a queue call whose answer was never recorded.
                 await self._fail(
@@ -177,26 +175,39 @@ class Worker:
                 await self._cancel(job)
                 return
             if not job.is_dispatched:
-                await self._dispatch(job)
+                if await self._dispatch(job):
+                    # Every offer that could take it is at capacity: give the worker slot
+                    # back; the scheduler brings the job round again (woken when a job ends).
+                    return
                 continue
             poll_delay = await self._poll(job, poll_delay)
             if poll_delay <= 0:
                 continue
             await asyncio.sleep(poll_delay)
 
-    async def _dispatch(self, job: Job) -> None:
+    def _lease_until(self, job: Job) -> float:
+        """When our lease on the job runs out, on the monotonic clock."""
+        assert job.lease is not None
+        return time.monotonic() + job.lease["until"] - self.clock()
+
+    async def _dispatch(self, job: Job) -> bool:
+        """Try the job's route in order; True when it must wait for an offer's capacity."""
         tried = {a["offer_id"] for a in job.attempts}
-        price_changed = False
+        price_changed = waiting = False
         params = video_params(job.request)
         for entry in job.route:
             offer_id = entry["offer_id"]
             if offer_id in tried:
                 continue
-            offer = await self.blocking(self.views.offer, offer_id)
-            if offer is None or not is_available(offer, self.clock()):
-                await self._update(job.id, methodcaller("skipped", offer_id, "unavailable"))
+            row = await self._key_row(job, offer_id, entry["seller_id"])
+            reason = "unavailable" if row is None else self._unavailable(row)
+            if reason == "at_capacity":
+                waiting = True
                 continue
-            candidate = await self.router.price(offer, params)
+            if reason is not None or row is None:
+                await self._update(job.id, methodcaller("skipped", offer_id, reason))
+                continue
+            candidate = await self.router.price(row, params)
             if candidate is None:
                 await self._update(job.id, methodcaller("skipped", offer_id, "quote_failed"))
                 continue
@@ -207,41 +218,51 @@ class Worker:
                 continue
             attempt = {
                 "offer_id": offer_id,
-                "seller_id": offer.seller_id,
-                "provider": offer.provider,
-                "key_sha256": offer.key_sha256,
+                "seller_id": candidate.seller_id,
+                "provider": row.provider,
+                "key_sha256": row.key_sha256,
                 "list_price": price.list_price,
                 "seller_cost": price.seller_cost,
                 "buyer_cost": price.buyer_cost,
             }
-            await self._update(job.id, methodcaller("start_dispatch", attempt))
-            client, api_key = self._client_for(offer)
+            reason = await self.blocking(self.commands.start_dispatch, job.id, attempt)
+            if reason == "at_capacity":
+                waiting = True
+                continue
+            if reason is not None:
+                continue
+            client = self.router.providers.client(row.provider, row.base_url)
             try:
                 queue_id = await client.queue(
-                    api_key, params, job.request["prompt"], job.request.get("image_url")
+                    self.router.api_key(row),
+                    params,
+                    job.request["prompt"],
+                    job.request.get("image_url"),
                 )
             except ProviderRefused as e:
-                await self._update(job.id, methodcaller("refused", offer_id, e.status, e.message))
-                await self.blocking(
-                    self.commands.offer_refused,
-                    UUID(offer_id),
-                    f"provider refused the job ({e.status}): {e.message}",
-                    e.status in DEACTIVATING_STATUSES,
+                refused = await self.blocking(
+                    self.commands.queue_refused,
+                    job.id,
+                    offer_id,
+                    e.status,
+                    e.message,
+                    deactivate=e.status in DEACTIVATING_STATUSES,
                 )
                 # A cancel that arrived during the refused call is a cancel before dispatch:
                 # stop here and let the drive loop cancel it, free, instead of trying on.
-                if (await self.blocking(self.commands.job, job.id)).cancel_requested:
-                    return
+                if refused.cancel_requested:
+                    return False
                 continue
             except ProviderRejected as e:
                 await self._fail(job.id, "upstream_rejected", e.message, False)
-                return
+                return False
             except ProviderUnknown as e:
                 await self._fail(job.id, "upstream_unknown", e.message, False)
-                return
-            await self._update(job.id, methodcaller("dispatched", queue_id))
-            await self.blocking(self.commands.offer_succeeded, UUID(offer_id))
-            return
+                return False
+            await self.blocking(self.commands.dispatched, job.id, queue_id)
+            return False
+        if waiting:
+            return True
         if price_changed:
             await self._fail(
                 job.id,
@@ -251,16 +272,34 @@ class Worker:
             )
         else:
             await self._fail(job.id, "no_sellers_available", "no seller could accept the job", True)
+        return False
+
+    def _unavailable(self, row: KeyRow) -> str | None:
+        if isinstance(row, OfferRow):
+            return row.unavailable_because(self.clock())
+        return "deleted" if row.deleted else None
+
+    async def _key_row(self, job: Job, key_id: str, seller_id: str | None) -> KeyRow | None:
+        """The offer, or the buyer's own provider key, that a route entry or dispatch names."""
+        if seller_id is not None:
+            return await self.blocking(self.views.offer, key_id)
+        own = await self.blocking(self.views.buyer_provider, key_id)
+        return own if own is not None and own.buyer_id == job.buyer_id else None
+
+    async def _dispatch_row(self, job: Job) -> KeyRow | None:
+        dispatch = job.dispatch
+        assert dispatch is not None
+        return await self._key_row(job, dispatch["offer_id"], dispatch["seller_id"])
 
     async def _poll(self, job: Job, delay: float) -> float:
         """One retrieve call; returns how long to wait before the next (0: look again now)."""
         dispatch = job.dispatch
         assert dispatch is not None
-        offer = await self.blocking(self.views.offer, dispatch["offer_id"])
-        if offer is None:
-            await self._fail(job.id, "inference_failed", "the seller's offer disappeared", True)
+        row = await self._dispatch_row(job)
+        if row is None:
+            await self._fail(job.id, "inference_failed", "the provider key disappeared", True)
             return 0
-        client, api_key = self._client_for(offer)
+        client, api_key = self._client_for(row)
         scratch = self.store.scratch(str(job.id))
         try:
             outcome = await client.retrieve(
@@ -351,18 +390,17 @@ class Worker:
         """Best effort: the provider has no cancel, but its copy should not linger."""
         dispatch = job.dispatch
         assert dispatch is not None
-        offer = await self.blocking(self.views.offer, dispatch["offer_id"])
-        if offer is None:
+        row = await self._dispatch_row(job)
+        if row is None:
             return
-        client, api_key = self._client_for(offer)
+        client, api_key = self._client_for(row)
         with contextlib.suppress(ProviderError):
             await client.complete(api_key, job.request["provider_model"], dispatch["queue_id"])
             await self._update(job.id, methodcaller("upstream_media_deleted"), terminal_ok=True)
 
-    def _client_for(self, offer: OfferRow) -> tuple[VeniceClient, str]:
-        """The provider client and the opened seller key for calls on behalf of ``offer``."""
-        api_key = self.commands.open_offer_key(offer.offer_id, offer.sealed_key)
-        return self.router.providers.client(offer.provider, offer.base_url), api_key
+    def _client_for(self, row: KeyRow) -> tuple[VeniceClient, str]:
+        """The provider client and the opened key for calls on behalf of an offer or buyer."""
+        return self.router.providers.client(row.provider, row.base_url), self.router.api_key(row)
 
     async def _update(
         self, job_id: UUID, change: Callable[[Job], Any], *, terminal_ok: bool = False

@@ -197,9 +197,19 @@ def test_best_discount_of_nothing_is_none() -> None:
 
 def test_choose_returns_the_ranked_list() -> None:
     candidates = [offer("a", "0.90"), offer("b", "0.70")]
-    assert ids(choose(2, candidates, None)) == ["b", "a"]
-    assert ids(choose(5, candidates, 10)) == ["b", "a"]
-    assert ids(choose(5, candidates, 30)) == ["b"]
+    assert ids(choose(2, candidates, None).eligible) == ["b", "a"]
+    assert ids(choose(5, candidates, 10).eligible) == ["b", "a"]
+    ranking = choose(5, candidates, 30)
+    assert ids(ranking.eligible) == ["b"]
+    assert ids(ranking.filtered_by_min) == ["a"]
+
+
+def test_own_keys_route_without_any_offer() -> None:
+    # A buyer's catch-all key serves a model no seller offers, and min{N} does not apply to it.
+    assert ids(choose(0, [own_key("k", catch_all=True)], 90).eligible) == ["k"]
+    # Every offer below the minimum: the catch-all still takes the job.
+    ranking = choose(1, [offer("a", "0.90"), own_key("k", catch_all=True)], 50)
+    assert ids(ranking.eligible) == ["k"]
 
 
 def test_choose_without_offers() -> None:
@@ -282,7 +292,7 @@ def test_ranking_properties(candidates: list[Candidate], min_discount: int | Non
 @given(candidate_lists(), st.integers(min_value=0, max_value=100))
 def test_choose_agrees_with_the_ranking(candidates: list[Candidate], min_discount: int) -> None:
     try:
-        chosen = choose(len(candidates), candidates, min_discount)
+        chosen = choose(len(candidates), candidates, min_discount).eligible
     except RoutingError as error:
         if not candidates:
             assert error.code == "no_sellers_for_model"

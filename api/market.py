@@ -1,0 +1,144 @@
+"""Public market data (SPEC 4.4): the catalog with prices, market summaries, order books."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from api.errors import ApiError
+from api.http import engine_of
+from domain.catalog import Catalog, ModelSpec
+from domain.money import format_discount, to_json
+from domain.routing import Candidate
+from services.market import BookEntry, MarketSummary
+
+
+def _catalog(request: web.Request) -> Catalog:
+    catalog = engine_of(request).catalog
+    if catalog is None:
+        raise ApiError(503, "catalog_unavailable", "the model catalog is loading; retry shortly")
+    return catalog
+
+
+def _percent(candidate: Candidate) -> str:
+    return format_discount(candidate.price.discount).removesuffix("%")
+
+
+def _defaults(spec: ModelSpec) -> dict[str, Any]:
+    return {
+        "duration_seconds": spec.default_duration,
+        "resolution": spec.default_resolution,
+        "aspect_ratio": spec.default_aspect_ratio,
+    }
+
+
+def price_columns(summary: MarketSummary) -> dict[str, Any]:
+    """The best estimate for the model's default parameters, as /v1/models and markets show."""
+    best = summary.best
+    if best is None or best.candidate is None:
+        return {"estimated_cost_usdc": None, "list_price_usdc": None, "discount_percent": None}
+    price = best.candidate.price
+    return {
+        "estimated_cost_usdc": to_json(price.buyer_cost),
+        "list_price_usdc": to_json(price.list_price),
+        "discount_percent": _percent(best.candidate),
+    }
+
+
+def market_document(summary: MarketSummary) -> dict[str, Any]:
+    spec, activity, best = summary.spec, summary.activity, summary.best
+    return {
+        "object": "market",
+        "model": spec.id,
+        "aliases": list(spec.aliases),
+        "defaults": _defaults(spec),
+        **price_columns(summary),
+        "best_offer_id": best.offer.offer_id if best is not None else None,
+        "sellers": {"active": summary.active_sellers, "healthy": summary.healthy_sellers},
+        "offers": {
+            "active": len(summary.book),
+            "available": sum(1 for e in summary.book if e.unavailable is None),
+        },
+        "last_24h": {"jobs": activity.jobs_24h, "volume_usdc": to_json(activity.volume_24h)},
+        "all_time": {"jobs": activity.jobs, "volume_usdc": to_json(activity.volume)},
+    }
+
+
+def book_entry(entry: BookEntry, now: float) -> dict[str, Any]:
+    offer, c = entry.offer, entry.candidate
+    return {
+        "offer_id": offer.offer_id,
+        "seller_id": offer.seller_id,
+        "cost_multiplier": offer.cost_multiplier,
+        "estimated_cost_usdc": to_json(c.price.buyer_cost) if c else None,
+        "list_price_usdc": to_json(c.price.list_price) if c else None,
+        "discount_percent": _percent(c) if c else None,
+        "available": entry.unavailable is None and c is not None,
+        "capacity": offer.capacity(),
+        "health": offer.health(now),
+        "jobs": offer.jobs,
+        "volume_usdc": to_json(offer.volume),
+    }
+
+
+async def list_markets(request: web.Request) -> web.Response:
+    engine = engine_of(request)
+    summaries = await engine.market_data.summaries(_catalog(request).models())
+    return web.json_response({"object": "list", "data": [market_document(s) for s in summaries]})
+
+
+async def order_book(request: web.Request) -> web.Response:
+    engine = engine_of(request)
+    name = request.match_info["model"]
+    spec = _catalog(request).resolve(name)
+    if spec is None:
+        raise ApiError(404, "model_not_found", f"unknown model {name}", "model")
+    [summary] = await engine.market_data.summaries([spec])
+    now = engine.router.wall_clock()
+    return web.json_response(
+        {
+            **market_document(summary),
+            "object": "order_book",
+            "offers": [book_entry(e, now) for e in summary.book],
+        }
+    )
+
+
+async def models(request: web.Request) -> web.Response:
+    engine = engine_of(request)
+    if engine.catalog is None:
+        return web.json_response({"object": "list", "data": []})
+    specs = engine.catalog.models()
+    summaries = await engine.market_data.summaries(specs)
+    data = [
+        {
+            "id": spec.id,
+            "object": "model",
+            "kind": "video",
+            "provider": spec.provider,
+            "name": spec.name,
+            "aliases": list(spec.aliases),
+            "durations": list(spec.durations),
+            "resolutions": list(spec.resolutions),
+            "aspect_ratios": list(spec.aspect_ratios),
+            "audio": spec.audio,
+            "image_input": spec.image_input,
+            "defaults": _defaults(spec),
+            **price_columns(summary),
+        }
+        for spec, summary in zip(specs, summaries, strict=True)
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+MARKET_ROUTES: list[tuple[str, str, Any, str]] = [
+    ("GET", "/v1/models", models, "The model catalog with current best prices"),
+    ("GET", "/api/markets", list_markets, "Per model: best price, sellers, jobs and volume"),
+    ("GET", "/api/markets/{model}", order_book, "The order book of one model, cheapest first"),
+]
+
+
+def register(app: web.Application) -> None:
+    for method, path, handler, _ in MARKET_ROUTES:
+        app.router.add_route(method, path, handler)
