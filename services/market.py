@@ -81,9 +81,7 @@ class Market:
         offers: list[OfferRow] = await self.read(self.views.offers, model=spec.id)
         active = [o for o in offers if o.state == "active"]
         params = default_params(spec)
-        prices = await asyncio.gather(
-            *(self.router.price(o, params, count_failure=False) for o in active)
-        )
+        prices = await self.router.price_all(active, params, count_failure=False)
         now = self.router.wall_clock()
         entries = [
             BookEntry(o, c, o.unavailable_because(now)) for o, c in zip(active, prices, strict=True)

@@ -25,6 +25,8 @@ from projections.views import BuyerProviderRow, OfferRow
 
 log = structlog.get_logger("routing")
 QUOTE_CACHE_SECONDS = 5.0
+# How many marketplace offers a job keeps on its route, cheapest first.
+MAX_ROUTE_OFFERS = 10
 # Refusals that say the key itself is bad: the offer is switched off until the seller sets a new
 # key. Other refusals (402, 429, 5xx, no answer) only put it into backoff.
 DEACTIVATING_STATUSES = frozenset({401, 403})
@@ -105,6 +107,12 @@ class Providers:
             self._clients[url] = client
         return client
 
+    def cached_quote(
+        self, provider: str, base_url: str | None, key_sha256: str, params: VideoParams
+    ) -> int | None:
+        hit = self._quotes.get((key_sha256, base_url or provider, params))
+        return hit[1] if hit is not None and hit[0] > self.clock() else None
+
     async def quote(
         self,
         provider: str,
@@ -174,12 +182,15 @@ class Route:
         more than 10% above the first, and the buyer would see a refusal SPEC 3 promises to
         hide. A buyer whose balance does not cover that gets the plain SPEC hold instead.
         """
-        estimated = self.best.price.buyer_cost
+        minimal = max_cost(self.best.price.buyer_cost)
         offers = [c for c in self.candidates if not c.buyer_owned]
-        covered = offers[:1] if self.best.buyer_owned else offers[:2]
-        preferred = max_cost(max([estimated, *(c.price.buyer_cost for c in covered)]))
-        minimal = max_cost(estimated)
-        return [preferred, minimal] if preferred > minimal else [minimal]
+        # The first offer behind the buyer's own key, or the second offer.
+        behind = offers if self.best.buyer_owned else offers[1:]
+        failover = behind[0] if behind else None
+        if failover is None or failover.price.buyer_cost <= minimal:
+            return [minimal]
+        # The failover gets the same 10% margin for drift before its dispatch.
+        return [max_cost(failover.price.buyer_cost), minimal]
 
 
 def candidate_data(c: Candidate) -> dict[str, Any]:
@@ -191,6 +202,20 @@ def candidate_data(c: Candidate) -> dict[str, Any]:
         "seller_cost": c.price.seller_cost,
         "buyer_cost": c.price.buyer_cost,
     }
+
+
+def _failover_list(eligible: list[Candidate]) -> list[Candidate]:
+    """The candidates a job keeps: every buyer-owned key, and the cheapest offers.
+
+    A job is rarely refused more than a few times, and the hold covers only the first
+    failover, so the rest of a hundred-offer market would only bloat every job's first event.
+    """
+    kept, offers = [], 0
+    for c in eligible:
+        if c.buyer_owned or offers < MAX_ROUTE_OFFERS:
+            kept.append(c)
+            offers += not c.buyer_owned
+    return kept
 
 
 KeyRow = OfferRow | BuyerProviderRow
@@ -237,6 +262,30 @@ class Router:
             ):
                 self.on_quote_failed(row, e)
             return None
+        return self.candidate(row, list_price)
+
+    async def price_all(
+        self, rows: Sequence[KeyRow], params: VideoParams, *, count_failure: bool = True
+    ) -> list[Candidate | None]:
+        """``price`` for many rows at once; quotes still cached cost no task or round trip."""
+        prices: list[Candidate | None] = []
+        misses: list[tuple[int, KeyRow]] = []
+        for row in rows:
+            cached = self.providers.cached_quote(row.provider, row.base_url, row.key_sha256, params)
+            if cached is None:
+                misses.append((len(prices), row))
+                prices.append(None)
+            else:
+                prices.append(self.candidate(row, cached))
+        if misses:
+            fetched = await asyncio.gather(
+                *(self.price(row, params, count_failure=count_failure) for _, row in misses)
+            )
+            for (i, _), candidate in zip(misses, fetched, strict=True):
+                prices[i] = candidate
+        return prices
+
+    def candidate(self, row: KeyRow, list_price: int) -> Candidate:
         if isinstance(row, BuyerProviderRow):
             return Candidate(
                 offer_id=row.provider_id,
@@ -284,7 +333,7 @@ class Router:
             else:
                 skipped.append({"offer_id": offer.offer_id, "reason": reason})
         available.extend(own_keys)
-        priced = await asyncio.gather(*(self.price(row, params) for row in available))
+        priced = await self.price_all(available, params)
         candidates: list[Candidate] = []
         for row, candidate in zip(available, priced, strict=True):
             if candidate is None:
@@ -296,7 +345,11 @@ class Router:
             {"offer_id": c.offer_id, "reason": "below_minimum_discount"}
             for c in ranking.filtered_by_min
         )
-        return Route(ranking.eligible, considered=len(listed) + len(own_keys), skipped=skipped)
+        return Route(
+            _failover_list(ranking.eligible),
+            considered=len(listed) + len(own_keys),
+            skipped=skipped,
+        )
 
 
 class OfferHealth:

@@ -194,3 +194,82 @@ def test_replay_from_the_store_equals_the_live_aggregates(tmp_path: Path) -> Non
         stored = app.repository.get(live.id)
         assert vars(stored) == vars(live)
     app.close()
+
+
+# --------------------------------------------------------------------------- offer capacity
+
+
+def new_offer(max_concurrent_jobs: int | None = 2) -> Offer:
+    return Offer(
+        id=uuid.uuid4(),
+        seller_id="s",
+        model="m",
+        provider="venice",
+        base_url=None,
+        sealed_key={"ct": "x"},
+        key_sha256="h",
+        cost_multiplier="0.80",
+        max_concurrent_jobs=max_concurrent_jobs,
+    )
+
+
+def test_offer_slots_never_exceed_capacity_and_are_given_back_once() -> None:
+    offer = new_offer(2)
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    assert offer.take_slot(a, now=0) is None
+    assert offer.take_slot(a, now=0) is None  # idempotent: a retried save takes no second slot
+    assert offer.take_slot(b, now=0) is None
+    assert offer.take_slot(c, now=0) == "at_capacity"
+    assert offer.in_flight == {str(a), str(b)}
+    offer.release_slot(a)
+    offer.release_slot(a)
+    assert offer.take_slot(c, now=0) is None
+    events = offer.collect_events()
+    assert [type(e).__name__ for e in events].count("SlotTaken") == 3
+    assert [type(e).__name__ for e in events].count("SlotReleased") == 1
+
+
+def test_offer_unavailable_reasons() -> None:
+    offer = new_offer(None)
+    for _ in range(50):
+        assert offer.take_slot(uuid.uuid4(), now=0) is None  # no limit
+    offer.refused("429", now=100.0, deactivate=False)
+    assert offer.unavailable_because(100.0) == "backoff"
+    assert offer.unavailable_because(100.0 + 30) is None  # 30 s, then it may be tried again
+    offer.refused("429", now=200.0, deactivate=False)
+    assert offer.backoff_until == 260.0  # doubled
+    offer.succeeded()
+    assert offer.unavailable_because(200.0) is None
+    offer.update({"paused": True})
+    assert offer.take_slot(uuid.uuid4(), now=0) == "paused"
+    offer.update({"paused": False})
+    offer.refused("401", now=0.0, deactivate=True)
+    assert offer.unavailable_because(10_000.0) == "deactivated"
+    offer.delete()
+    assert offer.unavailable_because(0.0) == "deleted"
+
+
+def test_job_holds_its_offer_slot_from_dispatch_to_the_end() -> None:
+    job = new_job()
+    job.start_dispatch(attempt(offer_id="o1"))
+    assert job.slot_offer_id == "o1"
+    job.refused("o1", 429, "busy")
+    assert job.slot_offer_id is None
+    job.start_dispatch(attempt(offer_id="o2"))
+    job.dispatched("q")
+    job.fail("inference_failed", "x", True, now=1)
+    assert job.slot_offer_id == "o2"  # released by the command that saves the outcome
+    own = new_job()
+    own.start_dispatch({**attempt(offer_id="k"), "seller_id": None})
+    assert own.slot_offer_id is None  # a buyer's own key has no seller capacity
+
+
+def test_a_held_lease_is_not_rewritten_until_half_spent() -> None:
+    job = new_job()
+    assert job.claim("w", now=0.0, lease_seconds=60)
+    job.collect_events()
+    assert job.claim("w", now=10.0, lease_seconds=60)
+    assert job.collect_events() == []
+    assert job.claim("w", now=31.0, lease_seconds=60)
+    assert len(job.collect_events()) == 1
+    assert not job.claim("other", now=40.0, lease_seconds=60)

@@ -271,11 +271,11 @@ def test_failover_never_exceeds_the_hold(server: Server) -> None:
     c = server.client
     _, buyer_key, seller_key = market(c)
     c.create_offer(seller_key, SEEDANCE, "sim_429", "0.50")
-    c.create_offer(seller_key, SEEDANCE, "sim_429", "0.55")
+    c.create_offer(seller_key, SEEDANCE, "sim_429", "0.60")
     c.create_offer(seller_key, SEEDANCE, "sim_ok", "0.90")
     job = submit_ok(c, buyer_key)
     assert job["estimated_cost_usdc"] == str(buyer_cost(SEEDANCE_LIST_PRICE, 50))
-    assert job["max_cost_usdc"] == str(-(-buyer_cost(SEEDANCE_LIST_PRICE, 55) * 11 // 10))
+    assert job["max_cost_usdc"] == str(-(-buyer_cost(SEEDANCE_LIST_PRICE, 60) * 11 // 10))
     assert int(job["max_cost_usdc"]) < buyer_cost(SEEDANCE_LIST_PRICE, 90)
     done = c.wait_terminal(job["id"], buyer_key)
     assert done["status"] == "failed", done

@@ -8,7 +8,9 @@ import threading
 import time
 from typing import Any
 from urllib.parse import quote
+from uuid import UUID
 
+from adapters.eventstore import open_market
 from tests.harness import Client, Server
 from tests.test_lifecycle import (
     PENDING,
@@ -361,3 +363,38 @@ def test_an_unfunded_buyer_runs_on_their_own_key(server: Server) -> None:
     assert c.wait_terminal(submitted["id"], buyer_key)["status"] == "succeeded"
     assert billed(c, "sim_ok_mine") == SEEDANCE_LIST_PRICE
     assert [j["status"] for j in list_jobs(c, buyer_key) if j["status"] in PENDING] == []
+
+
+def test_routing_decisions_are_in_the_job_events(server: Server, database_url: str) -> None:
+    c = server.client
+    _, buyer_key = c.create_buyer(DEPOSIT)
+    _, seller_key = c.create_seller()
+    refusing = c.create_offer(seller_key, SEEDANCE, "sim_429", "0.60")
+    good = c.create_offer(seller_key, SEEDANCE, "sim_ok", "0.65")
+    dear = c.create_offer(seller_key, SEEDANCE, "sim_ok", "0.95")
+    r = c.submit(buyer_key, prefix="/min20", model=SEEDANCE)
+    assert r.status == 202, r.body
+    first = c.wait_terminal(r.json()["id"], buyer_key)
+    second = c.wait_terminal(submit_ok(c, buyer_key, model=SEEDANCE)["id"], buyer_key)
+
+    market_app = open_market(database_url)
+    try:
+        events = list(market_app.events.get(UUID(first["id"])))
+        created = events[0]
+        assert [e["offer_id"] for e in created.route] == [refusing["id"], good["id"]]
+        assert created.routing == {
+            "considered": 3,
+            "skipped": [{"offer_id": dear["id"], "reason": "below_minimum_discount"}],
+        }
+        names = [type(e).__name__ for e in events]
+        assert names.index("Refused") < names.index("Dispatched")
+        refused = next(e for e in events if type(e).__name__ == "Refused")
+        assert (refused.offer_id, refused.status) == (refusing["id"], 429)
+        started = [e.attempt["offer_id"] for e in events if type(e).__name__ == "DispatchStarted"]
+        assert started == [refusing["id"], good["id"]]
+        # The refusal put the cheap offer into backoff: the next job's routing says so.
+        created = next(iter(market_app.events.get(UUID(second["id"]))))
+        assert {"offer_id": refusing["id"], "reason": "backoff"} in created.routing["skipped"]
+        assert created.route[0]["offer_id"] == good["id"]
+    finally:
+        market_app.close()

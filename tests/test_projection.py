@@ -129,3 +129,21 @@ def test_read_your_writes_wait(tmp_path: Path) -> None:
         runner.stop()
         views.datastore.close()
         market.close()
+
+
+def test_views_of_another_schema_version_are_rebuilt_from_the_log(db_url: str) -> None:
+    market = open_market(db_url)
+    views = open_views(store_env(db_url, role=VIEWS_NAME))
+    commands = Commands(market, Secrets(Secrets.generate_master_key()))
+    fill_log(commands, 3)
+    assert views.ensure_schema(market.name) in (True, False)
+    assert not views.ensure_schema(market.name)  # the same version: left alone
+    ProjectionRunner(market, views).catch_up()
+    live = views.digest()
+    with views.datastore.transaction(commit=True) as c:
+        c.execute(views.q("UPDATE mm_schema SET version = 1"), ())
+    assert views.ensure_schema(market.name)
+    assert views.position(market.name) == 0
+    assert all(rows == 0 for rows, _ in views.digest().values())
+    ProjectionRunner(market, views).catch_up()
+    assert views.digest() == live
