@@ -217,7 +217,12 @@ async def update_offer(request: web.Request) -> web.Response:
     body = parse_model(OfferPatch, await json_body(request))
     offer = await _own_offer(request, seller_id)
     engine = engine_of(request)
-    changes: dict[str, Any] = body.model_dump(exclude_none=True)
+    # An explicit null lifts the concurrency limit; any other null means "leave as it is".
+    changes: dict[str, Any] = {
+        name: value
+        for name, value in body.model_dump(exclude_unset=True).items()
+        if value is not None or name == "max_concurrent_jobs"
+    }
     if "cost_multiplier" in changes:
         changes["cost_multiplier"] = _multiplier(changes["cost_multiplier"])
     if "api_key" in changes:

@@ -90,6 +90,9 @@ mediamarket is running on {base}
 Demo buyer API key:  {key}
 Admin token:         {admin_token}
 
+See the market (public):
+  curl -s {base}/api/markets/venice-seedance-2-fast-t2v
+
 Submit a job:
   curl -s {base}/v1/video/generations \\
     -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\

@@ -155,6 +155,11 @@ def test_order_book_reads_its_writes_and_errors(server: Server) -> None:
     assert r.status == 200 and r.json()["state"] == "active"
     [entry] = book(c, PIXVERSE)["offers"]
     assert entry["cost_multiplier"] == "0.50"
+    assert entry["capacity"]["max_concurrent_jobs"] == 3  # untouched by that PATCH
+    r = c.patch(
+        f"/v1/seller/offers/{offer['id']}", key=seller_key, json_body={"max_concurrent_jobs": None}
+    )
+    assert r.status == 200 and r.json()["capacity"]["max_concurrent_jobs"] is None
     assert c.delete(f"/v1/seller/offers/{offer['id']}", key=seller_key).status == 200
     assert book(c, PIXVERSE)["offers"] == []
 
