@@ -4,14 +4,17 @@ seller earnings and buyer-owned provider keys, on both backends."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 from uuid import UUID
 
 from adapters.eventstore import open_market
-from tests.harness import Client, Server
+from tests.harness import BIN, Client, Server, free_port
 from tests.test_lifecycle import (
     PENDING,
     PIXVERSE,
@@ -403,3 +406,46 @@ def test_routing_decisions_are_in_the_job_events(server: Server, database_url: s
         assert created.route[0]["offer_id"] == good["id"]
     finally:
         market_app.close()
+
+
+def test_failed_quotes_count_against_the_offer_not_the_buyer(
+    make_server: Any, tmp_path: Path
+) -> None:
+    """The provider goes away: its offers back off, the submit is a clean 503 and the buyer's
+    balance is untouched."""
+    sim_port = free_port()
+    sim = subprocess.Popen(
+        [str(BIN), "sim", "--port", str(sim_port)],
+        cwd=tmp_path,
+        env={**os.environ, "SIM_RENDER_SECONDS": "0.3"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        server = make_server(PROVIDER_BASE_URL_VENICE=f"http://127.0.0.1:{sim_port}/api/v1")
+        c = server.client
+        _, buyer_key = c.create_buyer(DEPOSIT)
+        _, seller_key = c.create_seller()
+        c.create_offer(seller_key, SEEDANCE, "sim_ok", "0.80")
+        c.create_offer(seller_key, SEEDANCE, "sim_ok_2", "0.85")
+        sim.kill()
+        sim.wait()
+        r = c.submit(buyer_key, model=SEEDANCE)
+        assert r.status == 503, r.body
+        assert r.json()["error"]["code"] == "no_healthy_sellers"
+
+        def backed_off() -> bool:
+            offers = c.get("/v1/seller/offers", key=seller_key).json()["data"]
+            return all(o["health"]["status"] == "backoff" for o in offers)
+
+        wait_until(backed_off, timeout=10, what="both offers to back off")
+        for o in c.get("/v1/seller/offers", key=seller_key).json()["data"]:
+            assert o["health"]["reason"].startswith("quote failed"), o
+            assert o["state"] == "active"  # a provider outage is not a bad key
+        assert book(c, SEEDANCE)["sellers"] == {"active": 1, "healthy": 0}
+        me = c.get("/v1/buyer/me", key=buyer_key).json()
+        assert me["balance"]["available_usdc"] == str(DEPOSIT)
+        assert list_jobs(c, buyer_key) == []
+    finally:
+        sim.kill()
+        sim.wait()
