@@ -56,7 +56,7 @@ def market_document(summary: MarketSummary) -> dict[str, Any]:
         **price_columns(summary),
         "best_offer_id": best.offer.offer_id if best is not None else None,
         "sellers": {"active": summary.active_sellers, "healthy": summary.healthy_sellers},
-        "offers": {
+        "offer_counts": {
             "active": len(summary.book),
             "available": sum(1 for e in summary.book if e.unavailable is None),
         },
