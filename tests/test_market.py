@@ -117,6 +117,7 @@ def test_done_when_three_sellers_compete(server: Server) -> None:
     assert summary["last_24h"] == {"jobs": 2, "volume_usdc": "240000"}
     assert summary["all_time"] == {"jobs": 2, "volume_usdc": "240000"}
     assert summary["estimated_cost_usdc"] == "128000"
+    assert summary["offer_counts"] == {"active": 3, "available": 2}
     assert markets(c)[RUNWAY]["estimated_cost_usdc"] is None
     models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
     assert models[SEEDANCE]["estimated_cost_usdc"] == "128000"
