@@ -11,7 +11,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from adapters.venice import ProviderError
 from api.errors import ApiError, invalid, not_found
-from api.http import caught_up, engine_of, json_body, parse_model, require, require_admin
+from api.http import (
+    catalog_of,
+    caught_up,
+    engine_of,
+    json_body,
+    parse_model,
+    require,
+    require_admin,
+    resolve_model,
+)
 from domain.money import MoneyError, format_multiplier, parse_multiplier, to_json
 from services.commands import NotFound
 from services.routing import default_params
@@ -156,11 +165,7 @@ async def create_offer(request: web.Request) -> web.Response:
     body = parse_model(OfferBody, await json_body(request))
     engine = engine_of(request)
     multiplier = _multiplier(body.cost_multiplier)
-    if engine.catalog is None:
-        raise ApiError(503, "catalog_unavailable", "the model catalog is loading; retry shortly")
-    spec = engine.catalog.resolve(body.model)
-    if spec is None:
-        raise ApiError(404, "model_not_found", f"unknown model {body.model}", "model")
+    spec = resolve_model(request, body.model)
     await _check_key(request, body.provider, body.base_url, body.api_key, spec)
     offer_id, written = await engine.blocking(
         engine.commands.create_offer,
@@ -226,8 +231,7 @@ async def update_offer(request: web.Request) -> web.Response:
     if "cost_multiplier" in changes:
         changes["cost_multiplier"] = _multiplier(changes["cost_multiplier"])
     if "api_key" in changes:
-        assert engine.catalog is not None
-        spec = engine.catalog.resolve(offer.model)
+        spec = resolve_model(request, offer.model)
         await _check_key(request, offer.provider, offer.base_url, changes["api_key"], spec)
     try:
         written = await engine.blocking(
@@ -319,16 +323,14 @@ async def add_buyer_provider(request: web.Request) -> web.Response:
     buyer_id = await require(request, "buyer")
     body = parse_model(BuyerProviderBody, await json_body(request))
     engine = engine_of(request)
-    if engine.catalog is None:
-        raise ApiError(503, "catalog_unavailable", "the model catalog is loading; retry shortly")
     if body.model is None:
-        spec = next((m for m in engine.catalog.models() if m.provider == body.provider), None)
+        # A catch-all key is checked with a quote for any model of its provider.
+        models = catalog_of(request).models()
+        spec = next((m for m in models if m.provider == body.provider), None)
         if spec is None:
             raise invalid(f"the catalog has no model of provider {body.provider}", "provider")
     else:
-        spec = engine.catalog.resolve(body.model)
-        if spec is None:
-            raise ApiError(404, "model_not_found", f"unknown model {body.model}", "model")
+        spec = resolve_model(request, body.model)
     await _check_key(request, body.provider, body.base_url, body.api_key, spec)
     provider_id, written = await engine.blocking(
         engine.commands.add_buyer_provider,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from adapters.crypto import sha256_hex
 from api.bootstrap import Engine
 from api.errors import ApiError, invalid, not_found
+from domain.catalog import Catalog, ModelSpec
 from domain.routing import MinimumDiscountError, parse_min_prefix
 from projections.views import JobRow
 
@@ -207,3 +208,18 @@ async def caught_up(request: web.Request, position: int) -> None:
     ok = await engine.caught_up(position, READ_YOUR_WRITES_TIMEOUT)
     if not ok:
         raise ApiError(503, "projection_lagging", "the write is saved but not yet visible; retry")
+
+
+def catalog_of(request: web.Request) -> Catalog:
+    catalog = engine_of(request).catalog
+    if catalog is None:
+        raise ApiError(503, "catalog_unavailable", "the model catalog is loading; retry shortly")
+    return catalog
+
+
+def resolve_model(request: web.Request, name: str) -> ModelSpec:
+    """A catalog model by id or alias, or 404 ``model_not_found``."""
+    spec = catalog_of(request).resolve(name)
+    if spec is None:
+        raise ApiError(404, "model_not_found", f"unknown model {name}", "model")
+    return spec

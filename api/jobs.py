@@ -11,6 +11,7 @@ from aiohttp import web
 
 from api.errors import ApiError, invalid, not_found
 from api.http import (
+    catalog_of,
     caught_up,
     engine_of,
     job_access,
@@ -69,12 +70,10 @@ async def submit(request: web.Request) -> web.Response:
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
         raise invalid("Idempotency-Key must be 1 to 255 characters", "Idempotency-Key")
     body = await json_body(request)
-    if engine.catalog is None:
-        raise ApiError(503, "catalog_unavailable", "the model catalog is loading; retry shortly")
     try:
         video = validate_video_request(
             body,
-            engine.catalog,
+            catalog_of(request),
             allow_http_webhooks=engine.settings.WEBHOOK_ALLOW_HTTP,
             allow_private_webhooks=engine.settings.WEBHOOK_ALLOW_PRIVATE,
         )

@@ -6,19 +6,11 @@ from typing import Any
 
 from aiohttp import web
 
-from api.errors import ApiError
-from api.http import engine_of
-from domain.catalog import Catalog, ModelSpec
+from api.http import catalog_of, engine_of, resolve_model
+from domain.catalog import ModelSpec
 from domain.money import format_discount, to_json
 from domain.routing import Candidate
 from services.market import BookEntry, MarketSummary
-
-
-def _catalog(request: web.Request) -> Catalog:
-    catalog = engine_of(request).catalog
-    if catalog is None:
-        raise ApiError(503, "catalog_unavailable", "the model catalog is loading; retry shortly")
-    return catalog
 
 
 def _percent(candidate: Candidate) -> str:
@@ -84,16 +76,13 @@ def book_entry(entry: BookEntry, now: float) -> dict[str, Any]:
 
 async def list_markets(request: web.Request) -> web.Response:
     engine = engine_of(request)
-    summaries = await engine.market_data.summaries(_catalog(request).models())
+    summaries = await engine.market_data.summaries(catalog_of(request).models())
     return web.json_response({"object": "list", "data": [market_document(s) for s in summaries]})
 
 
 async def order_book(request: web.Request) -> web.Response:
     engine = engine_of(request)
-    name = request.match_info["model"]
-    spec = _catalog(request).resolve(name)
-    if spec is None:
-        raise ApiError(404, "model_not_found", f"unknown model {name}", "model")
+    spec = resolve_model(request, request.match_info["model"])
     [summary] = await engine.market_data.summaries([spec])
     now = engine.router.wall_clock()
     return web.json_response(
