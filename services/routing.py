@@ -161,11 +161,6 @@ class Route:
     def best(self) -> Candidate:
         return self.candidates[0]
 
-    @property
-    def best_offer(self) -> Candidate | None:
-        """The first marketplace offer, which a failed priority key would fall back to."""
-        return next((c for c in self.candidates if not c.buyer_owned), None)
-
     def as_event_data(self) -> list[dict[str, Any]]:
         return [candidate_data(c) for c in self.candidates]
 
