@@ -23,6 +23,7 @@ from eventsourcing.utils import Environment
 from psycopg.sql import SQL, Identifier
 
 from domain.aggregates import BuyerAccount, BuyerProvider, Offer, Seller
+from projections import ledger
 from projections.jobdoc import (
     JobDoc,
     JobEvent,
@@ -74,6 +75,7 @@ TABLES: dict[str, str] = {
         "provider TEXT NOT NULL, model TEXT, base_url TEXT, sealed_key TEXT NOT NULL, "
         "key_sha256 TEXT NOT NULL, created BIGINT NOT NULL, deleted BIGINT NOT NULL)"
     ),
+    **ledger.LEDGER_TABLES,
 }
 INDEXES = [
     "CREATE INDEX IF NOT EXISTS mm_job_views_buyer ON mm_job_views (buyer_id, seq)",
@@ -85,9 +87,10 @@ INDEXES = [
     "CREATE INDEX IF NOT EXISTS mm_trades_model ON mm_trades (model, settled_at)",
     "CREATE INDEX IF NOT EXISTS mm_trades_seller ON mm_trades (seller_id, day)",
     "CREATE INDEX IF NOT EXISTS mm_buyer_providers_buyer ON mm_buyer_providers (buyer_id, seq)",
+    *ledger.LEDGER_INDEXES,
 ]
 # Bumped whenever a table above changes shape: views of an older version are rebuilt.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Every column of every table, in a fixed order, for digests.
 DIGEST_ORDER = {
     "mm_job_views": "job_id",
@@ -95,6 +98,7 @@ DIGEST_ORDER = {
     "mm_offers": "offer_id",
     "mm_trades": "job_id",
     "mm_buyer_providers": "provider_id",
+    **ledger.LEDGER_DIGEST_ORDER,
 }
 
 
@@ -244,6 +248,9 @@ class Views:
             # Tracking first: a runner that lost a race fails here, before doing any work.
             self._insert_tracking(c, tracking)
             self._project(c, items)
+            journal = ledger.LedgerBatch(lambda job_ids: self._load_settlements(c, job_ids))
+            journal.project(items)
+            journal.write(c, self.q)
 
     def _project(self, c: Any, items: Sequence[tuple[int, Any]]) -> None:
         job_ids = {
@@ -484,6 +491,20 @@ class Views:
                     "artifact_stored_at": r["artifact_stored_at"],
                     "doc": json.loads(r["doc"]),
                 }
+        return found
+
+    def _load_settlements(self, c: Any, job_ids: set[str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(sorted(job_ids), 500):
+            c.execute(
+                self.q(
+                    f"SELECT {', '.join(ledger.SETTLEMENT_COLUMNS)} FROM mm_settlements "
+                    f"WHERE job_id IN ({', '.join('?' for _ in chunk)})"
+                ),
+                chunk,
+            )
+            for r in c.fetchall():
+                found[r["job_id"]] = {k: r[k] for k in ledger.SETTLEMENT_COLUMNS}
         return found
 
     def _load_offers(self, c: Any, offer_ids: set[str]) -> dict[str, dict[str, Any]]:

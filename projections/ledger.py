@@ -1,0 +1,359 @@
+"""The ledger projection: a double-entry journal of every microdollar (SPEC 1 and 6).
+
+Entries come from the money events: a deposit (``BuyerAccount.Deposited``), the hold at submit
+(``Settlement.Created``), the capture (``Settlement.Settled``) and the release of the remainder or
+of the whole hold (``Settled`` or ``Released``). An entry's id is its source event's id plus its
+kind, so a replay writes the same ids and can never post twice.
+
+Postings are only ever inserted; no row holds a running balance. A balance is the sum of an
+account's postings, so the busiest account (``platform:fees``, credited by every charged job)
+costs one more inserted row per job and is never a row that every settlement has to update.
+
+Beside the journal the projection keeps one row per job (``mm_settlements``: what was held,
+charged and released, and the provider dispatch the charge rests on) and, per buyer, the version
+of the account aggregate it has seen, so a reconciliation can compare the journal with the
+aggregate at exactly the same point of the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from domain.aggregates import BuyerAccount, Job, Settlement
+
+# Generated event classes (see projections.jobdoc).
+JobEvent: Any = Job
+SettlementEvent: Any = Settlement
+BuyerEvent: Any = BuyerAccount
+
+EXTERNAL_DEPOSITS = "external:deposits"
+PLATFORM_FEES = "platform:fees"
+
+
+def buyer_available(buyer_id: str) -> str:
+    return f"buyer:{buyer_id}:available"
+
+
+def buyer_held(buyer_id: str) -> str:
+    return f"buyer:{buyer_id}:held"
+
+
+def seller_payable(seller_id: str) -> str:
+    return f"seller:{seller_id}:payable"
+
+
+def is_debit_normal(account: str) -> bool:
+    """Money received from outside is an asset (debit balance); every other account is what the
+    platform owes someone, or has earned (credit balance)."""
+    return account.startswith("external:")
+
+
+LEDGER_TABLES: dict[str, str] = {
+    "mm_ledger_entries": (
+        "CREATE TABLE IF NOT EXISTS mm_ledger_entries ("
+        "entry_id TEXT PRIMARY KEY, seq BIGINT NOT NULL, posted_at TEXT NOT NULL, "
+        "day TEXT NOT NULL, kind TEXT NOT NULL, buyer_id TEXT NOT NULL, job_id TEXT, "
+        "reference TEXT)"
+    ),
+    "mm_ledger_postings": (
+        "CREATE TABLE IF NOT EXISTS mm_ledger_postings ("
+        "entry_id TEXT NOT NULL, line BIGINT NOT NULL, account TEXT NOT NULL, "
+        "debit BIGINT NOT NULL, credit BIGINT NOT NULL, PRIMARY KEY (entry_id, line))"
+    ),
+    "mm_settlements": (
+        "CREATE TABLE IF NOT EXISTS mm_settlements ("
+        "job_id TEXT PRIMARY KEY, seq BIGINT NOT NULL, buyer_id TEXT NOT NULL, model TEXT, "
+        "created_at TEXT, day TEXT, hold BIGINT NOT NULL, charged BIGINT NOT NULL, "
+        "seller_cost BIGINT NOT NULL, platform_fee BIGINT NOT NULL, released BIGINT NOT NULL, "
+        "status TEXT NOT NULL, outcome TEXT, resolved_at TEXT, resolutions BIGINT NOT NULL, "
+        "seller_id TEXT, offer_id TEXT, dispatch_offer_id TEXT, dispatch_seller_id TEXT, "
+        "key_sha256 TEXT, list_price BIGINT, dispatch_state TEXT NOT NULL)"
+    ),
+    "mm_ledger_buyers": (
+        "CREATE TABLE IF NOT EXISTS mm_ledger_buyers ("
+        "buyer_id TEXT PRIMARY KEY, version BIGINT NOT NULL)"
+    ),
+}
+LEDGER_INDEXES = [
+    "CREATE INDEX IF NOT EXISTS mm_ledger_entries_day ON mm_ledger_entries (day, seq)",
+    "CREATE INDEX IF NOT EXISTS mm_ledger_entries_job ON mm_ledger_entries (job_id)",
+    "CREATE INDEX IF NOT EXISTS mm_ledger_postings_account ON mm_ledger_postings (account)",
+    "CREATE INDEX IF NOT EXISTS mm_settlements_day ON mm_settlements (day, seq)",
+]
+LEDGER_DIGEST_ORDER = {
+    "mm_ledger_entries": "entry_id",
+    "mm_ledger_postings": "entry_id, line",
+    "mm_settlements": "job_id",
+    "mm_ledger_buyers": "buyer_id",
+}
+SETTLEMENT_COLUMNS = [
+    "job_id",
+    "seq",
+    "buyer_id",
+    "model",
+    "created_at",
+    "day",
+    "hold",
+    "charged",
+    "seller_cost",
+    "platform_fee",
+    "released",
+    "status",
+    "outcome",
+    "resolved_at",
+    "resolutions",
+    "seller_id",
+    "offer_id",
+    "dispatch_offer_id",
+    "dispatch_seller_id",
+    "key_sha256",
+    "list_price",
+    "dispatch_state",
+]
+
+
+@dataclass(frozen=True)
+class Posting:
+    account: str
+    debit: int = 0
+    credit: int = 0
+
+
+@dataclass(frozen=True)
+class Entry:
+    entry_id: str
+    seq: int
+    posted_at: str
+    kind: str
+    buyer_id: str
+    job_id: str | None
+    reference: str | None
+    postings: tuple[Posting, ...]
+
+    @property
+    def day(self) -> str:
+        return self.posted_at[:10]
+
+
+def timestamp(e: Any) -> str:
+    """An event's time as sortable ISO-8601 UTC with microseconds."""
+    return str(e.timestamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+
+
+def _entry_id(e: Any, kind: str) -> str:
+    return f"{e.originator_id}/{e.originator_version}/{kind}"
+
+
+def _transfer(debit_account: str, credit_account: str, amount: int) -> tuple[Posting, ...]:
+    return (Posting(debit_account, debit=amount), Posting(credit_account, credit=amount))
+
+
+def _new_settlement(job_id: str, seq: int, buyer_id: str) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "seq": seq,
+        "buyer_id": buyer_id,
+        "model": None,
+        "created_at": None,
+        "day": None,
+        "hold": 0,
+        "charged": 0,
+        "seller_cost": 0,
+        "platform_fee": 0,
+        "released": 0,
+        "status": "pending",
+        "outcome": None,
+        "resolved_at": None,
+        "resolutions": 0,
+        "seller_id": None,
+        "offer_id": None,
+        "dispatch_offer_id": None,
+        "dispatch_seller_id": None,
+        "key_sha256": None,
+        "list_price": None,
+        "dispatch_state": "none",
+    }
+
+
+class LedgerBatch:
+    """Folds one batch of events into journal entries and settlement rows, then writes them."""
+
+    def __init__(self, load: Callable[[set[str]], dict[str, dict[str, Any]]]) -> None:
+        self._load = load
+        self.entries: list[Entry] = []
+        self.settlements: dict[str, dict[str, Any]] = {}
+        self.buyer_versions: dict[str, int] = {}
+
+    def project(self, items: Sequence[tuple[int, Any]]) -> None:
+        wanted = {_job_of(e) for _, e in items} - {None}
+        self.settlements = self._load({j for j in wanted if j is not None})
+        for seq, e in items:
+            if isinstance(e, BuyerEvent.Event):
+                self.buyer_versions[str(e.originator_id)] = e.originator_version
+                if isinstance(e, BuyerEvent.Deposited):
+                    self._deposit(seq, e)
+            elif isinstance(e, SettlementEvent.Event):
+                self._settlement(seq, e)
+            elif isinstance(e, JobEvent.Event):
+                self._job(seq, e)
+
+    def _post(self, seq: int, e: Any, kind: str, row: dict[str, Any], *p: Posting) -> None:
+        self.entries.append(
+            Entry(
+                _entry_id(e, kind), seq, timestamp(e), kind, row["buyer_id"], row["job_id"], None, p
+            )
+        )
+
+    def _deposit(self, seq: int, e: Any) -> None:
+        buyer_id = str(e.originator_id)
+        self.entries.append(
+            Entry(
+                _entry_id(e, "deposit"),
+                seq,
+                timestamp(e),
+                "deposit",
+                buyer_id,
+                None,
+                e.deposit_id,
+                _transfer(EXTERNAL_DEPOSITS, buyer_available(buyer_id), e.amount),
+            )
+        )
+
+    def _settlement(self, seq: int, e: Any) -> None:
+        if isinstance(e, SettlementEvent.Created):
+            row = self.settlements.get(e.job_id)
+            if row is None:
+                row = self.settlements[e.job_id] = _new_settlement(e.job_id, seq, e.buyer_id)
+            row.update(buyer_id=e.buyer_id, hold=e.hold)
+            buyer = e.buyer_id
+            self._post(
+                seq, e, "hold", row, *_transfer(buyer_available(buyer), buyer_held(buyer), e.hold)
+            )
+            return
+        row = self.settlements.get(e.job_id)
+        if row is None:  # a resolution without its hold: reconciliation reports the job
+            row = self.settlements[e.job_id] = _new_settlement(e.job_id, seq, "unknown")
+        buyer = row["buyer_id"]
+        row["resolutions"] += 1
+        row.update(released=e.released, outcome=e.outcome, resolved_at=timestamp(e))
+        if isinstance(e, SettlementEvent.Settled):
+            row.update(
+                charged=e.charged,
+                seller_cost=e.seller_cost,
+                platform_fee=e.platform_fee,
+                seller_id=e.seller_id,
+                offer_id=e.offer_id,
+                status="confirmed",
+            )
+            credits = []
+            if e.seller_id is not None or e.seller_cost:
+                credits.append(Posting(seller_payable(e.seller_id), credit=e.seller_cost))
+            credits.append(Posting(PLATFORM_FEES, credit=e.platform_fee))
+            self._post(
+                seq, e, "capture", row, Posting(buyer_held(buyer), debit=e.charged), *credits
+            )
+            if e.released:
+                self._release(seq, e, row)
+        else:
+            row.update(status="released")
+            self._release(seq, e, row)
+
+    def _release(self, seq: int, e: Any, row: dict[str, Any]) -> None:
+        buyer = row["buyer_id"]
+        self._post(
+            seq,
+            e,
+            "release",
+            row,
+            *_transfer(buyer_held(buyer), buyer_available(buyer), e.released),
+        )
+
+    def _job(self, seq: int, e: Any) -> None:
+        job_id = str(e.originator_id)
+        if isinstance(e, JobEvent.Created):
+            row = self.settlements.get(job_id)
+            if row is None:
+                row = self.settlements[job_id] = _new_settlement(job_id, seq, e.buyer_id)
+            created = timestamp(e)
+            row.update(model=e.request["model"], created_at=created, day=created[:10])
+            return
+        row = self.settlements.get(job_id)
+        if row is None:
+            return
+        if isinstance(e, JobEvent.DispatchStarted):
+            attempt = e.attempt
+            row.update(
+                dispatch_offer_id=attempt["offer_id"],
+                dispatch_seller_id=attempt.get("seller_id"),
+                key_sha256=attempt.get("key_sha256"),
+                list_price=attempt.get("list_price"),
+                dispatch_state="started",
+            )
+        elif isinstance(e, JobEvent.Refused):
+            row["dispatch_state"] = "refused"
+        elif isinstance(e, JobEvent.Dispatched):
+            row["dispatch_state"] = "accepted"
+
+    def write(self, c: Any, q: Callable[[str], Any]) -> None:
+        if self.entries:
+            c.executemany(
+                q(
+                    "INSERT INTO mm_ledger_entries (entry_id, seq, posted_at, day, kind, buyer_id, "
+                    "job_id, reference) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
+                [
+                    (
+                        x.entry_id,
+                        x.seq,
+                        x.posted_at,
+                        x.day,
+                        x.kind,
+                        x.buyer_id,
+                        x.job_id,
+                        x.reference,
+                    )
+                    for x in self.entries
+                ],
+            )
+            c.executemany(
+                q(
+                    "INSERT INTO mm_ledger_postings (entry_id, line, account, debit, credit) "
+                    "VALUES (?, ?, ?, ?, ?)"
+                ),
+                [
+                    (x.entry_id, line, p.account, p.debit, p.credit)
+                    for x in self.entries
+                    for line, p in enumerate(x.postings)
+                ],
+            )
+        if self.settlements:
+            columns = SETTLEMENT_COLUMNS
+            c.executemany(
+                q(
+                    f"INSERT INTO mm_settlements ({', '.join(columns)}) "
+                    f"VALUES ({', '.join('?' for _ in columns)}) ON CONFLICT (job_id) DO UPDATE "
+                    f"SET {', '.join(f'{k} = excluded.{k}' for k in columns[1:])}"
+                ),
+                [tuple(r[k] for k in columns) for r in self.settlements.values()],
+            )
+        if self.buyer_versions:
+            c.executemany(
+                q(
+                    "INSERT INTO mm_ledger_buyers (buyer_id, version) VALUES (?, ?) "
+                    "ON CONFLICT (buyer_id) DO UPDATE SET version = excluded.version"
+                ),
+                list(self.buyer_versions.items()),
+            )
+
+
+def _job_of(e: Any) -> str | None:
+    """The job whose settlement row an event touches, if any."""
+    if isinstance(e, SettlementEvent.Event):
+        return str(e.job_id)
+    if isinstance(
+        e, (JobEvent.Created, JobEvent.DispatchStarted, JobEvent.Refused, JobEvent.Dispatched)
+    ):
+        return str(e.originator_id)
+    return None
