@@ -23,6 +23,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from adapters.media import pixel_size, render_mp4
@@ -612,3 +613,20 @@ async def run_simulator(
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+
+
+class BillingUnavailable(Exception):
+    """The provider at a base URL publishes no bill we can read."""
+
+
+async def read_billing(session: aiohttp.ClientSession, base_url: str) -> dict[str, int]:
+    """What the simulator behind ``base_url`` (``.../api/v1``) billed, per key hash."""
+    url = f"{base_url.rstrip('/')}/sim/billing"
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+            if r.status != 200:
+                raise BillingUnavailable(f"{url} answered {r.status}: not the simulator")
+            body = await r.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+        raise BillingUnavailable(f"cannot read {url}: {e or type(e).__name__}") from None
+    return {key: int(entry["billed_micros"]) for key, entry in body["keys"].items()}

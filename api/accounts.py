@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import date
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -14,6 +13,7 @@ from api.errors import ApiError, invalid, not_found
 from api.http import (
     catalog_of,
     caught_up,
+    day_param,
     engine_of,
     json_body,
     parse_model,
@@ -259,8 +259,8 @@ async def delete_offer(request: web.Request) -> web.Response:
 async def earnings(request: web.Request) -> web.Response:
     """Settled payouts of the seller's jobs, in total, by model and by day (UTC)."""
     seller_id = await require(request, "seller")
-    first_day = _day_param(request, "from")
-    last_day = _day_param(request, "to")
+    first_day = day_param(request, "from")
+    last_day = day_param(request, "to")
     engine = engine_of(request)
     rows = await engine.read(engine.views.seller_earnings, seller_id, first_day, last_day)
     models: dict[str, tuple[int, int]] = {}
@@ -291,20 +291,6 @@ async def earnings(request: web.Request) -> web.Response:
             ],
         }
     )
-
-
-def _day_param(request: web.Request, name: str) -> str | None:
-    value = request.query.get(name)
-    if value is None:
-        return None
-    try:
-        return date.fromisoformat(value).isoformat() if len(value) == 10 else _bad_day(name)
-    except ValueError:
-        return _bad_day(name)
-
-
-def _bad_day(name: str) -> NoReturn:
-    raise invalid(f"{name} must be a date as YYYY-MM-DD", name)
 
 
 # ---------------------------------------------------------------------- buyer-owned providers

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from adapters.settings import Settings
 from adapters.simulator import create_simulator_app
-from api import accounts, jobs, market
+from api import accounts, finance, jobs, market
 from api.bootstrap import Engine
 from api.http import ENGINE, MAX_BODY_BYTES, METRICS, PRINCIPALS, engine_of, request_context
 
@@ -57,7 +57,13 @@ def operation_id(method: str, path: str) -> str:
 def openapi_document() -> dict[str, Any]:
     error = {"$ref": "#/components/schemas/Error"}
     paths: dict[str, dict[str, Any]] = {}
-    routes = [*jobs.MEDIA_ROUTES, *accounts.ACCOUNT_ROUTES, *market.MARKET_ROUTES, *PUBLIC_ROUTES]
+    routes = [
+        *jobs.MEDIA_ROUTES,
+        *accounts.ACCOUNT_ROUTES,
+        *market.MARKET_ROUTES,
+        *finance.FINANCE_ROUTES,
+        *PUBLIC_ROUTES,
+    ]
     for method, path, _, summary in routes:
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
@@ -152,6 +158,7 @@ def create_app(engine: Engine, *, mount_simulator: bool = False) -> web.Applicat
     jobs.register(app)
     accounts.register(app)
     market.register(app)
+    finance.register(app)
     for method, path, handler, _ in PUBLIC_ROUTES:
         app.router.add_route(method, path, handler)
     if mount_simulator:

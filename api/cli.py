@@ -17,10 +17,17 @@ import structlog
 from aiohttp import web
 
 from adapters.crypto import sha256_hex
+from adapters.eventstore import open_market, store_env
 from adapters.logs import configure_logging
 from adapters.settings import ConfigError, Settings, load_settings
+from api import finance as finance_api
 from api.app import create_app, is_embedded_simulator
 from api.bootstrap import Engine
+from projections.views import VIEWS_NAME, scratch_views
+from services import finance
+from services.audit import job_history, render_text
+from services.replay import Verification
+from services.replay import verify as verify_replay
 
 log = structlog.get_logger("cli")
 DEMO_MODELS = {
@@ -210,6 +217,79 @@ async def admin(settings: Settings, args: argparse.Namespace) -> None:
         await engine.close()
 
 
+async def audit(settings: Settings, args: argparse.Namespace) -> int:
+    """``audit job ID``: one job's whole history from the event log, operator view."""
+    try:
+        job_id = uuid.UUID(args.job_id)
+    except ValueError:
+        print(f"mediamarket: {args.job_id!r} is not a job id", file=sys.stderr)
+        return 1
+    # The event store alone: no projection runner, secrets or provider sessions are needed.
+    try:
+        market = await asyncio.to_thread(open_market, settings.DATABASE_URL)
+    except Exception as e:
+        raise ConfigError(f"cannot open the database at DATABASE_URL: {e}") from None
+    try:
+        history = await asyncio.to_thread(job_history, market, job_id)
+    finally:
+        market.close()
+    if history is None:
+        print(f"mediamarket: no job {job_id}", file=sys.stderr)
+        return 1
+    print(render_text(history), end="")
+    return 0
+
+
+async def ledger(settings: Settings, args: argparse.Namespace) -> int:
+    engine = await Engine.open(settings)
+    try:
+        views, name = engine.views, engine.market.name
+        if args.ledger_command == "reconcile":
+            report = await finance_api.reconcile(engine)
+            print(json.dumps(report.as_json(), indent=2) if args.json else report.render())
+            return 0 if report.ok else 1
+        end = await engine.blocking(engine.market.recorder.max_notification_id) or 0
+        await engine.caught_up(end, finance_api.READ_YOUR_WRITES_SECONDS)
+        if args.ledger_command == "trial-balance":
+            balance = await engine.blocking(finance.trial_balance, views, name)
+            print(json.dumps(balance.as_json(), indent=2) if args.json else balance.render())
+            return 0 if balance.balanced else 1
+        if args.ledger_command == "journal":
+            columns = finance.JOURNAL_COLUMNS
+            rows = await engine.blocking(finance.journal_rows, views, name, args.first, args.last)
+        else:
+            columns = finance.SETTLEMENT_EXPORT_COLUMNS
+            rows = await engine.blocking(
+                finance.settlement_rows, views, name, args.first, args.last
+            )
+        text = finance.to_csv(columns, rows)
+        if args.output:
+            await asyncio.to_thread(Path(args.output).write_text, text)
+            print(f"wrote {len(rows)} rows to {args.output}", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+        return 0
+    finally:
+        await engine.close()
+
+
+async def replay(settings: Settings) -> int:
+    engine = await Engine.open(settings)
+    try:
+        env = store_env(settings.DATABASE_URL, role=VIEWS_NAME)
+        name = engine.market.name
+
+        def verify() -> Verification:
+            with scratch_views(env, name) as fresh:
+                return verify_replay(engine.market, engine.views, fresh)
+
+        result = await engine.blocking(verify)
+        print(result.render())
+        return 0 if result.ok else 1
+    finally:
+        await engine.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mediamarket", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -231,6 +311,28 @@ def build_parser() -> argparse.ArgumentParser:
     a = admin_sub.add_parser("deposit")
     a.add_argument("buyer_id")
     a.add_argument("amount_usdc", help="integer microdollars")
+    p = sub.add_parser("ledger", help="finance: reconciliation, trial balance, CSV exports")
+    ledger_sub = p.add_subparsers(dest="ledger_command", required=True)
+    a = ledger_sub.add_parser("reconcile", help="check every money invariant; exit 1 on a break")
+    a.add_argument("--json", action="store_true", help="the report as JSON")
+    a = ledger_sub.add_parser("trial-balance", help="every account's debits, credits, balance")
+    a.add_argument("--json", action="store_true", help="as JSON")
+    for command, what in (("journal", "posting"), ("settlements", "job creation")):
+        a = ledger_sub.add_parser(command, help=f"CSV export, filtered by {what} day (UTC)")
+        a.add_argument("--from", dest="first", type=finance.parse_day, help="first day, YYYY-MM-DD")
+        a.add_argument("--to", dest="last", type=finance.parse_day, help="last day, YYYY-MM-DD")
+        a.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p = sub.add_parser("replay", help="rebuild every projection into fresh storage")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        required=True,
+        help="compare the rebuilt projections with the live ones; exit 1 on any difference",
+    )
+    p = sub.add_parser("audit", help="histories from the event log")
+    audit_sub = p.add_subparsers(dest="audit_command", required=True)
+    a = audit_sub.add_parser("job", help="every event and amount of one job")
+    a.add_argument("job_id")
     return parser
 
 
@@ -261,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "admin":
             asyncio.run(admin(settings, args))
+        elif args.command == "ledger":
+            return asyncio.run(ledger(settings, args))
+        elif args.command == "replay":
+            return asyncio.run(replay(settings))
+        elif args.command == "audit":
+            return asyncio.run(audit(settings, args))
     except ConfigError as e:
         print(f"mediamarket: {e}", file=sys.stderr)
         return 2

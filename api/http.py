@@ -22,6 +22,7 @@ from api.errors import ApiError, invalid, not_found
 from domain.catalog import Catalog, ModelSpec
 from domain.routing import MinimumDiscountError, parse_min_prefix
 from projections.views import JobRow
+from services.finance import parse_day
 
 ENGINE = web.AppKey("engine", Engine)
 # Keys are never reassigned, so a positive lookup can be remembered for the process lifetime.
@@ -223,3 +224,14 @@ def resolve_model(request: web.Request, name: str) -> ModelSpec:
     if spec is None:
         raise ApiError(404, "model_not_found", f"unknown model {name}", "model")
     return spec
+
+
+def day_param(request: web.Request, name: str) -> str | None:
+    """An optional ``YYYY-MM-DD`` (UTC day) query parameter."""
+    value = request.query.get(name)
+    if value is None:
+        return None
+    try:
+        return parse_day(value)
+    except ValueError:
+        raise invalid(f"{name} must be a date as YYYY-MM-DD", name) from None

@@ -23,6 +23,7 @@ from domain.aggregates import PENDING, TERMINAL, InsufficientBalance
 from domain.catalog import RequestError, VideoRequest, validate_video_request
 from domain.routing import RoutingError
 from projections.jobdoc import JobDoc
+from services.audit import as_json, job_history
 from services.commands import IdempotencyMismatch, NotFound, Submitted
 from services.routing import Route
 
@@ -217,6 +218,23 @@ async def list_jobs(request: web.Request) -> web.Response:
     )
 
 
+async def events(request: web.Request) -> web.Response:
+    """The job's history from the event log (SPEC 6), for the buyer who owns it."""
+    min_discount_of(request)
+    engine = engine_of(request)
+    # As poll: a malformed id is as unknown as a missing one, even before authentication.
+    try:
+        job_id = uuid.UUID(request.match_info["job_id"])
+    except ValueError:
+        raise not_found("job") from None
+    buyer_id = await require(request, "buyer")
+    # Ownership comes from the log too, so a job is visible here before its view catches up.
+    history = await engine.blocking(job_history, engine.market, job_id)
+    if history is None or history.buyer_id != buyer_id:
+        raise not_found("job")
+    return web.json_response(as_json(history, for_buyer=True))
+
+
 async def artifact(request: web.Request) -> web.StreamResponse:
     min_discount_of(request)
     engine = engine_of(request)
@@ -264,6 +282,7 @@ MEDIA_ROUTES: list[tuple[str, str, Any, str]] = [
     ("GET", "/v1/video/generations", list_jobs, "List your jobs, newest first"),
     ("GET", "/v1/video/generations/{job_id}", poll, "Poll a job"),
     ("DELETE", "/v1/video/generations/{job_id}", cancel, "Cancel a job"),
+    ("GET", "/v1/video/generations/{job_id}/events", events, "A job's event history"),
     ("GET", "/v1/media/artifacts/{job_id}/{index}", artifact, "Download a finished video"),
 ]
 

@@ -65,7 +65,8 @@ LEDGER_TABLES: dict[str, str] = {
     "mm_settlements": (
         "CREATE TABLE IF NOT EXISTS mm_settlements ("
         "job_id TEXT PRIMARY KEY, seq BIGINT NOT NULL, buyer_id TEXT NOT NULL, model TEXT, "
-        "created_at TEXT, day TEXT, hold BIGINT NOT NULL, charged BIGINT NOT NULL, "
+        "seconds BIGINT, resolution TEXT, created_at TEXT, day TEXT, hold BIGINT NOT NULL, "
+        "charged BIGINT NOT NULL, "
         "seller_cost BIGINT NOT NULL, platform_fee BIGINT NOT NULL, released BIGINT NOT NULL, "
         "status TEXT NOT NULL, outcome TEXT, resolved_at TEXT, resolutions BIGINT NOT NULL, "
         "seller_id TEXT, offer_id TEXT, dispatch_offer_id TEXT, dispatch_seller_id TEXT, "
@@ -93,6 +94,8 @@ SETTLEMENT_COLUMNS = [
     "seq",
     "buyer_id",
     "model",
+    "seconds",
+    "resolution",
     "created_at",
     "day",
     "hold",
@@ -156,6 +159,8 @@ def _new_settlement(job_id: str, seq: int, buyer_id: str) -> dict[str, Any]:
         "seq": seq,
         "buyer_id": buyer_id,
         "model": None,
+        "seconds": None,
+        "resolution": None,
         "created_at": None,
         "day": None,
         "hold": 0,
@@ -277,7 +282,14 @@ class LedgerBatch:
             if row is None:
                 row = self.settlements[job_id] = _new_settlement(job_id, seq, e.buyer_id)
             created = timestamp(e)
-            row.update(model=e.request["model"], created_at=created, day=created[:10])
+            request = e.request
+            row.update(
+                model=request["model"],
+                seconds=request.get("duration_seconds"),
+                resolution=request.get("resolution"),
+                created_at=created,
+                day=created[:10],
+            )
             return
         row = self.settlements.get(job_id)
         if row is None:

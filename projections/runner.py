@@ -37,11 +37,13 @@ class ProjectionRunner:
         self._caught_up = threading.Condition()
         self.on_advance: list[Callable[[int], None]] = []
 
-    def run_once(self) -> int:
-        """Apply the next batch, if any; returns how many notifications it covered."""
+    def run_once(self, until: int | None = None) -> int:
+        """Apply the next batch, if any, up to ``until``; returns how many it covered."""
         start = self.views.position(self.app.name)
+        if until is not None and start >= until:
+            return 0
         notifications = self.app.recorder.select_notifications(
-            start=start, limit=self.batch_size, inclusive_of_start=False
+            start=start, limit=self.batch_size, stop=until, inclusive_of_start=False
         )
         if not notifications:
             self._advance(start)
@@ -57,12 +59,15 @@ class ProjectionRunner:
         self._advance(last)
         return len(notifications)
 
-    def catch_up(self) -> int:
+    def catch_up(self, until: int | None = None) -> int:
+        """Apply the log up to its end (or up to ``until``); returns how many were applied."""
         total = 0
         while True:
-            n = self.run_once()
+            n = self.run_once(until)
             total += n
-            if n == 0 and self.views.position(self.app.name) >= self._log_end():
+            if n == 0 and (
+                until is not None or self.views.position(self.app.name) >= self._log_end()
+            ):
                 return total
 
     def _log_end(self) -> int:

@@ -11,11 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from eventsourcing.persistence import InfrastructureFactory, Tracking, TrackingRecorder
 from eventsourcing.postgres import PostgresTrackingRecorder
 from eventsourcing.sqlite import SQLiteTrackingRecorder
@@ -239,6 +243,8 @@ class Views:
         def _insert_tracking(self, c: Any, tracking: Tracking) -> None: ...
 
         def max_tracking_id(self, application_name: str) -> int | None: ...
+
+        def _max_tracking_id(self, application_name: str, c: Any) -> int | None: ...
 
     # ---------------------------------------------------------------- projecting
 
@@ -717,16 +723,62 @@ class Views:
             c.execute(self.q("INSERT INTO mm_schema (version) VALUES (?)"), (SCHEMA_VERSION,))
             return True
 
+    @contextmanager
+    def snapshot(self, application_name: str) -> Iterator[Snapshot]:
+        """Every view as of one log position, read in one consistent transaction, so a check
+        that compares views with each other (or with the log at that position) never sees a
+        batch half applied."""
+        with self.datastore.transaction(commit=False) as c:
+            self._repeatable_read(c)
+            position = self._max_tracking_id(application_name, c) or 0
+            yield Snapshot(c, self.q, position)
+
+    def _repeatable_read(self, c: Any) -> None:
+        """SQLite's WAL readers see one snapshot per transaction already."""
+
     def digest(self) -> dict[str, tuple[int, str]]:
         """Per table: row count and a SHA-256 over every row in key order."""
-        result = {}
-        for table, key in DIGEST_ORDER.items():
-            h = hashlib.sha256()
-            rows = self._all(f"SELECT * FROM {table} ORDER BY {key}", ())
-            for r in rows:
-                h.update(dumps([_plain(r[k]) for k in r.keys()]).encode())  # noqa: SIM118
-            result[table] = (len(rows), h.hexdigest())
-        return result
+        with self.datastore.transaction(commit=False) as c:
+            self._repeatable_read(c)
+            return {t: (len(rows), _combined(rows)) for t, rows in _row_hashes(c, self.q).items()}
+
+    def row_hashes(self, application_name: str) -> tuple[int, dict[str, dict[str, str]]]:
+        """The tracked position and, per table, each row's key and hash (to name a difference)."""
+        with self.snapshot(application_name) as s:
+            return s.position, _row_hashes(s.cursor, self.q)
+
+
+@dataclass
+class Snapshot:
+    cursor: Any
+    q: Callable[[str], Any]
+    position: int
+
+    def all(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
+        self.cursor.execute(self.q(statement), params)
+        return list(self.cursor.fetchall())
+
+
+def _row_hashes(c: Any, q: Callable[[str], Any]) -> dict[str, dict[str, str]]:
+    result: dict[str, dict[str, str]] = {}
+    for table, key in DIGEST_ORDER.items():
+        c.execute(q(f"SELECT * FROM {table} ORDER BY {key}"), ())
+        key_columns = [k.strip() for k in key.split(",")]
+        hashes: dict[str, str] = {}
+        for r in c.fetchall():
+            row_key = "/".join(str(r[k]) for k in key_columns)
+            encoded = dumps([_plain(r[k]) for k in r.keys()]).encode()  # noqa: SIM118
+            hashes[row_key] = hashlib.sha256(encoded).hexdigest()
+        result[table] = hashes
+    return result
+
+
+def _combined(row_hashes: dict[str, str]) -> str:
+    """One digest of a table: the rows' hashes in key order (the dict keeps query order)."""
+    h = hashlib.sha256()
+    for row_hash in row_hashes.values():
+        h.update(row_hash.encode())
+    return h.hexdigest()
 
 
 def _plain(value: Any) -> Any:
@@ -814,6 +866,9 @@ class PostgresViews(Views, PostgresTrackingRecorder):
     def _lock_schema(self, c: Any) -> None:
         c.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))
 
+    def _repeatable_read(self, c: Any) -> None:
+        c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+
 
 # An arbitrary constant: the advisory lock that serialises view schema changes on PostgreSQL.
 SCHEMA_LOCK_ID = 7_305_117
@@ -821,6 +876,11 @@ SCHEMA_LOCK_ID = 7_305_117
 
 def open_views(env: dict[str, str]) -> Views:
     factory = InfrastructureFactory.construct(Environment(VIEWS_NAME, env))
+    schema = env.get("POSTGRES_SCHEMA")
+    if schema:
+        # The library qualifies its own tables with the schema; ours are unqualified, so every
+        # connection of this store must look in that schema first.
+        factory.datastore.pool.kwargs["options"] = f"-c search_path={schema}"  # type: ignore[attr-defined]
     if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite":
         recorder: TrackingRecorder = factory.tracking_recorder(SQLiteViews)
     else:
@@ -829,4 +889,42 @@ def open_views(env: dict[str, str]) -> Views:
     return recorder
 
 
-__all__ = ["BuyerProviderRow", "JobRow", "OfferRow", "Views", "open_views"]
+@contextmanager
+def scratch_views(env: dict[str, str], application_name: str) -> Iterator[Views]:
+    """Empty views in fresh storage beside the live ones (a temporary SQLite file, or a
+    temporary PostgreSQL schema), removed afterwards: where a replay can be proven."""
+    if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite":
+        with tempfile.TemporaryDirectory(prefix="mediamarket-replay-") as directory:
+            views = open_views({**env, "SQLITE_DBNAME": f"{directory}/views.db"})
+            try:
+                views.ensure_schema(application_name)
+                yield views
+            finally:
+                views.datastore.close()
+        return
+    schema = f"mm_replay_{uuid.uuid4().hex[:12]}"
+    admin = psycopg.connect(**_pg_connect_args(env), autocommit=True)
+    try:
+        admin.execute(SQL("CREATE SCHEMA {}").format(Identifier(schema)))
+        views = open_views({**env, "POSTGRES_SCHEMA": schema})
+        try:
+            views.ensure_schema(application_name)
+            yield views
+        finally:
+            views.datastore.close()
+    finally:
+        admin.execute(SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(Identifier(schema)))
+        admin.close()
+
+
+def _pg_connect_args(env: dict[str, str]) -> dict[str, Any]:
+    return {
+        "dbname": env["POSTGRES_DBNAME"],
+        "host": env["POSTGRES_HOST"],
+        "port": env["POSTGRES_PORT"],
+        "user": env["POSTGRES_USER"],
+        "password": env.get("POSTGRES_PASSWORD") or None,
+    }
+
+
+__all__ = ["BuyerProviderRow", "JobRow", "OfferRow", "Views", "open_views", "scratch_views"]

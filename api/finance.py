@@ -1,0 +1,133 @@
+"""Finance and audit routes: trial balance, reconciliation, CSV exports (SPEC 6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from adapters.simulator import BillingUnavailable, read_billing
+from api.bootstrap import Engine
+from api.errors import invalid
+from api.http import day_param, engine_of, require, require_admin
+from services import finance
+
+READ_YOUR_WRITES_SECONDS = 30.0
+
+
+async def _caught_up_with_log(engine: Engine) -> None:
+    """Bring the views up to everything written so far, so a report covers it."""
+    end = await engine.blocking(engine.market.recorder.max_notification_id) or 0
+    await engine.caught_up(end, READ_YOUR_WRITES_SECONDS)
+
+
+async def reconcile(engine: Engine) -> finance.Reconciliation:
+    """Check every invariant of SPEC 1 at the views' current position (see services.finance)."""
+    await _caught_up_with_log(engine)
+    state = await engine.blocking(finance.read_state, engine.views, engine.market.name)
+    try:
+        billed = await read_billing(engine.session, engine.base_urls["venice"])
+        billing = finance.Billing(billed)
+        # The bill may include dispatches accepted after the first snapshot: bracket it.
+        await _caught_up_with_log(engine)
+        later = await engine.blocking(finance.read_state, engine.views, engine.market.name)
+    except BillingUnavailable as e:
+        billing, later = finance.Billing(None, str(e)), state
+    repository = engine.market.repository
+
+    def load(buyer_id: Any, version: int) -> Any:
+        return repository.get(buyer_id, version=version)
+
+    buyers = await engine.blocking(finance.buyer_figures, load, state.buyer_versions)
+    return finance.reconcile(state, buyers, billing, later)
+
+
+def _csv_response(columns: list[str], rows: list[list[Any]], filename: str) -> web.Response:
+    return web.Response(
+        text=finance.to_csv(columns, rows),
+        content_type="text/csv",
+        charset="utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def _range(request: web.Request) -> tuple[str | None, str | None]:
+    fmt = request.query.get("format", "csv")
+    if fmt != "csv":
+        raise invalid("format must be csv", "format")
+    first, last = day_param(request, "from"), day_param(request, "to")
+    if first is not None and last is not None and first > last:
+        raise invalid("from must not be after to", "from")
+    return first, last
+
+
+def _filename(stem: str, first: str | None, last: str | None) -> str:
+    return f"{stem}_{first or 'start'}_{last or 'now'}.csv"
+
+
+async def trial_balance(request: web.Request) -> web.Response:
+    require_admin(request)
+    engine = engine_of(request)
+    await _caught_up_with_log(engine)
+    balance = await engine.blocking(finance.trial_balance, engine.views, engine.market.name)
+    return web.json_response(balance.as_json())
+
+
+async def reconciliation(request: web.Request) -> web.Response:
+    require_admin(request)
+    report = await reconcile(engine_of(request))
+    return web.json_response(report.as_json())
+
+
+async def journal_export(request: web.Request) -> web.Response:
+    require_admin(request)
+    first, last = _range(request)
+    engine = engine_of(request)
+    await _caught_up_with_log(engine)
+    rows = await engine.blocking(
+        finance.journal_rows, engine.views, engine.market.name, first, last
+    )
+    return _csv_response(finance.JOURNAL_COLUMNS, rows, _filename("journal", first, last))
+
+
+async def settlements_export(request: web.Request) -> web.Response:
+    require_admin(request)
+    first, last = _range(request)
+    engine = engine_of(request)
+    await _caught_up_with_log(engine)
+    rows = await engine.blocking(
+        finance.settlement_rows, engine.views, engine.market.name, first, last
+    )
+    return _csv_response(
+        finance.SETTLEMENT_EXPORT_COLUMNS, rows, _filename("settlements", first, last)
+    )
+
+
+async def usage_export(request: web.Request) -> web.Response:
+    """The buyer's jobs created between two UTC days, one CSV row each."""
+    buyer_id = await require(request, "buyer")
+    first, last = _range(request)
+    engine = engine_of(request)
+    rows = await engine.blocking(
+        finance.usage_rows, engine.views, engine.market.name, buyer_id, first, last
+    )
+    return _csv_response(finance.USAGE_COLUMNS, rows, _filename("usage", first, last))
+
+
+FINANCE_ROUTES: list[tuple[str, str, Any, str]] = [
+    ("GET", "/admin/ledger/trial-balance", trial_balance, "Trial balance of the ledger (admin)"),
+    ("GET", "/admin/ledger/reconciliation", reconciliation, "Check every money invariant (admin)"),
+    ("GET", "/admin/ledger/journal", journal_export, "Journal CSV, from/to by posting day (admin)"),
+    (
+        "GET",
+        "/admin/ledger/settlements",
+        settlements_export,
+        "Per-job settlement CSV, from/to by creation day (admin)",
+    ),
+    ("GET", "/v1/buyer/usage/export", usage_export, "Your jobs as CSV, from/to by creation day"),
+]
+
+
+def register(app: web.Application) -> None:
+    for method, path, handler, _ in FINANCE_ROUTES:
+        app.router.add_route(method, path, handler)
