@@ -242,7 +242,7 @@ def test_corrupting_one_row_is_named_by_replay_and_reconcile(make_server: Server
     other = jobs[3]
     _corrupt(
         server,
-        "UPDATE mm_job_views SET doc = REPLACE(doc, '\"settlement_status\":\"confirmed\"', "
+        'UPDATE mm_job_views SET doc = REPLACE(doc, \'"settlement_status":"confirmed"\', '
         f"'\"settlement_status\":\"released\"') WHERE job_id = '{other}'",
     )
     replayed = server.cli("replay", "--verify")
