@@ -19,7 +19,14 @@ import structlog
 
 from adapters.venice import ProviderError, QuoteFailed, VeniceClient, VideoParams
 from domain.catalog import ModelSpec, VideoRequest
-from domain.money import FeeSchedule, max_cost, parse_multiplier, price_buyer_owned, price_offer
+from domain.money import (
+    FeeSchedule,
+    format_multiplier,
+    max_cost,
+    parse_multiplier,
+    price_buyer_owned,
+    price_offer,
+)
 from domain.routing import Candidate, choose
 from projections.views import BuyerProviderRow, OfferRow
 
@@ -192,7 +199,7 @@ def candidate_data(c: Candidate) -> dict[str, Any]:
     return {
         "offer_id": c.offer_id,
         "seller_id": c.seller_id,
-        "cost_multiplier": None if c.multiplier is None else str(c.multiplier),
+        "cost_multiplier": None if c.multiplier is None else format_multiplier(c.multiplier),
         "list_price": c.price.list_price,
         "seller_cost": c.price.seller_cost,
         "buyer_cost": c.price.buyer_cost,

@@ -111,6 +111,8 @@ def test_succeeded_job_history(make_server: ServerFactory) -> None:
     routing = summary["routing"]
     assert [r["offer_id"] for r in routing["route"]] == [offer["id"]]
     assert routing["route"][0]["buyer_cost"] == str(BUYER_COST)
+    # The multiplier as the seller wrote it, not as a fraction.
+    assert routing["route"][0]["cost_multiplier"] == offer["cost_multiplier"]
     assert routing["considered"] == 1 and routing["skipped"] == []
     [attempt] = summary["attempts"]
     assert attempt["offer_id"] == offer["id"] and attempt["outcome"] == "accepted"
