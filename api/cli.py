@@ -24,7 +24,7 @@ from api import finance as finance_api
 from api.app import create_app, is_embedded_simulator
 from api.bootstrap import Engine
 from projections.views import VIEWS_NAME, scratch_views
-from services import finance
+from services import exports, finance
 from services.audit import job_history, render_text
 from services.replay import Verification
 from services.replay import verify as verify_replay
@@ -255,14 +255,14 @@ async def ledger(settings: Settings, args: argparse.Namespace) -> int:
             print(json.dumps(balance.as_json(), indent=2) if args.json else balance.render())
             return 0 if balance.balanced else 1
         if args.ledger_command == "journal":
-            columns = finance.JOURNAL_COLUMNS
-            rows = await engine.blocking(finance.journal_rows, views, name, args.first, args.last)
+            columns = exports.JOURNAL_COLUMNS
+            rows = await engine.blocking(exports.journal_rows, views, name, args.first, args.last)
         else:
-            columns = finance.SETTLEMENT_EXPORT_COLUMNS
+            columns = exports.SETTLEMENT_EXPORT_COLUMNS
             rows = await engine.blocking(
-                finance.settlement_rows, views, name, args.first, args.last
+                exports.settlement_rows, views, name, args.first, args.last
             )
-        text = finance.to_csv(columns, rows)
+        text = exports.to_csv(columns, rows)
         if args.output:
             await asyncio.to_thread(Path(args.output).write_text, text)
             print(f"wrote {len(rows)} rows to {args.output}", file=sys.stderr)
@@ -319,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="as JSON")
     for command, what in (("journal", "posting"), ("settlements", "job creation")):
         a = ledger_sub.add_parser(command, help=f"CSV export, filtered by {what} day (UTC)")
-        a.add_argument("--from", dest="first", type=finance.parse_day, help="first day, YYYY-MM-DD")
-        a.add_argument("--to", dest="last", type=finance.parse_day, help="last day, YYYY-MM-DD")
+        a.add_argument("--from", dest="first", type=exports.parse_day, help="first day, YYYY-MM-DD")
+        a.add_argument("--to", dest="last", type=exports.parse_day, help="last day, YYYY-MM-DD")
         a.add_argument("--output", "-o", help="write to this file instead of stdout")
     p = sub.add_parser("replay", help="rebuild every projection into fresh storage")
     p.add_argument(

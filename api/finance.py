@@ -10,7 +10,7 @@ from adapters.simulator import BillingUnavailable, read_billing
 from api.bootstrap import Engine
 from api.errors import invalid
 from api.http import day_param, engine_of, require, require_admin
-from services import finance
+from services import exports, finance
 
 READ_YOUR_WRITES_SECONDS = 30.0
 
@@ -44,7 +44,7 @@ async def reconcile(engine: Engine) -> finance.Reconciliation:
 
 def _csv_response(columns: list[str], rows: list[list[Any]], filename: str) -> web.Response:
     return web.Response(
-        text=finance.to_csv(columns, rows),
+        text=exports.to_csv(columns, rows),
         content_type="text/csv",
         charset="utf-8",
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
@@ -79,27 +79,24 @@ async def reconciliation(request: web.Request) -> web.Response:
     return web.json_response(report.as_json())
 
 
-async def journal_export(request: web.Request) -> web.Response:
+async def _ledger_export(
+    request: web.Request, rows_of: Any, columns: list[str], stem: str
+) -> web.Response:
     require_admin(request)
     first, last = _range(request)
     engine = engine_of(request)
     await _caught_up_with_log(engine)
-    rows = await engine.blocking(
-        finance.journal_rows, engine.views, engine.market.name, first, last
-    )
-    return _csv_response(finance.JOURNAL_COLUMNS, rows, _filename("journal", first, last))
+    rows = await engine.blocking(rows_of, engine.views, engine.market.name, first, last)
+    return _csv_response(columns, rows, _filename(stem, first, last))
+
+
+async def journal_export(request: web.Request) -> web.Response:
+    return await _ledger_export(request, exports.journal_rows, exports.JOURNAL_COLUMNS, "journal")
 
 
 async def settlements_export(request: web.Request) -> web.Response:
-    require_admin(request)
-    first, last = _range(request)
-    engine = engine_of(request)
-    await _caught_up_with_log(engine)
-    rows = await engine.blocking(
-        finance.settlement_rows, engine.views, engine.market.name, first, last
-    )
-    return _csv_response(
-        finance.SETTLEMENT_EXPORT_COLUMNS, rows, _filename("settlements", first, last)
+    return await _ledger_export(
+        request, exports.settlement_rows, exports.SETTLEMENT_EXPORT_COLUMNS, "settlements"
     )
 
 
@@ -109,9 +106,9 @@ async def usage_export(request: web.Request) -> web.Response:
     first, last = _range(request)
     engine = engine_of(request)
     rows = await engine.blocking(
-        finance.usage_rows, engine.views, engine.market.name, buyer_id, first, last
+        exports.usage_rows, engine.views, engine.market.name, buyer_id, first, last
     )
-    return _csv_response(finance.USAGE_COLUMNS, rows, _filename("usage", first, last))
+    return _csv_response(exports.USAGE_COLUMNS, rows, _filename("usage", first, last))
 
 
 FINANCE_ROUTES: list[tuple[str, str, Any, str]] = [

@@ -22,7 +22,7 @@ from api.errors import ApiError, invalid, not_found
 from domain.catalog import Catalog, ModelSpec
 from domain.routing import MinimumDiscountError, parse_min_prefix
 from projections.views import JobRow
-from services.finance import parse_day
+from services.exports import parse_day
 
 ENGINE = web.AppKey("engine", Engine)
 # Keys are never reassigned, so a positive lookup can be remembered for the process lifetime.
