@@ -51,7 +51,7 @@ class ProjectionRunner:
         items = [(n.id, self.app.mapper.to_domain_event(n)) for n in notifications]
         last = notifications[-1].id
         try:
-            self.views.apply_batch(items, Tracking(self.app.name, last))
+            self.views.apply_batch(items, Tracking(self.app.name, last), start)
         except IntegrityError:
             # Another runner applied (part of) this range first; start again from its position.
             self._advance(self.views.position(self.app.name))
@@ -65,10 +65,10 @@ class ProjectionRunner:
         while True:
             n = self.run_once(until)
             total += n
-            if n == 0 and (
-                until is not None or self.views.position(self.app.name) >= self._log_end()
-            ):
-                return total
+            if n == 0:
+                end = self._log_end() if until is None else min(until, self._log_end())
+                if self.views.position(self.app.name) >= end:
+                    return total
 
     def _log_end(self) -> int:
         return self.app.recorder.max_notification_id() or 0

@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from eventsourcing.persistence import InfrastructureFactory, Tracking, TrackingRecorder
+from eventsourcing.persistence import (
+    InfrastructureFactory,
+    IntegrityError,
+    Tracking,
+    TrackingRecorder,
+)
 from eventsourcing.postgres import PostgresTrackingRecorder
 from eventsourcing.sqlite import SQLiteTrackingRecorder
 from eventsourcing.utils import Environment
@@ -93,8 +98,8 @@ INDEXES = [
     "CREATE INDEX IF NOT EXISTS mm_buyer_providers_buyer ON mm_buyer_providers (buyer_id, seq)",
     *ledger.LEDGER_INDEXES,
 ]
-# Bumped whenever a table above changes shape: views of an older version are rebuilt.
-SCHEMA_VERSION = 3
+# Bumped whenever a table above changes shape or a fold changes: older views are rebuilt.
+SCHEMA_VERSION = 4
 # Every column of every table, in a fixed order, for digests.
 DIGEST_ORDER = {
     "mm_job_views": "job_id",
@@ -248,10 +253,21 @@ class Views:
 
     # ---------------------------------------------------------------- projecting
 
-    def apply_batch(self, items: Sequence[tuple[int, Any]], tracking: Tracking) -> None:
-        """Apply ``(notification id, domain event)`` pairs and advance tracking, atomically."""
+    def apply_batch(self, items: Sequence[tuple[int, Any]], tracking: Tracking, start: int) -> None:
+        """Apply ``(notification id, domain event)`` pairs that follow position ``start`` and
+        advance tracking to the last of them, atomically.
+
+        Raises ``IntegrityError`` when the views are no longer at ``start``: another runner
+        applied a batch first. The library's tracking upsert alone would accept any higher
+        position, so a runner that read the same start and fetched a longer batch would apply
+        the overlap a second time (and ``SlotTaken`` counts are not idempotent).
+        """
         with self.datastore.transaction(commit=True) as c:
-            # Tracking first: a runner that lost a race fails here, before doing any work.
+            # Serialise batches first, then read the position under that lock.
+            self._lock_batches(c)
+            position = self._max_tracking_id(tracking.application_name, c) or 0
+            if position != start:
+                raise IntegrityError(f"the views are at {position}, not {start}")
             self._insert_tracking(c, tracking)
             self._project(c, items)
             journal = ledger.LedgerBatch(lambda job_ids: self._load_settlements(c, job_ids))
@@ -452,7 +468,9 @@ class Views:
         if isinstance(e, OfferEvent.Updated):
             for name, value in e.changes.items():
                 if name == "paused":
-                    o["state"] = "paused" if value else "active"
+                    # Unpausing leaves a deactivated offer deactivated, as the aggregate does.
+                    resumed = "deactivated" if o["deactivated_reason"] else "active"
+                    o["state"] = "paused" if value else resumed
                 else:
                     o[name] = value
             if "sealed_key" in e.changes:
@@ -701,6 +719,9 @@ class Views:
     def _lock_schema(self, c: Any) -> None:
         """Keep processes starting together from migrating the same views at once."""
 
+    def _lock_batches(self, c: Any) -> None:
+        raise NotImplementedError
+
     def ensure_schema(self, application_name: str) -> bool:
         """Views of another schema version are dropped and rebuilt from the log.
 
@@ -836,6 +857,11 @@ class SQLiteViews(Views, SQLiteTrackingRecorder):
     def _reset_tracking(self, c: Any, application_name: str) -> None:
         c.execute("DELETE FROM tracking WHERE application_name = ?", (application_name,))
 
+    def _lock_batches(self, c: Any) -> None:
+        # A write takes SQLite's one write lock now (a read first would pin a snapshot that a
+        # committing runner could make stale); it matches no row and changes nothing.
+        c.execute("DELETE FROM tracking WHERE 0")
+
 
 class PostgresViews(Views, PostgresTrackingRecorder):
     def __init__(self, datastore: Any, **kwargs: Any) -> None:
@@ -869,9 +895,14 @@ class PostgresViews(Views, PostgresTrackingRecorder):
     def _repeatable_read(self, c: Any) -> None:
         c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
 
+    def _lock_batches(self, c: Any) -> None:
+        c.execute("SELECT pg_advisory_xact_lock(%s)", (BATCH_LOCK_ID,))
+
 
 # An arbitrary constant: the advisory lock that serialises view schema changes on PostgreSQL.
 SCHEMA_LOCK_ID = 7_305_117
+# And the one that serialises projection batches, so each reads the position it builds on.
+BATCH_LOCK_ID = 7_305_118
 
 
 def open_views(env: dict[str, str]) -> Views:

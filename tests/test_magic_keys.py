@@ -101,6 +101,11 @@ def check_refused(c: Client, buyer_key: str, seller_key: str, key: str) -> None:
             assert refused["state"] == "deactivated", refused
             assert refused["deactivated_reason"], refused
             assert "401" in refused["deactivated_reason"]
+            # Pausing and resuming is not a new key: it stays switched off.
+            path = f"/v1/seller/offers/{refused['id']}"
+            for paused, state in ((True, "paused"), (False, "deactivated")):
+                r = c.patch(path, key=seller_key, json_body={"paused": paused})
+                assert r.status == 200 and r.json()["state"] == state, r.body
         else:
             assert refused["state"] == "active", refused
             assert refused["deactivated_reason"] is None

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from eventsourcing.persistence import IntegrityError, Tracking
 
 from adapters.crypto import Secrets, sha256_hex
 from adapters.eventstore import open_market, store_env
@@ -147,3 +148,24 @@ def test_views_of_another_schema_version_are_rebuilt_from_the_log(db_url: str) -
     assert all(rows == 0 for rows, _ in views.digest().values())
     ProjectionRunner(market, views).catch_up()
     assert views.digest() == live
+
+
+def test_a_batch_overlapping_one_already_applied_is_refused(db_url: str) -> None:
+    """Two runners that read the same position: the one with the longer batch commits second
+    and must not apply the overlap again (the tracking upsert alone would let it)."""
+    market = open_market(db_url)
+    views = open_views(store_env(db_url, role=VIEWS_NAME))
+    fill_log(Commands(market, Secrets("z" * 32)), 3)
+    notifications = market.recorder.select_notifications(start=1, limit=100)
+    items = [(n.id, market.mapper.to_domain_event(n)) for n in notifications]
+    views.apply_batch(items[:5], Tracking(market.name, items[4][0]), 0)
+    with pytest.raises(IntegrityError):
+        views.apply_batch(items[:8], Tracking(market.name, items[7][0]), 0)
+    assert views.position(market.name) == items[4][0]
+    views.apply_batch(items[5:], Tracking(market.name, items[-1][0]), items[4][0])
+    live = views.digest()
+    views.reset(market.name)
+    ProjectionRunner(market, views).catch_up()
+    assert views.digest() == live
+    views.datastore.close()
+    market.close()
