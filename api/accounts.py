@@ -22,7 +22,7 @@ from api.http import (
     resolve_model,
 )
 from domain.money import MoneyError, format_multiplier, parse_multiplier, to_json
-from services.commands import NotFound
+from services.commands import DepositConflict, NotFound
 from services.routing import default_params
 
 
@@ -113,6 +113,13 @@ async def deposit(request: web.Request) -> web.Response:
         written = await engine.blocking(engine.commands.deposit, buyer_id, amount, body.deposit_id)
     except NotFound:
         raise not_found("buyer") from None
+    except DepositConflict as e:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            f"deposit_id {e.deposit_id!r} was used for a deposit of {e.amount} microdollars",
+            "deposit_id",
+        ) from None
     await caught_up(request, written.position)
     buyer = await engine.blocking(engine.commands.buyer, buyer_id)
     return web.json_response(

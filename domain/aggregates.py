@@ -59,14 +59,29 @@ class BuyerAccount(Aggregate):
     def available(self) -> int:
         return self.deposited - self.spent - self.held
 
-    def deposit(self, amount: int, deposit_id: str) -> None:
+    def deposit(self, amount: int, deposit_id: str) -> bool:
+        """Credit a deposit once per ``deposit_id``: a retry of the same deposit is a no-op
+        (returns False); the same id with another amount is refused."""
         if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
             raise ValueError("a deposit must be a positive integer of microdollars")
+        seen = self._deposit_ids().get(deposit_id)
+        if seen is not None:
+            if seen != amount:
+                raise DepositConflict(deposit_id, seen)
+            return False
         self._deposited(amount=amount, deposit_id=deposit_id)
+        return True
+
+    def _deposit_ids(self) -> dict[str, int]:
+        # Snapshots taken before deposit ids were kept restore without them.
+        if not hasattr(self, "deposit_ids"):
+            self.deposit_ids: dict[str, int] = {}
+        return self.deposit_ids
 
     @event("Deposited", topic="mediamarket.buyer.deposited.v1")
     def _deposited(self, amount: int, deposit_id: str) -> None:
         self.deposited += amount
+        self._deposit_ids()[deposit_id] = amount
 
     def can_hold(self, amount: int) -> bool:
         return 0 <= amount <= self.available
@@ -97,6 +112,13 @@ class BuyerAccount(Aggregate):
     def _hold_resolved(self, job_id: str, charged: int, released: int) -> None:
         self.held -= self.holds.pop(job_id)
         self.spent += charged
+
+
+class DepositConflict(Exception):
+    def __init__(self, deposit_id: str, amount: int) -> None:
+        super().__init__(f"deposit {deposit_id!r} was already made, of {amount} microdollars")
+        self.deposit_id = deposit_id
+        self.amount = amount
 
 
 class InsufficientBalance(Exception):

@@ -27,6 +27,7 @@ from adapters.eventstore import MarketApp
 from domain.aggregates import (
     BuyerAccount,
     BuyerProvider,
+    DepositConflict,
     IllegalTransition,
     InsufficientBalance,
     Job,
@@ -151,7 +152,8 @@ class Commands:
         def attempt() -> Written:
             with self._account(buyer_id):
                 buyer = self._get(BuyerAccount, buyer_id)
-                buyer.deposit(amount, deposit_ref)
+                if not buyer.deposit(amount, deposit_ref):
+                    return Written(0)  # made before: nothing new to wait for
                 return Written(_position(self.app.save(buyer)))
 
         return self._retrying(attempt)
@@ -545,6 +547,7 @@ class Commands:
 __all__ = [
     "Commands",
     "ConflictError",
+    "DepositConflict",
     "IdempotencyMismatch",
     "InsufficientBalance",
     "NotFound",

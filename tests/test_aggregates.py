@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from adapters.eventstore import open_market
 from domain.aggregates import (
     BuyerAccount,
+    DepositConflict,
     IllegalTransition,
     InsufficientBalance,
     Job,
@@ -273,3 +274,16 @@ def test_a_held_lease_is_not_rewritten_until_half_spent() -> None:
     assert job.claim("w", now=31.0, lease_seconds=60)
     assert len(job.collect_events()) == 1
     assert not job.claim("other", now=40.0, lease_seconds=60)
+
+
+def test_a_deposit_id_is_credited_once() -> None:
+    account = BuyerAccount(id=uuid.uuid4(), name="b", api_key_hash="h")
+    assert account.deposit(500, "d1")
+    assert not account.deposit(500, "d1")
+    with pytest.raises(DepositConflict):
+        account.deposit(501, "d1")
+    assert account.deposit(500, "d2")
+    assert account.deposited == 1000
+    # An account restored from a snapshot taken before deposit ids were kept still works.
+    del account.deposit_ids
+    assert account.deposit(1, "d3") and account.deposited == 1001

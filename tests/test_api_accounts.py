@@ -297,3 +297,25 @@ def test_configuration_error_is_one_line_and_exit_2(tmp_path: Path) -> None:
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("mediamarket:"), (env, done.stderr)
         assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+
+
+def test_a_deposit_retried_with_its_id_is_credited_once(server: Server) -> None:
+    c = server.client
+    buyer_id, buyer_key = c.create_buyer()
+    deposits = f"/admin/buyers/{buyer_id}/deposits"
+    once = {"amount_usdc": "1000000", "deposit_id": "wire-2026-11-24-001"}
+    first = c.post(deposits, key=ADMIN_TOKEN, json_body=once)
+    again = c.post(deposits, key=ADMIN_TOKEN, json_body=once)
+    assert first.status == again.status == 201, again.body
+    assert again.json() == first.json()
+    assert first.json()["balance"]["deposited_usdc"] == "1000000"
+    # The same id with another amount is refused and changes nothing.
+    assert_error(
+        c.post(deposits, key=ADMIN_TOKEN, json_body={**once, "amount_usdc": "999"}),
+        422,
+        "idempotency_key_reused",
+        "deposit_id",
+    )
+    other = c.post(deposits, key=ADMIN_TOKEN, json_body={**once, "deposit_id": "wire-002"})
+    assert other.status == 201 and other.json()["balance"]["deposited_usdc"] == "2000000"
+    assert balance(c, buyer_key)["available_usdc"] == "2000000"
