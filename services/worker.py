@@ -131,6 +131,14 @@ class Worker:
                 await self.drive(UUID(job_id))
             except asyncio.CancelledError:
                 raise
+            except IllegalTransition as e:
+                # Usually a buyer's cancel (or an expiry) that ended the job mid-step: done.
+                job = await self.blocking(self.commands.job, UUID(job_id))
+                if job.is_terminal:
+                    log.info("job_ended_while_driven", job_id=job_id, status=job.status)
+                    return
+                log.error("job_drive_failed", job_id=job_id, error=str(e))
+                await asyncio.sleep(1.0)
             except Exception:
                 # The job stays pending; the next tick picks it up again.
                 log.exception("job_drive_failed", job_id=job_id)
