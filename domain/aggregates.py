@@ -12,6 +12,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.domain import Snapshot as LibrarySnapshot
+from eventsourcing.utils import register_topic
 
 from domain import money
 
@@ -119,6 +120,12 @@ class DepositConflict(Exception):
         super().__init__(f"deposit {deposit_id!r} was already made, of {amount} microdollars")
         self.deposit_id = deposit_id
         self.amount = amount
+
+
+# The library registers the topics of an aggregate's own events when the class is defined, but
+# a snapshot class's only when a snapshot is taken: a process that only reads (a restarted
+# server, the CLI) could not load a buyer with a snapshot.
+register_topic(BuyerAccount.Snapshot.TOPIC, BuyerAccount.Snapshot)
 
 
 class InsufficientBalance(Exception):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -287,3 +289,26 @@ def test_a_deposit_id_is_credited_once() -> None:
     # An account restored from a snapshot taken before deposit ids were kept still works.
     del account.deposit_ids
     assert account.deposit(1, "d3") and account.deposited == 1001
+
+
+def test_a_buyer_with_a_snapshot_loads_in_a_process_that_never_took_one(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/data"
+    market = open_market(url)
+    buyer = BuyerAccount(id=uuid.uuid4(), name="b", api_key_hash="h")
+    for n in range(210):  # past the snapshotting interval
+        buyer.deposit(1, f"d{n}")
+        market.save(buyer)
+    market.close()
+    script = (
+        "import sys, uuid; from adapters.eventstore import open_market; "
+        "m = open_market(sys.argv[1]); print(m.repository.get(uuid.UUID(sys.argv[2])).deposited)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, url, str(buyer.id)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "210"
