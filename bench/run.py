@@ -20,6 +20,10 @@ Each row also accounts for the CPU (server, its PostgreSQL backends, load genera
 the machine) and reports server CPU per request, which stays meaningful when other processes
 share the cores; the run first waits (up to ``--wait-quiet`` s) for the machine to go quiet.
 
+Then the replay rows, from a ``bench.replay`` process: every projection rebuilt from a log of
+``--replay-jobs`` jobs (default 100,000; 5,000 with ``--quick``) on SQLite and on PostgreSQL,
+against the baseline of reading and deserialising the same log (see ``bench.replay``).
+
 Prints a markdown table and, with ``--update-readme``, puts it between the bench markers.
 ``python -m bench.profile`` profiles the engine under the same workloads.
 """
@@ -65,6 +69,9 @@ OFFER_COUNTS = (1, 10, 100)  # offers on the model in the "submit, N offers" row
 QUOTE_CACHE_SECONDS = 5.0  # the engine's quote cache lifetime (services.routing), for the note
 POLL_GOAL = 0.60  # of bare aiohttp's GET rate
 SUBMIT_GOAL = 500.0  # jobs/s on SQLite
+REPLAY_GOAL = 50_000.0  # events/s rebuilding the projections on SQLite
+REPLAY_JOBS = 100_000  # jobs in the replayed log (--quick: QUICK_REPLAY_JOBS)
+QUICK_REPLAY_JOBS = 5_000
 
 
 # ---------------------------------------------------------------------- processes
@@ -499,6 +506,62 @@ def measure_offers(
     return rows
 
 
+@dataclass
+class ReplayRow:
+    """One ``bench.replay`` measurement (its JSON), or why there is none."""
+
+    backend: str
+    jobs: int
+    result: dict[str, Any] | None
+    note: str = ""
+
+    @property
+    def workload(self) -> str:
+        return f"replay, {jobs_label(self.jobs)} jobs"
+
+    @property
+    def events_per_s(self) -> float:
+        return 0.0 if self.result is None else float(self.result["events_per_s"])
+
+
+def jobs_label(jobs: int) -> str:
+    return f"{jobs // 1000}k" if jobs >= 1000 and jobs % 1000 == 0 else f"{jobs:,}"
+
+
+def measure_replay(
+    procs: Processes, jobs: int, postgres_url: str | None, why_not_postgres: str | None
+) -> list[ReplayRow]:
+    """The replay rows from one ``bench.replay`` process: SQLite, then PostgreSQL unless
+    ``postgres_url`` is None (``why_not_postgres`` says why)."""
+    backend = "sqlite" if postgres_url is None else "both"
+    args = [sys.executable, "-m", "bench.replay", "--jobs", str(jobs), "--backend", backend]
+    args += ["--json", *(["--postgres-url", postgres_url] if postgres_url else [])]
+    proc = procs.start(args, cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        # Generating a 100k-job log the first time takes minutes; later runs reuse it.
+        out, _ = proc.communicate(timeout=3600)
+    except subprocess.TimeoutExpired:
+        out = b""
+    finally:
+        procs.stop(proc)
+    rows: dict[str, ReplayRow] = {}
+    for line in out.decode().splitlines():
+        if line.startswith("{"):
+            result = json.loads(line)
+            backend_name = result["backend"]
+            if "skipped" in result:
+                note = f"skipped: {result['skipped']}"
+                rows[backend_name] = ReplayRow(backend_name, jobs, None, note)
+            else:
+                rows[backend_name] = ReplayRow(backend_name, jobs, result)
+    failed = f"failed (exit {proc.returncode}; its output is above)"
+    for name in ("SQLite", "PostgreSQL"):
+        if name not in rows:
+            note = failed if name == "SQLite" or postgres_url else f"skipped: {why_not_postgres}"
+            rows[name] = ReplayRow(name, jobs, None, note)
+    return [rows["SQLite"], rows["PostgreSQL"]]
+
+
 @contextlib.contextmanager
 def postgres_database(admin_url: str) -> Iterator[str]:
     import psycopg
@@ -547,7 +610,9 @@ def render(
     quick: bool,
     pg_version: str | None,
     skipped: list[str],
+    replays: list[ReplayRow] | None = None,
 ) -> str:
+    replays = replays or []
     lines = [
         f"Measured {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} by `make bench` on "
         f"{os.cpu_count()} cores ({cpu_model()}), Linux {platform.release()}, "
@@ -610,7 +675,10 @@ def render(
     ]
     if any(row.offers is not None for row in rows):
         lines += ["", offers_note(load)]
+    if replays:
+        lines += ["", *replay_table(replays)]
     noisy = max((row.cpu.other for row in rows if row.cpu is not None), default=0.0)
+    noisy = max([noisy, *(float(r.result["cpu_other"]) for r in replays if r.result)])
     if noisy > 0.25:
         lines += [
             "",
@@ -644,8 +712,70 @@ def render(
         lines.append(
             f"- submit ≥ {SUBMIT_GOAL:.0f} jobs/s on SQLite: {row.rps:,.0f} jobs/s{cost} — {met}"
         )
+    for replay in replays:
+        if replay.backend != "SQLite" or replay.result is None:
+            continue
+        met = "met" if replay.events_per_s >= REPLAY_GOAL else "**not met**"
+        per_core = 1e6 / float(replay.result["cpu_us_per_event"])
+        lines.append(
+            f"- replay ≥ {REPLAY_GOAL:,.0f} events/s on SQLite ({replay.workload}): "
+            f"{replay.events_per_s:,.0f} events/s ({per_core:,.0f} events/s per fully busy core) "
+            f"— {met}"
+        )
     lines += offers_scaling(rows)
     return "\n".join(lines) + "\n"
+
+
+def replay_table(rows: list[ReplayRow]) -> list[str]:
+    lines = [
+        "| backend | workload | events | replay s | events/s | jobs/s | baseline events/s "
+        "| % of baseline | CPU µs/event replay / db | CPU replay / db / other |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        r = row.result
+        if r is None:
+            lines.append(f"| {row.backend} | {row.workload} | {row.note} | | | | | | | |")
+            continue
+        db_us = "-" if r["db_us_per_event"] is None else f"{r['db_us_per_event']:.1f}"
+        db = "-" if r["cpu_db"] is None else f"{r['cpu_db']:.0%}"
+        lines.append(
+            f"| {row.backend} | {row.workload} | {r['notifications']:,} "
+            f"| {r['replay_seconds']:.1f} | {r['events_per_s']:,.0f} | {r['jobs_per_s']:,.0f} "
+            f"| {r['baseline_events_per_s']:,.0f} | {r['ratio']:.0%} "
+            f"| {r['cpu_us_per_event']:.1f} / {db_us} "
+            f"| {r['cpu_process']:.0%} / {db} / {r['cpu_other']:.0%} |"
+        )
+    log = next((r.result["log"] for r in rows if r.result is not None), None)
+    if log is not None:
+        lines += ["", replay_note(log, int(rows[0].result["batch_size"]) if rows[0].result else 0)]
+    return lines
+
+
+def replay_note(log: dict[str, Any], batch_size: int) -> str:
+    outcomes = sorted(log["outcomes"].items(), key=lambda kv: -kv[1])
+    mix = ", ".join(f"{name.replace('_', ' ')} {n / log['jobs']:.0%}" for name, n in outcomes)
+    return (
+        "Replay rows (`python -m bench.replay`): every projection rebuilt from a log of "
+        f"{log['jobs']:,} jobs ({log['notifications']:,} events, "
+        f"{log['notifications'] / log['jobs']:.1f} per job), generated in-process through the "
+        "real command side (`services.commands.Commands` over the real aggregates) by a "
+        f"simulation of a busy market: 100 funded buyers, one seller with three offers, jobs "
+        f"arriving at {log['rate']:g} per simulated second and driven as the worker drives them "
+        f"(outcomes: {mix}), so one job's events are spread over a median of "
+        f"{log['job_span_median']:,.0f} notifications, interleaved with other jobs' as a running "
+        "engine writes them. The SQLite log is cached in `bench/.cache/`; the PostgreSQL one is "
+        "a copy of it, event for event, kept in the database `mm_bench_replay`. Each row: "
+        "fresh views in their own database, reset, then `ProjectionRunner.catch_up()` timed "
+        f"(batches of {batch_size}); events/s is notifications applied per second, jobs/s the "
+        "log's jobs per second. The baseline is reading the same log in the same batches and "
+        "deserialising every event (`select_notifications` + `mapper.to_domain_event`), "
+        "projecting nothing: the ceiling for any projection. CPU µs/event is the replay "
+        "process's (and the PostgreSQL backends') CPU time per event, which, like server CPU "
+        "ms/req above, hardly depends on other load; the last column is in cores, as above. "
+        "To see where a replay's time goes: `.venv/bin/python -m bench.replay --backend sqlite "
+        "--profile`."
+    )
 
 
 def offers_note(load: Load) -> str:
@@ -751,6 +881,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument(
+        "--replay-jobs",
+        type=int,
+        metavar="N",
+        help=f"jobs in the replay rows' log (default {REPLAY_JOBS:,}; {QUICK_REPLAY_JOBS:,} "
+        "quick; 0 for no replay rows)",
+    )
+    parser.add_argument(
         "--wait-quiet",
         type=float,
         metavar="SECONDS",
@@ -772,6 +909,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     skipped: list[str] = []
     pg_version: str | None = None
+    pg_problem: str | None = "--no-postgres" if args.no_postgres else None
+    replays: list[ReplayRow] = []
+    replay_jobs = args.replay_jobs
+    if replay_jobs is None:
+        replay_jobs = QUICK_REPLAY_JOBS if args.quick else REPLAY_JOBS
     max_wait = args.wait_quiet if args.wait_quiet is not None else (0.0 if args.quick else 60.0)
     if max_wait > 0:
         waited, busy = wait_for_quiet(max_wait)
@@ -815,6 +957,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 pg_version, why = postgres_version(args.postgres_url)
                 if why is not None:
+                    pg_problem = f"not reachable at {args.postgres_url} ({why})"
                     skipped.append(
                         f"PostgreSQL rows skipped: not reachable at {args.postgres_url} ({why})."
                     )
@@ -847,12 +990,20 @@ def main(argv: list[str] | None = None) -> int:
                         which = "The other PostgreSQL" if len(rows) > before else "PostgreSQL"
                         skipped.append(f"{which} rows skipped: the run failed ({e}).")
                         print(f"bench: {skipped[-1]}", file=sys.stderr, flush=True)
+            if replay_jobs > 0:
+                print(
+                    f"bench: replay of {replay_jobs:,} jobs' events (bench.replay)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                pg_url = None if pg_problem is not None else args.postgres_url
+                replays = measure_replay(procs, replay_jobs, pg_url, pg_problem)
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
     finally:
         procs.stop_all()
-    report = render(rows, load, args.buyers, args.quick, pg_version, skipped)
+    report = render(rows, load, args.buyers, args.quick, pg_version, skipped, replays)
     print(report)
     print(f"bench: done in {time.monotonic() - started:.0f} s", file=sys.stderr)
     if args.update_readme is not None:
