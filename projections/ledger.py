@@ -192,16 +192,22 @@ class LedgerBatch:
         self.buyer_versions: dict[str, int] = {}
 
     def project(self, items: Sequence[tuple[int, Any]]) -> None:
-        wanted = {_job_of(e) for _, e in items} - {None}
-        self.settlements = self._load({j for j in wanted if j is not None})
-        for seq, e in items:
-            if isinstance(e, BuyerEvent.Event):
+        # Most of a log is job events the ledger has no use for: pick its own by exact type.
+        ours = [(seq, e, HANDLERS[type(e)]) for seq, e in items if type(e) in HANDLERS]
+        wanted = {
+            str(e.job_id) if handler is _SETTLEMENT else str(e.originator_id)
+            for _, e, handler in ours
+            if handler is not _BUYER
+        }
+        self.settlements = self._load(wanted)
+        for seq, e, handler in ours:
+            if handler is _BUYER:
                 self.buyer_versions[str(e.originator_id)] = e.originator_version
                 if isinstance(e, BuyerEvent.Deposited):
                     self._deposit(seq, e)
-            elif isinstance(e, SettlementEvent.Event):
+            elif handler is _SETTLEMENT:
                 self._settlement(seq, e)
-            elif isinstance(e, JobEvent.Event):
+            else:
                 self._job(seq, e)
 
     def _post(self, seq: int, e: Any, kind: str, row: dict[str, Any], *p: Posting) -> None:
@@ -360,12 +366,31 @@ class LedgerBatch:
             )
 
 
-def _job_of(e: Any) -> str | None:
-    """The job whose settlement row an event touches, if any."""
-    if isinstance(e, SettlementEvent.Event):
-        return str(e.job_id)
-    if isinstance(
-        e, (JobEvent.Created, JobEvent.DispatchStarted, JobEvent.Refused, JobEvent.Dispatched)
-    ):
-        return str(e.originator_id)
-    return None
+_BUYER, _SETTLEMENT, _JOB = "buyer", "settlement", "job"
+# Every event the ledger reads, by exact class. Every account event counts (the version the
+# ledger has seen of each buyer), the settlement's, and the four job events that say which
+# provider dispatch a charge rests on.
+HANDLERS: dict[type, str] = {
+    **{
+        cls: _BUYER
+        for cls in (
+            BuyerEvent.Created,
+            BuyerEvent.Deposited,
+            BuyerEvent.Held,
+            BuyerEvent.HoldResolved,
+        )
+    },
+    **{
+        cls: _SETTLEMENT
+        for cls in (SettlementEvent.Created, SettlementEvent.Settled, SettlementEvent.Released)
+    },
+    **{
+        cls: _JOB
+        for cls in (
+            JobEvent.Created,
+            JobEvent.DispatchStarted,
+            JobEvent.Refused,
+            JobEvent.Dispatched,
+        )
+    },
+}

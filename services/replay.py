@@ -76,7 +76,7 @@ def verify(app: MarketApp, live: Views, fresh: Views) -> Verification:
     """Replay the log into ``fresh`` (empty views) up to the live views' position; compare."""
     position, live_rows = live.row_hashes(app.name)
     started = time.perf_counter()
-    events = ProjectionRunner(app, fresh, batch_size=2000).catch_up(until=position)
+    events = ProjectionRunner(app, fresh).catch_up(until=position)
     seconds = time.perf_counter() - started
     replayed_position, replayed_rows = fresh.row_hashes(app.name)
     tables = []
