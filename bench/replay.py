@@ -65,7 +65,7 @@ from domain.aggregates import Offer, settlement_id
 from domain.catalog import Catalog, VideoRequest, parse_venice_models, validate_video_request
 from domain.money import FeeSchedule, parse_multiplier, price_offer, usd_to_micros
 from domain.routing import Candidate, RoutingError, choose
-from projections.runner import ProjectionRunner
+from projections.runner import CATCH_UP_BATCH_SIZE, ProjectionRunner
 from projections.views import VIEWS_NAME, open_views
 from services.commands import Commands
 from services.routing import MAX_ROUTE_OFFERS, Route
@@ -633,8 +633,8 @@ def measure(
         runner = ProjectionRunner(app, views)
         # First a read without decoding (also brings the log into the OS cache), then the
         # baseline: the same read, deserialising every event.
-        _, select_seconds = read_log(app, runner.batch_size, decode=False)
-        count, baseline_seconds = read_log(app, runner.batch_size, decode=True)
+        _, select_seconds = read_log(app, CATCH_UP_BATCH_SIZE, decode=False)
+        count, baseline_seconds = read_log(app, CATCH_UP_BATCH_SIZE, decode=True)
         db0 = sum(db_seconds(name) for name in db_names)
         busy0, cpu0, started = busy_seconds(), cpu_seconds(os.getpid()), time.perf_counter()
         if profile is not None:
@@ -662,7 +662,7 @@ def measure(
         replay_seconds=seconds,
         baseline_seconds=baseline_seconds,
         select_seconds=select_seconds,
-        batch_size=runner.batch_size,
+        batch_size=CATCH_UP_BATCH_SIZE,
         cpu_process=cpu / seconds,
         cpu_db=db / seconds if db_names else None,
         cpu_other=other / seconds,
