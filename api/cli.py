@@ -248,8 +248,7 @@ async def ledger(settings: Settings, args: argparse.Namespace) -> int:
             report = await finance_api.reconcile(engine)
             print(json.dumps(report.as_json(), indent=2) if args.json else report.render())
             return 0 if report.ok else 1
-        end = await engine.blocking(engine.market.recorder.max_notification_id) or 0
-        await engine.caught_up(end, finance_api.READ_YOUR_WRITES_SECONDS)
+        await finance_api.caught_up_with_log(engine)
         if args.ledger_command == "trial-balance":
             balance = await engine.blocking(finance.trial_balance, views, name)
             print(json.dumps(balance.as_json(), indent=2) if args.json else balance.render())

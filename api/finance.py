@@ -15,7 +15,7 @@ from services import exports, finance
 READ_YOUR_WRITES_SECONDS = 30.0
 
 
-async def _caught_up_with_log(engine: Engine) -> None:
+async def caught_up_with_log(engine: Engine) -> None:
     """Bring the views up to everything written so far, so a report covers it."""
     end = await engine.blocking(engine.market.recorder.max_notification_id) or 0
     await engine.caught_up(end, READ_YOUR_WRITES_SECONDS)
@@ -23,13 +23,13 @@ async def _caught_up_with_log(engine: Engine) -> None:
 
 async def reconcile(engine: Engine) -> finance.Reconciliation:
     """Check every invariant of SPEC 1 at the views' current position (see services.finance)."""
-    await _caught_up_with_log(engine)
+    await caught_up_with_log(engine)
     state = await engine.blocking(finance.read_state, engine.views, engine.market.name)
     try:
         billed = await read_billing(engine.session, engine.base_urls["venice"])
         billing = finance.Billing(billed)
         # The bill may include dispatches accepted after the first snapshot: bracket it.
-        await _caught_up_with_log(engine)
+        await caught_up_with_log(engine)
         later = await engine.blocking(finance.read_state, engine.views, engine.market.name)
     except BillingUnavailable as e:
         billing, later = finance.Billing(None, str(e)), state
@@ -68,7 +68,7 @@ def _filename(stem: str, first: str | None, last: str | None) -> str:
 async def trial_balance(request: web.Request) -> web.Response:
     require_admin(request)
     engine = engine_of(request)
-    await _caught_up_with_log(engine)
+    await caught_up_with_log(engine)
     balance = await engine.blocking(finance.trial_balance, engine.views, engine.market.name)
     return web.json_response(balance.as_json())
 
@@ -85,7 +85,7 @@ async def _ledger_export(
     require_admin(request)
     first, last = _range(request)
     engine = engine_of(request)
-    await _caught_up_with_log(engine)
+    await caught_up_with_log(engine)
     rows = await engine.blocking(rows_of, engine.views, engine.market.name, first, last)
     return _csv_response(columns, rows, _filename(stem, first, last))
 
