@@ -17,6 +17,7 @@ import structlog
 from eventsourcing.persistence import IntegrityError, OperationalError, Tracking
 
 from adapters.eventstore import MarketApp
+from adapters.logreader import LogBatch, LogReader
 from projections.views import IGNORED_TOPICS, Views
 
 log = structlog.get_logger("projections")
@@ -31,6 +32,9 @@ class ProjectionRunner:
     ) -> None:
         self.app = app
         self.views = views
+        # Events no view reads are not even decoded (a fifth of a busy log is lease renewals);
+        # the tracked position still moves past them.
+        self.reader = LogReader(app, skip_topics=IGNORED_TOPICS)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.position = views.position(app.name)
@@ -45,25 +49,23 @@ class ProjectionRunner:
         start = self.views.position(self.app.name)
         if until is not None and start >= until:
             return 0
-        notifications = self.app.recorder.select_notifications(
-            start=start, limit=limit or self.batch_size, stop=until, inclusive_of_start=False
-        )
-        if not notifications:
+        batch = self.reader.read(start, limit or self.batch_size, until)
+        return self._apply(batch, start)
+
+    def _apply(self, batch: LogBatch, start: int) -> int:
+        """Apply a batch read after ``start``; returns how many notifications it covered, 0 when
+        it was empty or another runner got there first (the position is re-read then)."""
+        if batch.last is None:
             self._advance(start)
             return 0
-        # Events no view reads are not even decoded (a fifth of a busy log is lease renewals);
-        # the tracked position still moves past them.
-        decode = self.app.mapper.to_domain_event
-        items = [(n.id, decode(n)) for n in notifications if n.topic not in IGNORED_TOPICS]
-        last = notifications[-1].id
         try:
-            self.views.apply_batch(items, Tracking(self.app.name, last), start)
+            self.views.apply_batch(batch.items, Tracking(self.app.name, batch.last), start)
         except IntegrityError:
             # Another runner applied (part of) this range first; start again from its position.
             self._advance(self.views.position(self.app.name))
             return 0
-        self._advance(last)
-        return len(notifications)
+        self._advance(batch.last)
+        return batch.count
 
     def catch_up(self, until: int | None = None) -> int:
         """Apply the log up to its end (or up to ``until``); returns how many were applied."""

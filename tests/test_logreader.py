@@ -1,0 +1,126 @@
+"""The projections' log reader gives exactly the events the library's own reader gives."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from eventsourcing.domain import Aggregate, event
+
+from adapters.eventstore import MarketApp, open_market
+from adapters.logreader import EventDecoder, LogReader
+from bench.replay import LogGenerator
+from projections.views import IGNORED_TOPICS
+from tests.conftest import _require_postgres
+from tests.harness import postgres_database
+
+
+class Ledgerish(Aggregate):
+    """Events with values the fast path must leave to the library."""
+
+    @event("Noted")
+    def note(self, amount: Decimal, ref: UUID, at: datetime) -> None:
+        self.amount = amount
+
+    @event("Named")
+    def name(self, name: dict[str, Any]) -> None:
+        self.name_ = name
+
+    class Renamed(Aggregate.Event):
+        topic = "tests.test_logreader:Ledgerish.Renamed"
+        class_version = 2
+        title: str
+        source: str
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["source"] = "v1"
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.title = self.title
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/data"
+    else:
+        _require_postgres()
+        with postgres_database() as url:
+            yield url
+
+
+def library_events(app: MarketApp) -> list[tuple[int, Any]]:
+    notifications = app.recorder.select_notifications(start=1, limit=10**6)
+    return [(n.id, app.mapper.to_domain_event(n)) for n in notifications]
+
+
+def same(ours: list[tuple[int, Any]], theirs: list[tuple[int, Any]]) -> None:
+    assert [(i, type(e), e.__dict__) for i, e in ours] == [
+        (i, type(e), e.__dict__) for i, e in theirs
+    ]
+
+
+def test_a_market_log_reads_as_the_library_reads_it(db_url: str) -> None:
+    app = open_market(db_url)
+    try:
+        LogGenerator(app, jobs=120, rate=20.0, seed=7).generate()
+        theirs = library_events(app)
+        assert len(theirs) > 1500
+        reader = LogReader(app)
+        ours: list[tuple[int, Any]] = []
+        position = 0
+        while (batch := reader.read(position, 97)).last is not None:
+            assert batch.count == len(batch.items)
+            ours += batch.items
+            position = batch.last
+        same(ours, theirs)
+        assert all(isinstance(e.originator_id, UUID) for _, e in ours)
+
+        # Skipped topics are counted, not decoded; ``stop`` bounds a batch.
+        skipping = LogReader(app, skip_topics=IGNORED_TOPICS)
+        batch = skipping.read(0, 10**6, stop=1000)
+        assert batch.last == 1000 and batch.count == 1000
+        first = app.recorder.select_notifications(start=1, limit=1000)
+        assert [i for i, _ in batch.items] == [n.id for n in first if n.topic not in IGNORED_TOPICS]
+        assert 0 < len(batch.items) < 1000
+        assert skipping.read(len(theirs), 10).last is None
+    finally:
+        app.close()
+
+
+def test_events_the_fast_path_cannot_decode_go_through_the_library(db_url: str) -> None:
+    app = open_market(db_url)
+    try:
+        thing = Ledgerish()
+        thing.note(Decimal("1.10"), uuid4(), datetime(2026, 1, 2, tzinfo=UTC))
+        thing.name({"_type_": "not ours", "x": 1})
+        thing.trigger_event(Ledgerish.Renamed, title="t", source="v2")
+        app.save(thing)
+        ours = LogReader(app).read(0, 100).items
+        same(ours, library_events(app))
+        noted = ours[1][1]
+        assert noted.amount == Decimal("1.10") and isinstance(noted.ref, UUID)
+    finally:
+        app.close()
+
+
+def test_a_compressed_log_is_left_to_the_library(tmp_path: Path) -> None:
+    app = MarketApp(
+        env={
+            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "SQLITE_DBNAME": str(tmp_path / "market.db"),
+            "COMPRESSOR_TOPIC": "eventsourcing.compressor:ZlibCompressor",
+        }
+    )
+    try:
+        LogGenerator(app, jobs=5, rate=5.0, seed=1).generate()
+        assert not EventDecoder(app)._fast
+        same(LogReader(app).read(0, 10**6).items, library_events(app))
+    finally:
+        app.close()
