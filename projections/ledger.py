@@ -18,8 +18,7 @@ aggregate at exactly the same point of the log.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from domain.aggregates import BuyerAccount, Job, Settlement
 
@@ -50,17 +49,21 @@ def is_debit_normal(account: str) -> bool:
     return account.startswith("external:")
 
 
+# Entries and postings are keyed by ``entry_no``, a number derived from the source event's
+# position in the log and the entry's kind, so a rebuild appends to the end of each B-tree
+# instead of inserting at random (text ids start with a random UUID); that, and no index beyond
+# those keys, made the ledger most of a replay's cost. ``entry_id`` stays the public id.
 LEDGER_TABLES: dict[str, str] = {
     "mm_ledger_entries": (
         "CREATE TABLE IF NOT EXISTS mm_ledger_entries ("
-        "entry_id TEXT PRIMARY KEY, seq BIGINT NOT NULL, posted_at TEXT NOT NULL, "
-        "day TEXT NOT NULL, kind TEXT NOT NULL, buyer_id TEXT NOT NULL, job_id TEXT, "
-        "reference TEXT)"
+        "entry_no BIGINT PRIMARY KEY, entry_id TEXT NOT NULL, seq BIGINT NOT NULL, "
+        "posted_at TEXT NOT NULL, day TEXT NOT NULL, kind TEXT NOT NULL, "
+        "buyer_id TEXT NOT NULL, job_id TEXT, reference TEXT)"
     ),
     "mm_ledger_postings": (
         "CREATE TABLE IF NOT EXISTS mm_ledger_postings ("
-        "entry_id TEXT NOT NULL, line BIGINT NOT NULL, account TEXT NOT NULL, "
-        "debit BIGINT NOT NULL, credit BIGINT NOT NULL, PRIMARY KEY (entry_id, line))"
+        "entry_no BIGINT NOT NULL, line BIGINT NOT NULL, account TEXT NOT NULL, "
+        "debit BIGINT NOT NULL, credit BIGINT NOT NULL, PRIMARY KEY (entry_no, line))"
     ),
     "mm_settlements": (
         "CREATE TABLE IF NOT EXISTS mm_settlements ("
@@ -77,18 +80,21 @@ LEDGER_TABLES: dict[str, str] = {
         "buyer_id TEXT PRIMARY KEY, version BIGINT NOT NULL)"
     ),
 }
+# SQLite stores postings in their key's B-tree (no separate rowid table and key index);
+# PostgreSQL has no such option and needs none.
+WITHOUT_ROWID = frozenset({"mm_ledger_postings"})
 LEDGER_INDEXES = [
     "CREATE INDEX IF NOT EXISTS mm_ledger_entries_day ON mm_ledger_entries (day, seq)",
-    "CREATE INDEX IF NOT EXISTS mm_ledger_entries_job ON mm_ledger_entries (job_id)",
-    "CREATE INDEX IF NOT EXISTS mm_ledger_postings_account ON mm_ledger_postings (account)",
     "CREATE INDEX IF NOT EXISTS mm_settlements_day ON mm_settlements (day, seq)",
 ]
 LEDGER_DIGEST_ORDER = {
-    "mm_ledger_entries": "entry_id",
-    "mm_ledger_postings": "entry_id, line",
+    "mm_ledger_entries": "entry_no",
+    "mm_ledger_postings": "entry_no, line",
     "mm_settlements": "job_id",
     "mm_ledger_buyers": "buyer_id",
 }
+# Entries per source event, at most one of each kind: the last digits of ``entry_no``.
+KIND_NUMBERS = {"deposit": 0, "hold": 0, "capture": 1, "release": 2}
 SETTLEMENT_COLUMNS = [
     "job_id",
     "seq",
@@ -117,15 +123,15 @@ SETTLEMENT_COLUMNS = [
 ]
 
 
-@dataclass(frozen=True)
-class Posting:
+# Named tuples, not frozen dataclasses: a replay makes millions and they cost a third as much.
+class Posting(NamedTuple):
     account: str
     debit: int = 0
     credit: int = 0
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
+    entry_no: int
     entry_id: str
     seq: int
     posted_at: str
@@ -141,12 +147,9 @@ class Entry:
 
 
 def timestamp(e: Any) -> str:
-    """An event's time as sortable ISO-8601 UTC with microseconds."""
-    return str(e.timestamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
-
-
-def _entry_id(e: Any, kind: str) -> str:
-    return f"{e.originator_id}/{e.originator_version}/{kind}"
+    """An event's time as sortable ISO-8601 UTC with microseconds (``isoformat`` gives the
+    same digits as ``strftime("%Y-%m-%dT%H:%M:%S.%fZ")`` in a third less time)."""
+    return f"{e.timestamp.isoformat(timespec='microseconds')[:26]}Z"
 
 
 def _transfer(debit_account: str, credit_account: str, amount: int) -> tuple[Posting, ...]:
@@ -195,7 +198,7 @@ class LedgerBatch:
         # Most of a log is job events the ledger has no use for: pick its own by exact type.
         ours = [(seq, e, HANDLERS[type(e)]) for seq, e in items if type(e) in HANDLERS]
         wanted = {
-            str(e.job_id) if handler is _SETTLEMENT else str(e.originator_id)
+            e.job_id if handler is _SETTLEMENT else str(e.originator_id)
             for _, e, handler in ours
             if handler is not _BUYER
         }
@@ -210,45 +213,46 @@ class LedgerBatch:
             else:
                 self._job(seq, e)
 
-    def _post(self, seq: int, e: Any, kind: str, row: dict[str, Any], *p: Posting) -> None:
+    def _post(
+        self,
+        seq: int,
+        e: Any,
+        at: str,
+        kind: str,
+        buyer_id: str,
+        job_id: str | None,
+        reference: str | None,
+        postings: tuple[Posting, ...],
+    ) -> None:
+        entry_id = f"{e.originator_id}/{e.originator_version}/{kind}"
+        entry_no = seq * 4 + KIND_NUMBERS[kind]
         self.entries.append(
-            Entry(
-                _entry_id(e, kind), seq, timestamp(e), kind, row["buyer_id"], row["job_id"], None, p
-            )
+            Entry(entry_no, entry_id, seq, at, kind, buyer_id, job_id, reference, postings)
         )
 
     def _deposit(self, seq: int, e: Any) -> None:
         buyer_id = str(e.originator_id)
-        self.entries.append(
-            Entry(
-                _entry_id(e, "deposit"),
-                seq,
-                timestamp(e),
-                "deposit",
-                buyer_id,
-                None,
-                e.deposit_id,
-                _transfer(EXTERNAL_DEPOSITS, buyer_available(buyer_id), e.amount),
-            )
-        )
+        postings = _transfer(EXTERNAL_DEPOSITS, buyer_available(buyer_id), e.amount)
+        self._post(seq, e, timestamp(e), "deposit", buyer_id, None, e.deposit_id, postings)
 
     def _settlement(self, seq: int, e: Any) -> None:
+        job_id = e.job_id
+        at = timestamp(e)
         if isinstance(e, SettlementEvent.Created):
-            row = self.settlements.get(e.job_id)
+            row = self.settlements.get(job_id)
             if row is None:
-                row = self.settlements[e.job_id] = _new_settlement(e.job_id, seq, e.buyer_id)
-            row.update(buyer_id=e.buyer_id, hold=e.hold)
-            buyer = e.buyer_id
-            self._post(
-                seq, e, "hold", row, *_transfer(buyer_available(buyer), buyer_held(buyer), e.hold)
-            )
+                row = self.settlements[job_id] = _new_settlement(job_id, seq, e.buyer_id)
+            buyer = row["buyer_id"] = e.buyer_id
+            row["hold"] = e.hold
+            postings = _transfer(buyer_available(buyer), buyer_held(buyer), e.hold)
+            self._post(seq, e, at, "hold", buyer, job_id, None, postings)
             return
-        row = self.settlements.get(e.job_id)
+        row = self.settlements.get(job_id)
         if row is None:  # a resolution without its hold: reconciliation reports the job
-            row = self.settlements[e.job_id] = _new_settlement(e.job_id, seq, "unknown")
+            row = self.settlements[job_id] = _new_settlement(job_id, seq, "unknown")
         buyer = row["buyer_id"]
         row["resolutions"] += 1
-        row.update(released=e.released, outcome=e.outcome, resolved_at=timestamp(e))
+        row.update(released=e.released, outcome=e.outcome, resolved_at=at)
         if isinstance(e, SettlementEvent.Settled):
             row.update(
                 charged=e.charged,
@@ -258,28 +262,17 @@ class LedgerBatch:
                 offer_id=e.offer_id,
                 status="confirmed",
             )
-            credits = []
+            capture = [Posting(buyer_held(buyer), debit=e.charged)]
             if e.seller_id is not None or e.seller_cost:
-                credits.append(Posting(seller_payable(e.seller_id), credit=e.seller_cost))
-            credits.append(Posting(PLATFORM_FEES, credit=e.platform_fee))
-            self._post(
-                seq, e, "capture", row, Posting(buyer_held(buyer), debit=e.charged), *credits
-            )
-            if e.released:
-                self._release(seq, e, row)
+                capture.append(Posting(seller_payable(e.seller_id), credit=e.seller_cost))
+            capture.append(Posting(PLATFORM_FEES, credit=e.platform_fee))
+            self._post(seq, e, at, "capture", buyer, job_id, None, tuple(capture))
+            if not e.released:
+                return
         else:
-            row.update(status="released")
-            self._release(seq, e, row)
-
-    def _release(self, seq: int, e: Any, row: dict[str, Any]) -> None:
-        buyer = row["buyer_id"]
-        self._post(
-            seq,
-            e,
-            "release",
-            row,
-            *_transfer(buyer_held(buyer), buyer_available(buyer), e.released),
-        )
+            row["status"] = "released"
+        postings = _transfer(buyer_held(buyer), buyer_available(buyer), e.released)
+        self._post(seq, e, at, "release", buyer, job_id, None, postings)
 
     def _job(self, seq: int, e: Any) -> None:
         job_id = str(e.originator_id)
@@ -318,11 +311,12 @@ class LedgerBatch:
         if self.entries:
             c.executemany(
                 q(
-                    "INSERT INTO mm_ledger_entries (entry_id, seq, posted_at, day, kind, buyer_id, "
-                    "job_id, reference) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                    "INSERT INTO mm_ledger_entries (entry_no, entry_id, seq, posted_at, day, kind, "
+                    "buyer_id, job_id, reference) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 ),
                 [
                     (
+                        x.entry_no,
                         x.entry_id,
                         x.seq,
                         x.posted_at,
@@ -337,11 +331,11 @@ class LedgerBatch:
             )
             c.executemany(
                 q(
-                    "INSERT INTO mm_ledger_postings (entry_id, line, account, debit, credit) "
+                    "INSERT INTO mm_ledger_postings (entry_no, line, account, debit, credit) "
                     "VALUES (?, ?, ?, ?, ?)"
                 ),
                 [
-                    (x.entry_id, line, p.account, p.debit, p.credit)
+                    (x.entry_no, line, p.account, p.debit, p.credit)
                     for x in self.entries
                     for line, p in enumerate(x.postings)
                 ],

@@ -84,7 +84,7 @@ def journal_rows(
         rows = s.all(
             "SELECT e.posted_at, e.entry_id, e.kind, e.job_id, e.buyer_id, e.reference, p.line, "
             "p.account, p.debit, p.credit FROM mm_ledger_entries e JOIN mm_ledger_postings p "
-            f"ON p.entry_id = e.entry_id WHERE {where} ORDER BY e.seq, e.entry_id, p.line",
+            f"ON p.entry_no = e.entry_no WHERE {where} ORDER BY e.entry_no, p.line",
             params,
         )
     return [

@@ -160,7 +160,7 @@ def _read(s: Snapshot) -> LedgerState:
     for r in s.all(
         "SELECT e.entry_id, e.seq, e.kind, e.buyer_id, e.job_id, p.line, p.account, p.debit, "
         "p.credit FROM mm_ledger_entries e LEFT JOIN mm_ledger_postings p "
-        "ON p.entry_id = e.entry_id ORDER BY e.seq, e.entry_id, p.line"
+        "ON p.entry_no = e.entry_no ORDER BY e.entry_no, p.line"
     ):
         entry = entries.setdefault(
             r["entry_id"],
@@ -178,8 +178,8 @@ def _read(s: Snapshot) -> LedgerState:
     orphans = [
         dict(r)
         for r in s.all(
-            "SELECT p.entry_id, p.line, p.account, p.debit, p.credit FROM mm_ledger_postings p "
-            "LEFT JOIN mm_ledger_entries e ON e.entry_id = p.entry_id WHERE e.entry_id IS NULL"
+            "SELECT p.entry_no, p.line, p.account, p.debit, p.credit FROM mm_ledger_postings p "
+            "LEFT JOIN mm_ledger_entries e ON e.entry_no = p.entry_no WHERE e.entry_no IS NULL"
         )
     ]
     settlements = {r["job_id"]: dict(r) for r in s.all("SELECT * FROM mm_settlements")}
@@ -337,7 +337,7 @@ def _check_entries(state: LedgerState, report: _Report) -> dict[str, int]:
     for orphan in state.orphan_postings:
         report.fail(
             "entries_balance",
-            f"posting {orphan['entry_id']}/{orphan['line']}",
+            f"posting {orphan['line']} of entry number {orphan['entry_no']}",
             f"posts to {orphan['account']} but belongs to no entry",
         )
         debits += int(orphan["debit"])

@@ -229,8 +229,8 @@ def test_corrupting_one_row_is_named_by_replay_and_reconcile(make_server: Server
     victim = jobs[2]
     _corrupt(
         server,
-        "UPDATE mm_ledger_postings SET credit = credit + 1 WHERE line = 1 AND entry_id = "
-        f"(SELECT entry_id FROM mm_ledger_entries WHERE job_id = '{victim}' AND kind = 'capture')",
+        "UPDATE mm_ledger_postings SET credit = credit + 1 WHERE line = 1 AND entry_no = "
+        f"(SELECT entry_no FROM mm_ledger_entries WHERE job_id = '{victim}' AND kind = 'capture')",
     )
     replayed = server.cli("replay", "--verify")
     assert replayed.returncode == 1, replayed.stdout

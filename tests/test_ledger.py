@@ -154,10 +154,11 @@ def reconcile(market: MarketApp, views: Views) -> finance.Reconciliation:
 
 
 CORRUPTIONS = {
-    "a posting's amount": "UPDATE mm_ledger_postings SET credit = credit + 1 WHERE rowid = "
-    "(SELECT max(rowid) FROM mm_ledger_postings WHERE credit > 0)",
-    "a lost posting": "DELETE FROM mm_ledger_postings WHERE rowid = "
-    "(SELECT max(rowid) FROM mm_ledger_postings)",
+    "a posting's amount": "UPDATE mm_ledger_postings SET credit = credit + 1 WHERE entry_no = "
+    "(SELECT max(entry_no) FROM mm_ledger_postings WHERE credit > 0) AND credit > 0",
+    "a lost posting": "DELETE FROM mm_ledger_postings WHERE (entry_no, line) = "
+    "(SELECT entry_no, max(line) FROM mm_ledger_postings "
+    "WHERE entry_no = (SELECT max(entry_no) FROM mm_ledger_postings))",
     "a settlement row's charge": "UPDATE mm_settlements SET charged = charged + 1 WHERE rowid = "
     "(SELECT max(rowid) FROM mm_settlements)",
     "a job view's status": 'UPDATE mm_job_views SET doc = replace(doc, \'"max_cost_usdc":"\', '
