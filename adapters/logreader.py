@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from datetime import datetime
 from json.scanner import make_scanner
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import JSONTranscoder, StoredEvent
+from eventsourcing.persistence import DatetimeAsISO, JSONTranscoder, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import resolve_topic
@@ -59,7 +60,13 @@ class EventDecoder:
             and type(transcoder)._decode_obj is JSONTranscoder._decode_obj
             and "datetime_iso" in transcoder.names
         )
-        self._datetime = transcoder.names["datetime_iso"].decode if self._fast else None  # type: ignore[attr-defined]
+        datetime_iso = transcoder.names.get("datetime_iso") if self._fast else None  # type: ignore[attr-defined]
+        # The library's transcoding is fromisoformat behind an assert and a method call.
+        self._datetime: Callable[[str], Any] = (
+            datetime.fromisoformat
+            if type(datetime_iso) is DatetimeAsISO
+            else getattr(datetime_iso, "decode", datetime.fromisoformat)
+        )
         # Per topic: the class, when it can take the fast path (None when it upcasts).
         self._classes: dict[str, type | None] = {}
         # What json.loads runs, without its wrappers (the library wrote no whitespace around).
@@ -97,9 +104,9 @@ class EventDecoder:
                 and timestamp.get("_type_") == "datetime_iso"
                 and "_data_" in timestamp
             ):
-                event_state["timestamp"] = self._datetime(timestamp["_data_"])  # type: ignore[misc]
+                event_state["timestamp"] = self._datetime(timestamp["_data_"])
                 if type(originator_id) is str:
-                    originator_id = self._uuid(originator_id)
+                    originator_id = self._uuids.get(originator_id) or self._uuid(originator_id)
                 event_state["originator_id"] = originator_id
                 event_state["originator_version"] = originator_version
                 event: Any = object.__new__(cls)
@@ -162,9 +169,12 @@ class LogReader:
             params.append(stop)
         statement += "ORDER BY rowid LIMIT ?"
         params.append(limit)
-        with recorder.datastore.transaction(commit=False) as c:
-            c.execute(statement, params)
-            return list(c.fetchall())
+        with recorder.datastore.transaction(commit=False) as c, c as cursor:
+            # Plain tuples: the library's connections make sqlite3.Row objects, which cost
+            # more than the query.
+            cursor.row_factory = None
+            cursor.execute(statement, params)
+            return cursor.fetchall()
 
     def _postgres_rows(self, start: int, stop: int | None, limit: int) -> list[tuple[Any, ...]]:
         recorder = self.app.recorder

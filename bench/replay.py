@@ -19,13 +19,15 @@ generator changes what it writes). The PostgreSQL log is a copy of the SQLite on
 event, in the database ``mm_bench_replay`` (created when absent, kept for the next run while it
 holds the same log).
 
-**The measurement.** Fresh, empty views in their own database (a scratch SQLite directory, or
-the scratch PostgreSQL database ``mm_bench_replay_views``), reset, then
+**The measurement.** Fresh, empty views in the storage ``mediamarket replay --verify`` rebuilds
+into (``projections.views.scratch_views``: a temporary SQLite file written without fsyncs, or a
+temporary schema in the scratch PostgreSQL database ``mm_bench_replay_views``), then
 ``ProjectionRunner(app, views).catch_up()`` timed: events/s is notifications applied per second.
-The baseline, measured in the same run just before, is what no projection can beat: reading the
-same notifications in the runner's batches (``select_notifications``) and deserialising each
-(``mapper.to_domain_event``), projecting nothing. ``--json`` prints one JSON line per backend for
-``bench.run``.
+The baseline, measured in the same run just before, is the event-store library's own way to read
+a log: the same notifications in the runner's batches (``select_notifications``), each
+deserialised (``mapper.to_domain_event``), projecting nothing. (The runner reads through
+``adapters.logreader``, which does the same work in less time, so the replay is not bounded by
+it.) ``--json`` prints one JSON line per backend for ``bench.run``.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from domain.catalog import Catalog, VideoRequest, parse_venice_models, validate_
 from domain.money import FeeSchedule, parse_multiplier, price_offer, usd_to_micros
 from domain.routing import Candidate, RoutingError, choose
 from projections.runner import CATCH_UP_BATCH_SIZE, ProjectionRunner
-from projections.views import VIEWS_NAME, open_views
+from projections.views import VIEWS_NAME, scratch_views
 from services.commands import Commands
 from services.routing import MAX_ROUTE_OFFERS, Route
 from services.worker import LEASE_SECONDS
@@ -626,30 +628,28 @@ def measure(
     profile: cProfile.Profile | None = None,
 ) -> Result:
     app = open_market(log_url)
-    views = open_views(store_env(views_url, role=VIEWS_NAME))
     try:
-        views.ensure_schema(app.name)
-        views.reset(app.name)
-        runner = ProjectionRunner(app, views)
-        # First a read without decoding (also brings the log into the OS cache), then the
-        # baseline: the same read, deserialising every event.
-        _, select_seconds = read_log(app, CATCH_UP_BATCH_SIZE, decode=False)
-        count, baseline_seconds = read_log(app, CATCH_UP_BATCH_SIZE, decode=True)
-        db0 = sum(db_seconds(name) for name in db_names)
-        busy0, cpu0, started = busy_seconds(), cpu_seconds(os.getpid()), time.perf_counter()
-        if profile is not None:
-            profile.enable()
-        applied = runner.catch_up()
-        if profile is not None:
-            profile.disable()
-        seconds = time.perf_counter() - started
-        cpu = cpu_seconds(os.getpid()) - cpu0
-        db = sum(db_seconds(name) for name in db_names) - db0
-        other = max(0.0, busy_seconds() - busy0 - cpu - db)
-        rows = views._all("SELECT COUNT(*) AS n FROM mm_job_views", ())
-        job_rows = int(rows[0]["n"])
+        # The storage `mediamarket replay --verify` rebuilds into (on SQLite, no fsyncs).
+        with scratch_views(store_env(views_url, role=VIEWS_NAME), app.name) as views:
+            runner = ProjectionRunner(app, views)
+            # First a read without decoding (also brings the log into the OS cache), then the
+            # baseline: the same read, deserialising every event.
+            _, select_seconds = read_log(app, CATCH_UP_BATCH_SIZE, decode=False)
+            count, baseline_seconds = read_log(app, CATCH_UP_BATCH_SIZE, decode=True)
+            db0 = sum(db_seconds(name) for name in db_names)
+            busy0, cpu0, started = busy_seconds(), cpu_seconds(os.getpid()), time.perf_counter()
+            if profile is not None:
+                profile.enable()
+            applied = runner.catch_up()
+            if profile is not None:
+                profile.disable()
+            seconds = time.perf_counter() - started
+            cpu = cpu_seconds(os.getpid()) - cpu0
+            db = sum(db_seconds(name) for name in db_names) - db0
+            other = max(0.0, busy_seconds() - busy0 - cpu - db)
+            rows = views._all("SELECT COUNT(*) AS n FROM mm_job_views", ())
+            job_rows = int(rows[0]["n"])
     finally:
-        views.datastore.close()
         app.close()
     if applied != count or job_rows != meta["jobs"]:
         raise RuntimeError(
@@ -674,12 +674,8 @@ def measure(
 def measure_sqlite(
     source_url: str, meta: dict[str, Any], profile: cProfile.Profile | None = None
 ) -> Result:
-    # Views on the same disk as the log, in a scratch directory of their own.
-    scratch = Path(tempfile.mkdtemp(prefix="replay-views-", dir=CACHE))
-    try:
-        return measure("SQLite", source_url, sqlite_url(scratch), meta, [], profile)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    # scratch_views puts the views in a temporary directory of their own.
+    return measure("SQLite", source_url, source_url, meta, [], profile)
 
 
 def measure_postgres(

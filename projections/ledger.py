@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from domain.aggregates import BuyerAccount, Job, Settlement
+from projections.ids import id_text
 
 # Generated event classes (see projections.jobdoc).
 JobEvent: Any = Job
@@ -198,14 +199,14 @@ class LedgerBatch:
         # Most of a log is job events the ledger has no use for: pick its own by exact type.
         ours = [(seq, e, HANDLERS[type(e)]) for seq, e in items if type(e) in HANDLERS]
         wanted = {
-            e.job_id if handler is _SETTLEMENT else str(e.originator_id)
+            e.job_id if handler is _SETTLEMENT else id_text(e.originator_id)
             for _, e, handler in ours
             if handler is not _BUYER
         }
         self.settlements = self._load(wanted)
         for seq, e, handler in ours:
             if handler is _BUYER:
-                self.buyer_versions[str(e.originator_id)] = e.originator_version
+                self.buyer_versions[id_text(e.originator_id)] = e.originator_version
                 if isinstance(e, BuyerEvent.Deposited):
                     self._deposit(seq, e)
             elif handler is _SETTLEMENT:
@@ -224,14 +225,14 @@ class LedgerBatch:
         reference: str | None,
         postings: tuple[Posting, ...],
     ) -> None:
-        entry_id = f"{e.originator_id}/{e.originator_version}/{kind}"
+        entry_id = f"{id_text(e.originator_id)}/{e.originator_version}/{kind}"
         entry_no = seq * 4 + KIND_NUMBERS[kind]
         self.entries.append(
             Entry(entry_no, entry_id, seq, at, kind, buyer_id, job_id, reference, postings)
         )
 
     def _deposit(self, seq: int, e: Any) -> None:
-        buyer_id = str(e.originator_id)
+        buyer_id = id_text(e.originator_id)
         postings = _transfer(EXTERNAL_DEPOSITS, buyer_available(buyer_id), e.amount)
         self._post(seq, e, timestamp(e), "deposit", buyer_id, None, e.deposit_id, postings)
 
@@ -275,7 +276,7 @@ class LedgerBatch:
         self._post(seq, e, at, "release", buyer, job_id, None, postings)
 
     def _job(self, seq: int, e: Any) -> None:
-        job_id = str(e.originator_id)
+        job_id = id_text(e.originator_id)
         if isinstance(e, JobEvent.Created):
             row = self.settlements.get(job_id)
             if row is None:

@@ -33,6 +33,7 @@ from psycopg.sql import SQL, Identifier
 
 from domain.aggregates import BuyerAccount, BuyerProvider, Job, Offer, Seller
 from projections import ledger
+from projections.ids import id_text
 from projections.jobdoc import (
     JobDoc,
     JobEvent,
@@ -121,8 +122,12 @@ DIGEST_ORDER = {
 }
 
 
+# Built once: json.dumps with any option builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return _ENCODER.encode(value)
 
 
 @dataclass(frozen=True)
@@ -329,7 +334,7 @@ class Views:
             except KeyError:
                 kind = kinds[type(e)] = _view_kind(type(e))
             if kind <= _JOB_EVENT:
-                key = str(e.originator_id)
+                key = id_text(e.originator_id)
                 job_ids.add(key)
             elif kind <= _RELEASED:
                 key = e.job_id
@@ -339,7 +344,7 @@ class Views:
             elif kind == _OTHER:
                 continue
             else:
-                key = str(e.originator_id)
+                key = id_text(e.originator_id)
                 if kind == _OFFER:
                     offer_ids.add(key)
             ours.append((seq, e, kind, key))
@@ -493,7 +498,7 @@ class Views:
 
     @staticmethod
     def _apply_offer(offers: dict[str, dict[str, Any]], seq: int, e: Any) -> None:
-        offer_id = str(e.originator_id)
+        offer_id = id_text(e.originator_id)
         if isinstance(e, OfferEvent.Created):
             offers[offer_id] = {
                 "offer_id": offer_id,
