@@ -74,47 +74,57 @@ class EventDecoder:
         # A job's dozen events share one UUID object instead of parsing its id a dozen times.
         self._uuids: dict[str, UUID] = {}
 
-    def _uuid(self, text: str) -> UUID:
-        uuids = self._uuids
-        try:
-            return uuids[text]
-        except KeyError:
-            if len(uuids) >= MAX_CACHED_UUIDS:
-                uuids.clear()
-            uuid = uuids[text] = UUID(text)
-            return uuid
+        self.decode = self._decoder()
 
     def __call__(
         self, originator_id: UUID | str, originator_version: int, topic: str, state: bytes
     ) -> Any:
-        try:
-            cls = self._classes[topic]
-        except KeyError:
-            cls = self._classes[topic] = self._fast_class(topic)
-        if type(state) is not bytes:  # a driver's memoryview
-            state = bytes(state)
-        if cls is not None and state.count(_TYPE_KEY) == 1:
-            text = state.decode("utf8")
-            event_state, end = self._scan(text, 0)
-            timestamp = event_state.get("timestamp")
-            if (
-                end == len(text)
-                and type(timestamp) is dict
-                and len(timestamp) == 2
-                and timestamp.get("_type_") == "datetime_iso"
-                and "_data_" in timestamp
-            ):
-                event_state["timestamp"] = self._datetime(timestamp["_data_"])
-                if type(originator_id) is str:
-                    originator_id = self._uuids.get(originator_id) or self._uuid(originator_id)
-                event_state["originator_id"] = originator_id
-                event_state["originator_version"] = originator_version
-                event: Any = object.__new__(cls)
-                object.__setattr__(event, "__dict__", event_state)
-                return event
-        return self._mapper.to_domain_event(
-            StoredEvent(originator_id, originator_version, topic, state)
-        )
+        return self.decode(originator_id, originator_version, topic, state)
+
+    def _decoder(self) -> Callable[[UUID | str, int, str, bytes], Any]:
+        # A closure over locals: this runs once per event of a replay, and attribute lookups
+        # on self were a good part of its time.
+        classes, fast_class, uuids = self._classes, self._fast_class, self._uuids
+        scan, parse_datetime, library = self._scan, self._datetime, self._mapper.to_domain_event
+        new, set_attribute = object.__new__, object.__setattr__
+
+        def decode(
+            originator_id: UUID | str, originator_version: int, topic: str, state: bytes
+        ) -> Any:
+            try:
+                cls = classes[topic]
+            except KeyError:
+                cls = classes[topic] = fast_class(topic)
+            if type(state) is not bytes:  # a driver's memoryview
+                state = bytes(state)
+            if cls is not None and state.count(_TYPE_KEY) == 1:
+                text = state.decode("utf8")
+                event_state, end = scan(text, 0)
+                timestamp = event_state.get("timestamp")
+                if (
+                    end == len(text)
+                    and type(timestamp) is dict
+                    and len(timestamp) == 2
+                    and timestamp.get("_type_") == "datetime_iso"
+                    and "_data_" in timestamp
+                ):
+                    event_state["timestamp"] = parse_datetime(timestamp["_data_"])
+                    if type(originator_id) is str:
+                        uuid = uuids.get(originator_id)
+                        if uuid is None:
+                            if len(uuids) >= MAX_CACHED_UUIDS:
+                                uuids.clear()
+                            uuid = uuids[originator_id] = UUID(originator_id)
+                        event_state["originator_id"] = uuid
+                    else:
+                        event_state["originator_id"] = originator_id
+                    event_state["originator_version"] = originator_version
+                    event: Any = new(cls)
+                    set_attribute(event, "__dict__", event_state)
+                    return event
+            return library(StoredEvent(originator_id, originator_version, topic, state))
+
+        return decode
 
     def _fast_class(self, topic: str) -> type | None:
         if not self._fast:
@@ -132,7 +142,7 @@ class LogReader:
     def __init__(self, app: MarketApp, skip_topics: Collection[str] = ()) -> None:
         self.app = app
         self.skip_topics = frozenset(skip_topics)
-        self.decode = EventDecoder(app)
+        self.decode = EventDecoder(app).decode
         recorder = app.recorder
         self._select: Callable[[int, int | None, int], list[tuple[Any, ...]]]
         if isinstance(recorder, SQLiteApplicationRecorder):
