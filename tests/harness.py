@@ -30,6 +30,15 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 
 
+PORT_ATTEMPTS = 5
+# What the server prints once it listens (the demo banner says it too).
+RUNNING_LINE = "mediamarket is running on"
+
+
+class PortTaken(Exception):
+    """The server could not listen on its port."""
+
+
 def free_port() -> int:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
@@ -155,6 +164,7 @@ class Server:
     port: int
     args: list[str]
     proc: subprocess.Popen[bytes] | None = None
+    _started_lines: int = 0
 
     @property
     def client(self) -> Client:
@@ -165,17 +175,32 @@ class Server:
         return self.data_dir / f"server-{self.port}.log"
 
     def start(self, wait: bool = True) -> Server:
-        log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [str(BIN), "serve", *self.args],
-            cwd=self.data_dir,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        if wait:
-            self.wait_ready()
-        return self
+        for _ in range(PORT_ATTEMPTS):
+            self._started_lines = self._running_lines()
+            log = open(self.log_path, "ab")  # noqa: SIM115
+            self.proc = subprocess.Popen(
+                [str(BIN), "serve", *self.args],
+                cwd=self.data_dir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            if not wait:
+                return self
+            try:
+                self.wait_ready()
+                return self
+            except PortTaken:
+                # Between free_port() and the server's bind, another process (often a client
+                # socket of a parallel test) took the port: try another one.
+                self.port = free_port()
+                self.env["PORT"] = str(self.port)
+        raise AssertionError(f"no free port after {PORT_ATTEMPTS} attempts")
+
+    def _running_lines(self) -> int:
+        if not self.log_path.exists():
+            return 0
+        return self.log_path.read_text(errors="replace").count(RUNNING_LINE)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -183,10 +208,19 @@ class Server:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.log_path.read_text()[-3000:]}")
+                text = self.log_path.read_text(errors="replace")
+                if "cannot listen on" in text[-3000:]:
+                    raise PortTaken(text[-3000:])
+                raise AssertionError(f"server exited: {text[-3000:]}")
             try:
                 r = client.get("/healthz")
-                if r.status == 200 and r.json()["catalog"]:
+                # Only once this process says it listens: a healthz answered by another
+                # test's server on a reused port must not count.
+                if (
+                    r.status == 200
+                    and r.json()["catalog"]
+                    and self._running_lines() > self._started_lines
+                ):
                     # the worker starts right after the catalog; give it a beat
                     time.sleep(0.05)
                     return
