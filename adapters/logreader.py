@@ -137,11 +137,13 @@ class EventDecoder:
 
 
 class LogReader:
-    """Batches of the market's log after a position, decoded, skipping ``skip_topics``."""
+    """Batches of the market's log after a position, decoded, but for the events of the topics
+    ``skip`` names (a collection of topics, or a test decided once per topic)."""
 
-    def __init__(self, app: MarketApp, skip_topics: Collection[str] = ()) -> None:
+    def __init__(self, app: MarketApp, skip: Collection[str] | Callable[[str], bool] = ()) -> None:
         self.app = app
-        self.skip_topics = frozenset(skip_topics)
+        self._skip_topic = skip if callable(skip) else frozenset(skip).__contains__
+        self._skipped: dict[str, bool] = {}
         self.decode = EventDecoder(app).decode
         recorder = app.recorder
         self._select: Callable[[int, int | None, int], list[tuple[Any, ...]]]
@@ -157,9 +159,11 @@ class LogReader:
         rows = self._select(start, stop, limit)
         if not rows:
             return LogBatch(None, 0, [])
-        skip, decode = self.skip_topics, self.decode
+        skipped, decode = self._skipped, self.decode
+        for topic in {row[3] for row in rows}.difference(skipped):
+            skipped[topic] = self._skip_topic(topic)
         items = [
-            (row[0], decode(row[1], row[2], row[3], row[4])) for row in rows if row[3] not in skip
+            (row[0], decode(row[1], row[2], row[3], row[4])) for row in rows if not skipped[row[3]]
         ]
         return LogBatch(rows[-1][0], len(rows), items)
 

@@ -26,7 +26,7 @@ from api.bootstrap import Engine
 from projections.views import VIEWS_NAME, scratch_views
 from services import exports, finance
 from services.audit import job_history, render_text
-from services.replay import Verification
+from services.replay import LogSource, Verification
 from services.replay import verify as verify_replay
 
 log = structlog.get_logger("cli")
@@ -172,6 +172,8 @@ async def projections(settings: Settings, action: str) -> int:
             _print_digest(await engine.blocking(views.digest))
             return 0
         if action == "rebuild":
+            # Alone: the engine's own runner would race this one for every batch.
+            await engine.blocking(engine.runner.stop)
             before = await engine.blocking(views.digest)
             await engine.blocking(views.reset, market.name)
             applied = await engine.blocking(engine.runner.catch_up)
@@ -280,7 +282,8 @@ async def replay(settings: Settings) -> int:
 
         def verify() -> Verification:
             with scratch_views(env, name) as fresh:
-                return verify_replay(engine.market, engine.views, fresh)
+                source = LogSource(settings.DATABASE_URL, env)
+                return verify_replay(engine.market, engine.views, fresh, source)
 
         result = await engine.blocking(verify)
         print(result.render())

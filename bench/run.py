@@ -148,13 +148,17 @@ def db_seconds(db_name: str | None) -> float:
     return total
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process (all its threads), from /proc."""
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU time of a live process (all its threads), from /proc; with
+    ``children``, plus that of the child processes it has waited for."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------- a tiny HTTP client
@@ -767,14 +771,17 @@ def replay_note(log: dict[str, Any], batch_size: int) -> str:
         "engine writes them. The SQLite log is cached in `bench/.cache/`; the PostgreSQL one is "
         "a copy of it, event for event, kept in the database `mm_bench_replay`. Each row: "
         "fresh views in the storage `mediamarket replay --verify` rebuilds into (a temporary "
-        "SQLite file written without fsyncs, or a temporary PostgreSQL schema), then "
-        f"`ProjectionRunner.catch_up()` timed (batches of {batch_size}); events/s is "
-        "notifications applied per second, jobs/s the log's jobs per second. The baseline is "
-        "the event-store library's own read of the same log in the same batches, deserialising "
-        "every event (`select_notifications` + `mapper.to_domain_event`) and projecting nothing; "
-        "the runner reads through `adapters.logreader`, which does that work faster, so a "
-        "replay may come close to it. CPU µs/event is the replay "
-        "process's (and the PostgreSQL backends') CPU time per event, which, like server CPU "
+        "SQLite file written without fsyncs, or a temporary PostgreSQL schema), then that "
+        "command's rebuild timed (`services.replay.rebuild`, batches of "
+        f"{batch_size}: with two cores, the job views are folded in the bench process while a "
+        "second process folds the order book and the ledger into scratch storage of its own, "
+        "copied in at the end); events/s is notifications applied per second, jobs/s the log's "
+        "jobs per second. The baseline is the event-store library's own read of the same log "
+        "in the same batches, deserialising every event (`select_notifications` + "
+        "`mapper.to_domain_event`) and projecting nothing; the runner reads through "
+        "`adapters.logreader`, which does that work faster, and the rebuild uses two cores, so "
+        "a replay can come close to it. CPU µs/event is the replay processes' (and the "
+        "PostgreSQL backends') CPU time per event, which, like server CPU "
         "ms/req above, hardly depends on other load; the last column is in cores, as above. "
         "To see where a replay's time goes: `.venv/bin/python -m bench.replay --backend sqlite "
         "--profile`."

@@ -18,7 +18,7 @@ from eventsourcing.persistence import IntegrityError, OperationalError, Tracking
 
 from adapters.eventstore import MarketApp
 from adapters.logreader import LogBatch, LogReader
-from projections.views import IGNORED_TOPICS, Views
+from projections.views import ALL, Views, skips
 
 log = structlog.get_logger("projections")
 # Catching up (a rebuild, a replay, a backlog at start) applies big batches: fewer commits and
@@ -28,13 +28,20 @@ CATCH_UP_BATCH_SIZE = 5000
 
 class ProjectionRunner:
     def __init__(
-        self, app: MarketApp, views: Views, *, batch_size: int = 500, poll_interval: float = 0.05
+        self,
+        app: MarketApp,
+        views: Views,
+        *,
+        batch_size: int = 500,
+        poll_interval: float = 0.05,
+        part: str = ALL,
     ) -> None:
         self.app = app
         self.views = views
         # Events no view reads are not even decoded (a fifth of a busy log is lease renewals);
         # the tracked position still moves past them.
-        self.reader = LogReader(app, skip_topics=IGNORED_TOPICS)
+        self.part = part
+        self.reader = LogReader(app, skip=skips(part))
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.position = views.position(app.name)
@@ -59,7 +66,8 @@ class ProjectionRunner:
             self._advance(start)
             return 0
         try:
-            self.views.apply_batch(batch.items, Tracking(self.app.name, batch.last), start)
+            tracking = Tracking(self.app.name, batch.last)
+            self.views.apply_batch(batch.items, tracking, start, self.part)
         except IntegrityError:
             # Another runner applied (part of) this range first; start again from its position.
             self._advance(self.views.position(self.app.name))
@@ -107,8 +115,11 @@ class ProjectionRunner:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                while self.run_once() and not self._stop.is_set():
-                    pass
+                limit = self.batch_size
+                while (applied := self.run_once(limit=limit)) and not self._stop.is_set():
+                    # A full batch means a backlog (a start after a schema change, a burst):
+                    # catch up in big batches, then go back to small ones for fresh writes.
+                    limit = CATCH_UP_BATCH_SIZE if applied >= limit else self.batch_size
             except OperationalError as e:
                 # A locked SQLite file or a PostgreSQL hiccup: try again on the next tick.
                 log.warning("projection_batch_retry", error=str(e))

@@ -28,7 +28,7 @@ from eventsourcing.persistence import (
 )
 from eventsourcing.postgres import PostgresTrackingRecorder
 from eventsourcing.sqlite import SQLiteTrackingRecorder
-from eventsourcing.utils import Environment
+from eventsourcing.utils import Environment, resolve_topic
 from psycopg.sql import SQL, Identifier
 
 from domain.aggregates import BuyerAccount, BuyerProvider, Job, Offer, Seller
@@ -250,6 +250,18 @@ class BuyerProviderRow:
         }
 
 
+# A rebuild into scratch storage can fold the views in two processes, each a part of the tables
+# (then merged): a CPU-bound Python fold gets a second core. Live views always fold every part
+# in one transaction per batch.
+ALL, JOBS, BOOK = "all", "jobs", "book"
+PART_TABLES: dict[str, tuple[str, ...]] = {
+    # Job views (poll) and the accounts' lookups.
+    JOBS: ("mm_job_views", "mm_principals", "mm_buyer_providers"),
+    # The order book and the ledger.
+    BOOK: ("mm_offers", "mm_trades", *ledger.LEDGER_TABLES),
+}
+
+
 # How ``Views._project`` treats an event, decided once per class: a chain of isinstance
 # checks per event was a tenth of a replay. The order matters (``<=`` tests below).
 (
@@ -284,6 +296,26 @@ def _view_kind(cls: type) -> int:
     return _OTHER
 
 
+def skips(part: str) -> Callable[[str], bool]:
+    """Whether a part's reader may leave an event of this topic undecoded."""
+
+    def skip(topic: str) -> bool:
+        if topic in IGNORED_TOPICS:
+            return True
+        if part == ALL:
+            return False
+        try:
+            cls = resolve_topic(topic)
+        except Exception:  # the decoder reports it as the library would
+            return False
+        kind = _view_kind(cls)
+        if part == JOBS:
+            return kind in (_OFFER, _OTHER)
+        return cls not in ledger.HANDLERS and kind not in (_OFFER, _SETTLED)
+
+    return skip
+
+
 class Views:
     """Queries and the batch projector, over whichever datastore the subclass brings."""
 
@@ -302,9 +334,12 @@ class Views:
 
     # ---------------------------------------------------------------- projecting
 
-    def apply_batch(self, items: Sequence[tuple[int, Any]], tracking: Tracking, start: int) -> None:
+    def apply_batch(
+        self, items: Sequence[tuple[int, Any]], tracking: Tracking, start: int, part: str = ALL
+    ) -> None:
         """Apply ``(notification id, domain event)`` pairs that follow position ``start`` and
-        advance tracking to the last of them, atomically.
+        advance tracking to the last of them, atomically; to the tables of ``part`` only, when
+        it names one (see ``PART_TABLES``).
 
         Raises ``IntegrityError`` when the views are no longer at ``start``: another runner
         applied a batch first. The library's tracking upsert alone would accept any higher
@@ -318,13 +353,15 @@ class Views:
             if position != start:
                 raise IntegrityError(f"the views are at {position}, not {start}")
             self._insert_tracking(c, tracking)
-            self._project(c, items)
-            journal = ledger.LedgerBatch(lambda job_ids: self._load_settlements(c, job_ids))
-            journal.project(items)
-            journal.write(c, self.q)
+            self._project(c, items, part)
+            if part != JOBS:
+                journal = ledger.LedgerBatch(lambda job_ids: self._load_settlements(c, job_ids))
+                journal.project(items)
+                journal.write(c, self.q)
 
-    def _project(self, c: Any, items: Sequence[tuple[int, Any]]) -> None:
+    def _project(self, c: Any, items: Sequence[tuple[int, Any]], part: str = ALL) -> None:
         kinds = _VIEW_KINDS
+        jobs_part, book_part = part != BOOK, part != JOBS
         ours: list[tuple[int, Any, int, str]] = []
         job_ids: set[str] = set()
         offer_ids: set[str] = set()
@@ -334,14 +371,20 @@ class Views:
             except KeyError:
                 kind = kinds[type(e)] = _view_kind(type(e))
             if kind <= _JOB_EVENT:
+                if not jobs_part:
+                    continue
                 key = id_text(e.originator_id)
                 job_ids.add(key)
             elif kind <= _RELEASED:
                 key = e.job_id
-                job_ids.add(key)
-                if kind == _SETTLED and e.offer_id and e.seller_id:
+                if jobs_part:
+                    job_ids.add(key)
+                if book_part and kind == _SETTLED and e.offer_id and e.seller_id:
                     offer_ids.add(e.offer_id)
             elif kind == _OTHER:
+                continue
+            elif not (book_part if kind == _OFFER else jobs_part):
+                # Offer events belong to the book; the other kinds left, to the jobs part.
                 continue
             else:
                 key = id_text(e.originator_id)
@@ -788,6 +831,11 @@ class Views:
     def _batch_transaction(self) -> Any:
         return self.datastore.transaction(commit=True)
 
+    def copy_tables_from(self, env: dict[str, str], tables: Iterable[str]) -> None:
+        """Add every row of ``tables`` in the views that ``env`` opens (scratch storage on the
+        same server or disk) to these views' tables of the same names."""
+        raise NotImplementedError
+
     def ensure_schema(self, application_name: str) -> bool:
         """Views of another schema version are dropped and rebuilt from the log.
 
@@ -941,6 +989,17 @@ class SQLiteViews(Views, SQLiteTrackingRecorder):
     def _reset_tracking(self, c: Any, application_name: str) -> None:
         c.execute("DELETE FROM tracking WHERE application_name = ?", (application_name,))
 
+    def copy_tables_from(self, env: dict[str, str], tables: Iterable[str]) -> None:
+        with self.datastore.get_connection(commit=True) as conn:
+            # Per connection, and only outside a transaction.
+            conn.cursor().execute("ATTACH DATABASE ? AS part", (env["SQLITE_DBNAME"],))
+            try:
+                with conn.transaction(commit=True) as c:
+                    for table in tables:
+                        c.execute(f"INSERT INTO main.{table} SELECT * FROM part.{table}")
+            finally:
+                conn.cursor().execute("DETACH DATABASE part")
+
     def _lock_batches(self, c: Any) -> None:
         # A write takes SQLite's one write lock now (a read first would pin a snapshot that a
         # committing runner could make stale); it matches no row and changes nothing.
@@ -974,16 +1033,28 @@ class PostgresViews(Views, PostgresTrackingRecorder):
         )
 
     def _lock_schema(self, c: Any) -> None:
-        c.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_ID,))
+        c.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (SCHEMA_LOCK_ID,))
 
     def _repeatable_read(self, c: Any) -> None:
         c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
 
     def _lock_batches(self, c: Any) -> None:
-        c.execute("SELECT pg_advisory_xact_lock(%s)", (BATCH_LOCK_ID,))
+        # Per schema: views in another schema (a rebuild's scratch parts) have their own.
+        c.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (BATCH_LOCK_ID,))
+
+    def copy_tables_from(self, env: dict[str, str], tables: Iterable[str]) -> None:
+        schema = Identifier(env["POSTGRES_SCHEMA"])
+        with self.datastore.transaction(commit=True) as c:
+            for table in tables:
+                c.execute(
+                    SQL("INSERT INTO {} SELECT * FROM {}.{}").format(
+                        Identifier(table), schema, Identifier(table)
+                    )
+                )
 
 
-# An arbitrary constant: the advisory lock that serialises view schema changes on PostgreSQL.
+# Arbitrary constants, each with the views' schema the key of an advisory lock: the one that
+# serialises view schema changes on PostgreSQL.
 SCHEMA_LOCK_ID = 7_305_117
 # And the one that serialises projection batches, so each reads the position it builds on.
 BATCH_LOCK_ID = 7_305_118
@@ -1005,33 +1076,42 @@ def open_views(env: dict[str, str]) -> Views:
 
 
 @contextmanager
-def scratch_views(env: dict[str, str], application_name: str) -> Iterator[Views]:
-    """Empty views in fresh storage beside the live ones (a temporary SQLite file, or a
-    temporary PostgreSQL schema), removed afterwards: where a replay can be proven."""
+def scratch_env(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Fresh storage for views beside the live ones (a temporary SQLite file, or a temporary
+    PostgreSQL schema), removed afterwards; yields the environment that opens it."""
     if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite":
         with tempfile.TemporaryDirectory(prefix="mediamarket-replay-") as directory:
-            views = open_views({**env, "SQLITE_DBNAME": f"{directory}/views.db"})
-            assert isinstance(views, SQLiteViews)
-            views.synchronous = "OFF"
-            try:
-                views.ensure_schema(application_name)
-                yield views
-            finally:
-                views.datastore.close()
+            yield {**env, "SQLITE_DBNAME": f"{directory}/views.db"}
         return
     schema = f"mm_replay_{uuid.uuid4().hex[:12]}"
     admin = psycopg.connect(**_pg_connect_args(env), autocommit=True)
     try:
         admin.execute(SQL("CREATE SCHEMA {}").format(Identifier(schema)))
-        views = open_views({**env, "POSTGRES_SCHEMA": schema})
-        try:
-            views.ensure_schema(application_name)
-            yield views
-        finally:
-            views.datastore.close()
+        yield {**env, "POSTGRES_SCHEMA": schema}
     finally:
         admin.execute(SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(Identifier(schema)))
         admin.close()
+
+
+def open_scratch_views(env: dict[str, str], application_name: str) -> Views:
+    """Views in storage from ``scratch_env``: a replay's, which needs no durability at all."""
+    views = open_views(env)
+    if isinstance(views, SQLiteViews):
+        views.synchronous = "OFF"
+    views.ensure_schema(application_name)
+    return views
+
+
+@contextmanager
+def scratch_views(env: dict[str, str], application_name: str) -> Iterator[Views]:
+    """Empty views in fresh storage beside the live ones, removed afterwards: where a replay
+    can be proven."""
+    with scratch_env(env) as scratch:
+        views = open_scratch_views(scratch, application_name)
+        try:
+            yield views
+        finally:
+            views.datastore.close()
 
 
 def _pg_connect_args(env: dict[str, str]) -> dict[str, Any]:
@@ -1044,4 +1124,13 @@ def _pg_connect_args(env: dict[str, str]) -> dict[str, Any]:
     }
 
 
-__all__ = ["BuyerProviderRow", "JobRow", "OfferRow", "Views", "open_views", "scratch_views"]
+__all__ = [
+    "BuyerProviderRow",
+    "JobRow",
+    "OfferRow",
+    "Views",
+    "open_scratch_views",
+    "open_views",
+    "scratch_env",
+    "scratch_views",
+]

@@ -83,7 +83,7 @@ def test_a_market_log_reads_as_the_library_reads_it(db_url: str) -> None:
         assert all(isinstance(e.originator_id, UUID) for _, e in ours)
 
         # Skipped topics are counted, not decoded; ``stop`` bounds a batch.
-        skipping = LogReader(app, skip_topics=IGNORED_TOPICS)
+        skipping = LogReader(app, skip=IGNORED_TOPICS)
         batch = skipping.read(0, 10**6, stop=1000)
         assert batch.last == 1000 and batch.count == 1000
         first = app.recorder.select_notifications(start=1, limit=1000)
