@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
-import pytest
 from eventsourcing.domain import Aggregate, event
 
 from adapters.eventstore import MarketApp, open_market
 from adapters.logreader import EventDecoder, LogReader
 from bench.replay import LogGenerator
 from projections.views import IGNORED_TOPICS
-from tests.conftest import _require_postgres
-from tests.harness import postgres_database
 
 
 class Ledgerish(Aggregate):
@@ -45,16 +41,6 @@ class Ledgerish(Aggregate):
             aggregate.title = self.title
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/data"
-    else:
-        _require_postgres()
-        with postgres_database() as url:
-            yield url
-
-
 def library_events(app: MarketApp) -> list[tuple[int, Any]]:
     notifications = app.recorder.select_notifications(start=1, limit=10**6)
     return [(n.id, app.mapper.to_domain_event(n)) for n in notifications]
@@ -66,8 +52,8 @@ def same(ours: list[tuple[int, Any]], theirs: list[tuple[int, Any]]) -> None:
     ]
 
 
-def test_a_market_log_reads_as_the_library_reads_it(db_url: str) -> None:
-    app = open_market(db_url)
+def test_a_market_log_reads_as_the_library_reads_it(database_url: str) -> None:
+    app = open_market(database_url)
     try:
         LogGenerator(app, jobs=120, rate=20.0, seed=7).generate()
         theirs = library_events(app)
@@ -94,8 +80,8 @@ def test_a_market_log_reads_as_the_library_reads_it(db_url: str) -> None:
         app.close()
 
 
-def test_events_the_fast_path_cannot_decode_go_through_the_library(db_url: str) -> None:
-    app = open_market(db_url)
+def test_events_the_fast_path_cannot_decode_go_through_the_library(database_url: str) -> None:
+    app = open_market(database_url)
     try:
         thing = Ledgerish()
         thing.note(Decimal("1.10"), uuid4(), datetime(2026, 1, 2, tzinfo=UTC))

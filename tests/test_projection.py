@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,6 @@ from domain.catalog import Catalog, parse_venice_models, validate_video_request
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, open_views
 from services.commands import Commands
-from tests.conftest import _require_postgres
-from tests.harness import postgres_database
 
 MODELS = [
     {
@@ -37,16 +34,6 @@ MODELS = [
         },
     }
 ]
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/data"
-    else:
-        _require_postgres()
-        with postgres_database() as url:
-            yield url
 
 
 def fill_log(commands: Commands, jobs: int) -> None:
@@ -75,11 +62,11 @@ def fill_log(commands: Commands, jobs: int) -> None:
             commands.cancel(submitted.job_id)
 
 
-def test_racing_runners_apply_each_event_once_and_rebuild_is_identical(db_url: str) -> None:
-    market = open_market(db_url)
+def test_racing_runners_apply_each_event_once_and_rebuild_is_identical(database_url: str) -> None:
+    market = open_market(database_url)
     commands = Commands(market, Secrets("x" * 32))
     fill_log(commands, 60)
-    views = [open_views(store_env(db_url, role=VIEWS_NAME)) for _ in range(2)]
+    views = [open_views(store_env(database_url, role=VIEWS_NAME)) for _ in range(2)]
     runners = [ProjectionRunner(market, v, batch_size=7) for v in views]
     threads = [threading.Thread(target=r.catch_up) for r in runners]
     for t in threads:
@@ -132,9 +119,9 @@ def test_read_your_writes_wait(tmp_path: Path) -> None:
         market.close()
 
 
-def test_views_of_another_schema_version_are_rebuilt_from_the_log(db_url: str) -> None:
-    market = open_market(db_url)
-    views = open_views(store_env(db_url, role=VIEWS_NAME))
+def test_views_of_another_schema_version_are_rebuilt_from_the_log(database_url: str) -> None:
+    market = open_market(database_url)
+    views = open_views(store_env(database_url, role=VIEWS_NAME))
     commands = Commands(market, Secrets(Secrets.generate_master_key()))
     fill_log(commands, 3)
     assert views.ensure_schema(market.name) in (True, False)
@@ -150,11 +137,11 @@ def test_views_of_another_schema_version_are_rebuilt_from_the_log(db_url: str) -
     assert views.digest() == live
 
 
-def test_a_batch_overlapping_one_already_applied_is_refused(db_url: str) -> None:
+def test_a_batch_overlapping_one_already_applied_is_refused(database_url: str) -> None:
     """Two runners that read the same position: the one with the longer batch commits second
     and must not apply the overlap again (the tracking upsert alone would let it)."""
-    market = open_market(db_url)
-    views = open_views(store_env(db_url, role=VIEWS_NAME))
+    market = open_market(database_url)
+    views = open_views(store_env(database_url, role=VIEWS_NAME))
     fill_log(Commands(market, Secrets("z" * 32)), 3)
     notifications = market.recorder.select_notifications(start=1, limit=100)
     items = [(n.id, market.mapper.to_domain_event(n)) for n in notifications]

@@ -2,37 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from adapters.eventstore import open_market, store_env
 from bench.replay import LogGenerator
 from projections.runner import ProjectionRunner
 from projections.views import BOOK, JOBS, PART_TABLES, TABLES, VIEWS_NAME, open_views, scratch_views
 from services.replay import LogSource, verify
-from tests.conftest import _require_postgres
-from tests.harness import postgres_database
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/data"
-    else:
-        _require_postgres()
-        with postgres_database() as url:
-            yield url
 
 
 def test_the_parts_cover_every_table_once() -> None:
     assert sorted(PART_TABLES[JOBS] + PART_TABLES[BOOK]) == sorted(TABLES)
 
 
-def test_a_two_process_rebuild_equals_the_live_views(db_url: str) -> None:
-    app = open_market(db_url)
-    env = store_env(db_url, role=VIEWS_NAME)
+def test_a_two_process_rebuild_equals_the_live_views(database_url: str) -> None:
+    app = open_market(database_url)
+    env = store_env(database_url, role=VIEWS_NAME)
     live = open_views(env)
     try:
         LogGenerator(app, jobs=150, rate=10.0, seed=3).generate()
@@ -41,7 +24,7 @@ def test_a_two_process_rebuild_equals_the_live_views(db_url: str) -> None:
         digests = []
         for parallel in (True, False):
             with scratch_views(env, app.name) as fresh:
-                result = verify(app, live, fresh, LogSource(db_url, env), parallel=parallel)
+                result = verify(app, live, fresh, LogSource(database_url, env), parallel=parallel)
                 assert result.ok, result.render()
                 assert result.events == app.recorder.max_notification_id()
                 digests.append(fresh.digest())
