@@ -5,10 +5,11 @@ Rebuilding every view from a long log is bound by the CPU, and the library's pai
 of its time on work the projections don't need: a ``Notification`` object per row, a dict per
 row on PostgreSQL, and a JSON ``object_hook`` call for every dict in every event. Here rows come
 back as plain tuples, events whose topics no view reads are counted but never decoded, and an
-event whose only transcoded value is its timestamp (nearly all of them) is decoded by
-``json.loads`` and one ``fromisoformat``. Anything else (another transcoded value, an event
-class that upcasts, a cipher or a compressor) goes through the library's own mapper, so the
-result is always exactly the event the library would give.
+event whose only transcoded value is its timestamp (nearly all of them) is decoded by the
+scanner inside ``json.loads`` and one ``fromisoformat``. Anything else (another transcoded
+value, an event class that upcasts, a cipher or a compressor, bytes that aren't JSON) goes
+through the library's own mapper, so the result is always exactly the event the library would
+give, or its error.
 """
 
 from __future__ import annotations
@@ -73,13 +74,7 @@ class EventDecoder:
         self._scan: Callable[[str, int], tuple[Any, int]] = make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
         # A job's dozen events share one UUID object instead of parsing its id a dozen times.
         self._uuids: dict[str, UUID] = {}
-
         self.decode = self._decoder()
-
-    def __call__(
-        self, originator_id: UUID | str, originator_version: int, topic: str, state: bytes
-    ) -> Any:
-        return self.decode(originator_id, originator_version, topic, state)
 
     def _decoder(self) -> Callable[[UUID | str, int, str, bytes], Any]:
         # A closure over locals: this runs once per event of a replay, and attribute lookups
@@ -99,8 +94,11 @@ class EventDecoder:
                 state = bytes(state)
             if cls is not None and state.count(_TYPE_KEY) == 1:
                 text = state.decode("utf8")
-                event_state, end = scan(text, 0)
-                timestamp = event_state.get("timestamp")
+                try:
+                    event_state, end = scan(text, 0)
+                except (ValueError, StopIteration):  # not JSON: the library says how
+                    event_state, end = None, -1
+                timestamp = event_state.get("timestamp") if type(event_state) is dict else None
                 if (
                     end == len(text)
                     and type(timestamp) is dict

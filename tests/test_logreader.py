@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
+import pytest
 from eventsourcing.domain import Aggregate, event
+from eventsourcing.persistence import MapperDeserialisationError
 
 from adapters.eventstore import MarketApp, open_market
 from adapters.logreader import EventDecoder, LogReader
@@ -108,5 +111,20 @@ def test_a_compressed_log_is_left_to_the_library(tmp_path: Path) -> None:
         LogGenerator(app, jobs=5, rate=5.0, seed=1).generate()
         assert not EventDecoder(app)._fast
         same(LogReader(app).read(0, 10**6).items, library_events(app))
+    finally:
+        app.close()
+
+
+def test_a_corrupt_event_fails_as_the_library_fails(tmp_path: Path) -> None:
+    app = open_market(f"sqlite:///{tmp_path}/data")
+    try:
+        LogGenerator(app, jobs=2, rate=5.0, seed=1).generate()
+        truncated = b'{"timestamp":{"_type_":"datetime_iso","_data_":"2026-01-0'
+        with sqlite3.connect(tmp_path / "data" / "market.db") as db:
+            db.execute("UPDATE stored_events SET state = ? WHERE rowid = 2", (truncated,))
+        with pytest.raises(MapperDeserialisationError):
+            app.mapper.to_domain_event(app.recorder.select_notifications(2, 1)[0])
+        with pytest.raises(MapperDeserialisationError):
+            LogReader(app).read(0, 10)
     finally:
         app.close()
