@@ -22,9 +22,9 @@ holds the same log).
 **The measurement.** Fresh, empty views in the storage ``mediamarket replay --verify`` rebuilds
 into (``projections.views.scratch_views``: a temporary SQLite file written without fsyncs, or a
 temporary schema in the scratch PostgreSQL database ``mm_bench_replay_views``), then that
-command's rebuild timed (``services.replay.rebuild``: with two cores, the job views folded here
-while a second process folds the order book and the ledger into scratch storage of its own, then
-copied in): events/s is notifications applied per second. The baseline, measured in the same
+command's rebuild timed (``services.replay.rebuild``: with two cores, the job views and the
+order book folded here while a second process folds the ledger into scratch storage of its own,
+then copied in): events/s is notifications applied per second. The baseline, measured in the same
 run just before, is the event-store library's own way to read a log: the same notifications in
 the runner's batches (``select_notifications``), each deserialised (``mapper.to_domain_event``),
 projecting nothing. (The runner reads through ``adapters.logreader``, which does the same work

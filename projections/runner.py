@@ -18,7 +18,7 @@ from eventsourcing.persistence import IntegrityError, OperationalError, Tracking
 
 from adapters.eventstore import MarketApp
 from adapters.logreader import LogBatch, LogReader
-from projections.views import ALL, Views, skips
+from projections.views import ALL, Part, Views, skips
 
 log = structlog.get_logger("projections")
 # Catching up (a rebuild, a replay, a backlog at start) applies big batches: fewer commits and
@@ -34,7 +34,7 @@ class ProjectionRunner:
         *,
         batch_size: int = 500,
         poll_interval: float = 0.05,
-        part: str = ALL,
+        part: Part = ALL,
     ) -> None:
         self.app = app
         self.views = views

@@ -250,16 +250,24 @@ class BuyerProviderRow:
         }
 
 
-# A rebuild into scratch storage can fold the views in two processes, each a part of the tables
-# (then merged): a CPU-bound Python fold gets a second core. Live views always fold every part
-# in one transaction per batch.
-ALL, JOBS, BOOK = "all", "jobs", "book"
-PART_TABLES: dict[str, tuple[str, ...]] = {
-    # Job views (poll) and the accounts' lookups.
-    JOBS: ("mm_job_views", "mm_principals", "mm_buyer_providers"),
-    # The order book and the ledger.
-    BOOK: ("mm_offers", "mm_trades", *ledger.LEDGER_TABLES),
+# The views fall into three groups of tables that no fold crosses. Live views fold every group
+# in one transaction per batch; a rebuild into scratch storage can fold them in two processes,
+# each a part of the groups (then merged), so a CPU-bound Python fold gets a second core.
+JOB_VIEWS, ORDER_BOOK, LEDGER = "job views", "order book", "ledger"
+GROUP_TABLES: dict[str, tuple[str, ...]] = {
+    # Poll's documents and the accounts' lookups.
+    JOB_VIEWS: ("mm_job_views", "mm_principals", "mm_buyer_providers"),
+    ORDER_BOOK: ("mm_offers", "mm_trades"),
+    LEDGER: tuple(ledger.LEDGER_TABLES),
 }
+Part = frozenset[str]
+ALL: Part = frozenset(GROUP_TABLES)
+# A two-process rebuild: parts that take about as long as each other on a busy market's log.
+REBUILD_PARTS: tuple[Part, Part] = (frozenset({JOB_VIEWS, ORDER_BOOK}), frozenset({LEDGER}))
+
+
+def part_tables(part: Part) -> list[str]:
+    return [table for group in sorted(part) for table in GROUP_TABLES[group]]
 
 
 # How ``Views._project`` treats an event, decided once per class: a chain of isinstance
@@ -296,7 +304,7 @@ def _view_kind(cls: type) -> int:
     return _OTHER
 
 
-def skips(part: str) -> Callable[[str], bool]:
+def skips(part: Part) -> Callable[[str], bool]:
     """Whether a part's reader may leave an event of this topic undecoded."""
 
     def skip(topic: str) -> bool:
@@ -309,9 +317,12 @@ def skips(part: str) -> Callable[[str], bool]:
         except Exception:  # the decoder reports it as the library would
             return False
         kind = _view_kind(cls)
-        if part == JOBS:
-            return kind in (_OFFER, _OTHER)
-        return cls not in ledger.HANDLERS and kind not in (_OFFER, _SETTLED)
+        read = (
+            (JOB_VIEWS in part and kind not in (_OFFER, _OTHER))
+            or (ORDER_BOOK in part and kind in (_OFFER, _SETTLED))
+            or (LEDGER in part and cls in ledger.HANDLERS)
+        )
+        return not read
 
     return skip
 
@@ -335,11 +346,11 @@ class Views:
     # ---------------------------------------------------------------- projecting
 
     def apply_batch(
-        self, items: Sequence[tuple[int, Any]], tracking: Tracking, start: int, part: str = ALL
+        self, items: Sequence[tuple[int, Any]], tracking: Tracking, start: int, part: Part = ALL
     ) -> None:
         """Apply ``(notification id, domain event)`` pairs that follow position ``start`` and
-        advance tracking to the last of them, atomically; to the tables of ``part`` only, when
-        it names one (see ``PART_TABLES``).
+        advance tracking to the last of them, atomically; to the tables of ``part``'s groups
+        only, when it names some (see ``GROUP_TABLES``).
 
         Raises ``IntegrityError`` when the views are no longer at ``start``: another runner
         applied a batch first. The library's tracking upsert alone would accept any higher
@@ -354,14 +365,16 @@ class Views:
                 raise IntegrityError(f"the views are at {position}, not {start}")
             self._insert_tracking(c, tracking)
             self._project(c, items, part)
-            if part != JOBS:
+            if LEDGER in part:
                 journal = ledger.LedgerBatch(lambda job_ids: self._load_settlements(c, job_ids))
                 journal.project(items)
                 journal.write(c, self.q)
 
-    def _project(self, c: Any, items: Sequence[tuple[int, Any]], part: str = ALL) -> None:
+    def _project(self, c: Any, items: Sequence[tuple[int, Any]], part: Part = ALL) -> None:
         kinds = _VIEW_KINDS
-        jobs_part, book_part = part != BOOK, part != JOBS
+        jobs_part, book_part = JOB_VIEWS in part, ORDER_BOOK in part
+        if not (jobs_part or book_part):
+            return
         ours: list[tuple[int, Any, int, str]] = []
         job_ids: set[str] = set()
         offer_ids: set[str] = set()
@@ -384,7 +397,7 @@ class Views:
             elif kind == _OTHER:
                 continue
             elif not (book_part if kind == _OFFER else jobs_part):
-                # Offer events belong to the book; the other kinds left, to the jobs part.
+                # Offer events belong to the order book; the other kinds left, to job views.
                 continue
             else:
                 key = id_text(e.originator_id)

@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 
 from adapters.eventstore import MarketApp, open_market
 from projections.runner import ProjectionRunner
-from projections.views import BOOK, JOBS, PART_TABLES, Views, open_scratch_views, scratch_env
+from projections.views import (
+    REBUILD_PARTS,
+    Part,
+    Views,
+    open_scratch_views,
+    part_tables,
+    scratch_env,
+)
 
 # Which projection each table belongs to, for the report.
 PROJECTIONS = {
@@ -49,9 +56,9 @@ def rebuild(
     notifications that covered.
 
     The fold is CPU-bound Python, so given a ``source`` and a long log (or ``parallel``), a
-    second process folds the order book and the ledger into scratch storage of its own while
-    this one folds the job views; its tables are then copied in. Each process runs the same
-    fold as the live runner, for its part of the tables only.
+    second process folds one part of the views (``REBUILD_PARTS``) into scratch storage of its
+    own while this one folds the other; its tables are then copied in. Each process runs the
+    same fold as the live runner, for its part of the tables only.
     """
     start = fresh.position(app.name)
     if parallel is None:
@@ -66,20 +73,21 @@ def rebuild(
         raise ValueError("a parallel rebuild needs the log's source")
     spawn = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
     with (
-        scratch_env(source.views_env) as book_env,
+        scratch_env(source.views_env) as other_env,
         ProcessPoolExecutor(1, mp_context=spawn) as pool,
     ):
-        book = pool.submit(fold_part, source.database_url, book_env, app.name, BOOK, until)
-        applied = ProjectionRunner(app, fresh, part=JOBS).catch_up(until=until)
-        book_applied = book.result()
-        if book_applied != applied:
-            raise RuntimeError(f"the parts covered {applied} and {book_applied} notifications")
-        fresh.copy_tables_from(book_env, PART_TABLES[BOOK])
+        here, there = REBUILD_PARTS
+        other = pool.submit(fold_part, source.database_url, other_env, app.name, there, until)
+        applied = ProjectionRunner(app, fresh, part=here).catch_up(until=until)
+        other_applied = other.result()
+        if other_applied != applied:
+            raise RuntimeError(f"the parts covered {applied} and {other_applied} notifications")
+        fresh.copy_tables_from(other_env, part_tables(there))
     return applied
 
 
 def fold_part(
-    database_url: str, views_env: dict[str, str], application_name: str, part: str, until: int
+    database_url: str, views_env: dict[str, str], application_name: str, part: Part, until: int
 ) -> int:
     """One part of a parallel rebuild, in its own process and scratch storage."""
     app = open_market(database_url)

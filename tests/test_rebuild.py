@@ -5,12 +5,24 @@ from __future__ import annotations
 from adapters.eventstore import open_market, store_env
 from bench.replay import LogGenerator
 from projections.runner import ProjectionRunner
-from projections.views import BOOK, JOBS, PART_TABLES, TABLES, VIEWS_NAME, open_views, scratch_views
+from projections.views import (
+    ALL,
+    GROUP_TABLES,
+    REBUILD_PARTS,
+    TABLES,
+    VIEWS_NAME,
+    open_views,
+    part_tables,
+    scratch_views,
+)
 from services.replay import LogSource, verify
 
 
-def test_the_parts_cover_every_table_once() -> None:
-    assert sorted(PART_TABLES[JOBS] + PART_TABLES[BOOK]) == sorted(TABLES)
+def test_the_groups_and_the_rebuild_parts_cover_every_table_once() -> None:
+    assert sorted(t for tables in GROUP_TABLES.values() for t in tables) == sorted(TABLES)
+    here, there = REBUILD_PARTS
+    assert here | there == ALL and not here & there
+    assert sorted(part_tables(here) + part_tables(there)) == sorted(TABLES)
 
 
 def test_a_two_process_rebuild_equals_the_live_views(database_url: str) -> None:
