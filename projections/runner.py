@@ -17,7 +17,7 @@ import structlog
 from eventsourcing.persistence import IntegrityError, OperationalError, Tracking
 
 from adapters.eventstore import MarketApp
-from adapters.logreader import LogBatch, LogReader
+from adapters.logreader import LogReader
 from projections.views import ALL, Part, Views, skips
 
 log = structlog.get_logger("projections")
@@ -38,9 +38,9 @@ class ProjectionRunner:
     ) -> None:
         self.app = app
         self.views = views
+        self.part = part
         # Events no view reads are not even decoded (a fifth of a busy log is lease renewals);
         # the tracked position still moves past them.
-        self.part = part
         self.reader = LogReader(app, skip=skips(part))
         self.batch_size = batch_size
         self.poll_interval = poll_interval
@@ -57,11 +57,6 @@ class ProjectionRunner:
         if until is not None and start >= until:
             return 0
         batch = self.reader.read(start, limit or self.batch_size, until)
-        return self._apply(batch, start)
-
-    def _apply(self, batch: LogBatch, start: int) -> int:
-        """Apply a batch read after ``start``; returns how many notifications it covered, 0 when
-        it was empty or another runner got there first (the position is re-read then)."""
         if batch.last is None:
             self._advance(start)
             return 0
