@@ -1,4 +1,5 @@
-"""Real H.264 MP4s: sizes for a request, a fast synthetic renderer, and a probe.
+"""Real H.264 MP4s (optionally with AAC audio): sizes for a request, a fast synthetic
+renderer, and a probe.
 
 The simulator renders what it returns and the engine probes what it stores, so both sides
 agree on one meaning of "a 1080p 9:16 video of 5 seconds" measured from the file itself.
@@ -6,13 +7,21 @@ agree on one meaning of "a 1080p 9:16 video of 5 seconds" measured from the file
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
+from array import array
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import cache
 from pathlib import Path
 
 import av
+from av.audio.frame import AudioFrame
+from av.audio.stream import AudioStream
+from av.container import InputContainer, OutputContainer
 from av.video.frame import VideoFrame
+from av.video.stream import VideoStream
 
 BASE_HEIGHTS = {"480p": 480, "720p": 720, "1080p": 1080, "4k": 2160}
 
@@ -32,6 +41,17 @@ _PALETTE = (
     (107, 202, 222),
     (170, 166, 16),
 )
+
+
+# Mono at a common player rate; one channel halves the encoding work and a test tone needs
+# no more.
+AUDIO_SAMPLE_RATE = 48_000
+_AUDIO_BIT_RATE = 64_000
+# About -20 dBFS: clearly audible, never startling.
+_TONE_AMPLITUDE = 0.1
+# Each second gets the next pitch, like the palette. Whole hertz means every second holds a
+# whole number of cycles, so each starts at phase zero and the seams don't click.
+_TONES_HZ = (220, 277, 330, 440, 554, 659)
 
 
 class MediaError(ValueError):
@@ -73,19 +93,51 @@ def _solid_frame(width: int, height: int, colour: tuple[int, int, int]) -> Video
     return frame
 
 
-def render_mp4(width: int, height: int, seconds: int) -> bytes:
-    """A playable H.264 (yuv420p) MP4 of exactly ``width``x``height`` lasting ``seconds``."""
+@cache
+def _tone_second(hz: int) -> bytes:
+    # Pure-Python synthesis costs several milliseconds a pitch; renders come in bursts, so
+    # each pitch's second is built once per process (a racing duplicate is harmless).
+    step = 2 * math.pi * hz / AUDIO_SAMPLE_RATE
+    samples = array("f", (_TONE_AMPLITUDE * math.sin(step * n) for n in range(AUDIO_SAMPLE_RATE)))
+    return samples.tobytes()
+
+
+def _tone_frame(second: int) -> AudioFrame:
+    frame = AudioFrame(format="fltp", layout="mono", samples=AUDIO_SAMPLE_RATE)
+    tone = _tone_second(_TONES_HZ[second % len(_TONES_HZ)])
+    plane = frame.planes[0]
+    # The plane may be padded past the samples for alignment; the padding is never read.
+    plane.update(tone + bytes(plane.buffer_size - len(tone)))
+    frame.sample_rate = AUDIO_SAMPLE_RATE
+    frame.pts = second * AUDIO_SAMPLE_RATE
+    frame.time_base = Fraction(1, AUDIO_SAMPLE_RATE)
+    return frame
+
+
+def _add_tone_stream(container: OutputContainer) -> AudioStream:
+    stream = container.add_stream("aac", rate=AUDIO_SAMPLE_RATE, layout="mono")
+    stream.bit_rate = _AUDIO_BIT_RATE
+    return stream
+
+
+def render_mp4(width: int, height: int, seconds: int, audio: bool = False) -> bytes:
+    """A playable H.264 (yuv420p) MP4 of exactly ``width``x``height`` lasting ``seconds``.
+
+    With ``audio`` it also carries one mono AAC-LC track of a quiet tone, as long as the video.
+    """
     if width <= 0 or height <= 0 or width % 2 or height % 2:
         raise MediaError(f"H.264 4:2:0 needs positive even sizes, got {width}x{height}")
     if seconds <= 0:
         raise MediaError(f"duration must be positive, got {seconds}")
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=FRAMES_PER_SECOND)
-        stream.width = width
-        stream.height = height
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"preset": "ultrafast", "tune": "stillimage"}
+        video = container.add_stream("libx264", rate=FRAMES_PER_SECOND)
+        video.width = width
+        video.height = height
+        video.pix_fmt = "yuv420p"
+        video.options = {"preset": "ultrafast", "tune": "stillimage"}
+        # Every stream must exist before the first packet is muxed, as that writes the header.
+        sound = _add_tone_stream(container) if audio else None
         time_base = Fraction(1, FRAMES_PER_SECOND)
         for second in range(seconds):
             colour = _PALETTE[second % len(_PALETTE)]
@@ -93,8 +145,15 @@ def render_mp4(width: int, height: int, seconds: int) -> bytes:
                 frame = _solid_frame(width, height, colour)
                 frame.pts = second * FRAMES_PER_SECOND + i
                 frame.time_base = time_base
-                container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+                container.mux(video.encode(frame))
+            if sound is not None:
+                # Whole seconds go in; PyAV cuts them into the encoder's 1024-sample frames
+                # and passes the short last one through on flush, so the track ends with the
+                # video rather than up to a frame later.
+                container.mux(sound.encode(_tone_frame(second)))
+        container.mux(video.encode(None))
+        if sound is not None:
+            container.mux(sound.encode(None))
     return buf.getvalue()
 
 
@@ -105,6 +164,31 @@ class MediaInfo:
     duration_seconds: int
     bytes: int
     content_type: str = "video/mp4"
+    # Whether some audio stream yields decoded sound; a track that only parses doesn't count.
+    audio: bool = False
+
+
+def _decode_first_frames(container: InputContainer, video: VideoStream) -> bool:
+    """Decode until the video yields a frame (or fail) and report whether any audio did too."""
+    audio_streams = list(container.streams.audio)
+    seen_video = heard = False
+    # One pass over the interleaved packets: decoding each stream separately would either
+    # skip the other's packets read meanwhile or cost a seek per stream.
+    for packet in container.demux(video, *audio_streams):
+        if packet.stream.type == "video":
+            if not seen_video:
+                seen_video = bool(packet.decode())
+        elif not heard:
+            # Broken sound makes a silent video, not an unusable one; later packets may still
+            # decode.
+            with contextlib.suppress(av.FFmpegError):
+                heard = bool(packet.decode())
+        if seen_video and (heard or not audio_streams):
+            break
+    # Decoding one frame catches files whose header parses but whose media doesn't.
+    if not seen_video:
+        raise MediaError("the video stream holds no decodable frame")
+    return heard
 
 
 def probe_mp4(path: Path) -> MediaInfo:
@@ -118,19 +202,22 @@ def probe_mp4(path: Path) -> MediaInfo:
                 raise MediaError("no video stream")
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
-            if container.duration is not None:
-                duration = Fraction(container.duration, av.time_base)
-            elif stream.duration is not None and stream.time_base is not None:
+            # The video's own length comes first: the container's is the longest stream's,
+            # and an audio track may run past the picture (encoder padding, a longer take).
+            if stream.duration and stream.time_base is not None:
                 duration = stream.duration * stream.time_base
+            elif container.duration is not None:
+                # Some muxers (live, fragmented) leave the track's own length unstated.
+                duration = Fraction(container.duration, av.time_base)
             else:
                 raise MediaError("the file states no duration")
-            # Decoding one frame catches files whose header parses but whose media doesn't.
-            if next(container.decode(stream), None) is None:
-                raise MediaError("the video stream holds no decodable frame")
+            audio = _decode_first_frames(container, stream)
     except MediaError:
         raise
     except (av.FFmpegError, OSError) as e:
         raise MediaError(f"not a readable video: {e}") from e
     if width <= 0 or height <= 0:
         raise MediaError("the video stream has no picture size")
-    return MediaInfo(width=width, height=height, duration_seconds=_round(duration), bytes=size)
+    return MediaInfo(
+        width=width, height=height, duration_seconds=_round(duration), bytes=size, audio=audio
+    )
