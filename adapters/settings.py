@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     WORKER_CONCURRENCY: int = Field(default=256, gt=0)
     WEBHOOK_ALLOW_HTTP: bool = False
     WEBHOOK_ALLOW_PRIVATE: bool = False
+    # SPEC 9: URLs that sellers, buyers and providers supply may reach private addresses only
+    # when the operator says so; a seller's base_url only the hosts listed per provider.
+    OUTBOUND_ALLOW_PRIVATE: bool = False
+    PROVIDER_ALLOWED_HOSTS_VENICE: str = "api.venice.ai"
     LOG_LEVEL: str = "info"
 
     @field_validator("DATABASE_URL")

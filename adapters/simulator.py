@@ -111,45 +111,95 @@ CATALOG: tuple[SimModel, ...] = (
 MODELS = {m.id: m for m in CATALOG}
 
 
+# Venice answers /models with a release date per model; a fixed one keeps the catalog stable.
+CREATED = 1_760_000_000
+# Venice's default prompt limit for a video model (its ModelResponse documentation).
+PROMPT_CHARACTER_LIMIT = 2500
+
+
 def catalog_entry(model: SimModel) -> dict[str, Any]:
+    """A ``ModelResponse`` of Venice's ``GET /models?type=video``, video constraints and all.
+
+    Venice lists no prices for video models (they come from ``/video/quote``), so neither does
+    the simulator; and no default resolution or aspect ratio, which SPEC 5.2 fixes instead.
+    """
     return {
         "id": model.id,
         "object": "model",
         "type": "video",
         "owned_by": "venice.ai",
+        "created": CREATED,
         "model_spec": {
             "name": model.name,
+            "privacy": "anonymized",
+            "traits": [],
             "constraints": {
                 "model_type": model.model_type,
                 "durations": [f"{d}s" for d in model.durations],
                 "resolutions": [r for r, _ in model.usd_per_second],
                 "aspect_ratios": list(model.aspect_ratios),
                 "audio": model.audio,
-                "image_input": model.image_input,
-                "default_resolution": model.default_resolution,
-                "default_aspect_ratio": DEFAULT_ASPECT_RATIO,
-            },
-            "pricing": {
-                "usd_per_second": dict(model.usd_per_second),
-                "audio_multiplier": model.audio_multiplier,
+                "audio_configurable": model.audio,
+                "prompt_character_limit": PROMPT_CHARACTER_LIMIT,
             },
         },
     }
 
 
-# Keys that act at queue time; the rest act on retrieve.
-GATEWAY_REFUSALS = {"sim_401": (401, "invalid API key"), "sim_429": (429, "rate limit exceeded")}
+MODEL_TYPES = frozenset(
+    {
+        "asr",
+        "embedding",
+        "image",
+        "music",
+        "text",
+        "tts",
+        "upscale",
+        "inpaint",
+        "video",
+        "all",
+        "code",
+    }
+)
+
+
+def models_payload(kind: str | None = "video") -> dict[str, Any]:
+    """The whole ``/models`` answer: video models for ``type=video`` or ``all``."""
+    if kind not in MODEL_TYPES:
+        kind = "all"
+    data = [catalog_entry(m) for m in CATALOG] if kind in ("video", "all") else []
+    return {"object": "list", "type": kind, "data": data}
+
+
+# Keys that act at queue time, in Venice's own words (its error-codes page); the rest act later.
+GATEWAY_REFUSALS = {
+    "sim_401": (401, "Authentication failed"),
+    "sim_429": (429, "Rate limit exceeded"),
+}
+INSUFFICIENT_BALANCE = (
+    402,
+    "Insufficient USD or Diem balance to complete request. "
+    "Visit https://venice.ai/settings/api to add credits.",
+)
 INSUFFICIENT_BALANCE_KEY = "sim_402"
+CONSENT_KEY = "sim_consent"
 QUEUE_TIMEOUT_KEY = "sim_queue_timeout"
 BEHAVIOURS = {
     "sim_fail_inference": "fail_inference",
     "sim_content_policy": "content_policy",
     "sim_flaky": "flaky",
     "sim_never": "never",
+    "sim_download_url": "download_url",
+    "sim_slow": "slow",
 }
 OK = "ok"
+# sim_slow runs this many times SIM_RENDER_SECONDS, reporting its progress all along.
+SLOW_FACTOR = 4
 # Bounds a hanging queue request when the host server doesn't cancel handlers on disconnect.
 QUEUE_HANG_LIMIT_SECONDS = 3600.0
+# Where a sim_download_url job's video is served, below the API prefix: like Venice's
+# pre-signed links, the URL itself is the credential (the queue id is random).
+SHARE_PATH = "/share/"
 
 _DURATION = re.compile(r"^([1-9][0-9]{0,3})s$")
 
@@ -159,7 +209,11 @@ def key_digest(api_key: str) -> str:
 
 
 class BadRequest(Exception):
-    pass
+    """A request Venice would answer 400 (``DetailedError``), naming the field at fault."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class NotFound(Exception):
@@ -187,31 +241,32 @@ def parse_video_request(body: dict[str, Any]) -> VideoRequest:
     model_id = body.get("model")
     model = MODELS.get(model_id) if isinstance(model_id, str) else None
     if model is None:
-        raise BadRequest(f"unknown model: {model_id!r}")
+        raise BadRequest(f"Invalid model specified: {model_id!r}", "model")
     duration = body.get("duration")
     match = _DURATION.match(duration) if isinstance(duration, str) else None
     if match is None or int(match.group(1)) not in model.durations:
         allowed = ", ".join(f"{d}s" for d in model.durations)
-        raise BadRequest(f"duration must be one of {allowed} for {model.id}")
+        raise BadRequest(f"duration must be one of {allowed} for {model.id}", "duration")
     resolution = body.get("resolution")
     if resolution is None:
         resolution = model.default_resolution
     if not isinstance(resolution, str) or model.rate(resolution) is None:
         allowed = ", ".join(r for r, _ in model.usd_per_second)
-        raise BadRequest(f"resolution must be one of {allowed} for {model.id}")
+        raise BadRequest(f"resolution must be one of {allowed} for {model.id}", "resolution")
     aspect_ratio = body.get("aspect_ratio")
     if aspect_ratio is None:
         aspect_ratio = DEFAULT_ASPECT_RATIO
     if not isinstance(aspect_ratio, str) or aspect_ratio not in model.aspect_ratios:
         allowed = ", ".join(model.aspect_ratios)
-        raise BadRequest(f"aspect_ratio must be one of {allowed} for {model.id}")
+        raise BadRequest(f"aspect_ratio must be one of {allowed} for {model.id}", "aspect_ratio")
     audio = body.get("audio")
     if audio is None:
-        audio = False
+        # Venice: "Defaults to true" for models with audio, so an omitted field is billed.
+        audio = model.audio
     if not isinstance(audio, bool):
-        raise BadRequest("audio must be a boolean")
+        raise BadRequest("audio must be a boolean", "audio")
     if audio and not model.audio:
-        raise BadRequest(f"{model.id} does not support audio")
+        raise BadRequest(f"{model.id} does not support audio", "audio")
     return VideoRequest(model, int(match.group(1)), resolution, aspect_ratio, audio)
 
 
@@ -386,35 +441,96 @@ class SimStore:
 
 
 class RenderCache:
-    """Finished videos per (width, height, seconds), rendered once off the event loop."""
+    """Finished videos per (width, height, seconds, audio), rendered once off the event loop."""
 
     def __init__(self) -> None:
-        self._done: dict[tuple[int, int, int], bytes] = {}
-        self._pending: dict[tuple[int, int, int], asyncio.Future[bytes]] = {}
+        self._done: dict[RenderKey, bytes] = {}
+        self._pending: dict[RenderKey, asyncio.Future[bytes]] = {}
 
-    async def get(self, width: int, height: int, seconds: int) -> bytes:
-        key = (width, height, seconds)
+    async def get(self, width: int, height: int, seconds: int, audio: bool = False) -> bytes:
+        key = (width, height, seconds, audio)
         cached = self._done.get(key)
         if cached is not None:
             return cached
         pending = self._pending.get(key)
         if pending is None:
             loop = asyncio.get_running_loop()
-            pending = loop.run_in_executor(None, render_mp4, width, height, seconds)
+            render = functools.partial(render_mp4, width, height, seconds, audio=audio)
+            pending = loop.run_in_executor(None, render)
             self._pending[key] = pending
             pending.add_done_callback(functools.partial(self._settle, key))
         # Shielded so a waiter whose client went away doesn't cancel the render for the others.
         return await asyncio.shield(pending)
 
-    def _settle(self, key: tuple[int, int, int], future: asyncio.Future[bytes]) -> None:
+    def _settle(self, key: RenderKey, future: asyncio.Future[bytes]) -> None:
         del self._pending[key]
         # Reading the exception also marks it retrieved when every waiter has gone.
         if not future.cancelled() and future.exception() is None:
             self._done[key] = future.result()
 
 
-def _error(status: int, message: str) -> web.Response:
+RenderKey = tuple[int, int, int, bool]
+
+
+# -- Venice's error bodies (its OpenAPI components), so the engine meets the real shapes here.
+
+
+def _standard_error(status: int, message: str) -> web.Response:
+    """``StandardError``: ``{"error": "<message>"}``."""
     return web.json_response({"error": message}, status=status)
+
+
+def _detailed_error(message: str, field: str | None = None) -> web.Response:
+    """``DetailedError`` (400): the message plus per-field details, as Venice's validation."""
+    details: dict[str, Any] = {"_errors": []}
+    if field is None:
+        details["_errors"].append(message)
+    else:
+        details[field] = {"_errors": [message]}
+    return web.json_response({"error": message, "details": details}, status=400)
+
+
+def _payload_too_large() -> web.Response:
+    """``PayloadTooLargeError`` (413 on queue)."""
+    return web.json_response(
+        {
+            "code": "PAYLOAD_TOO_LARGE",
+            "error": "The request payload is too large. Please reduce the size of your request.",
+        },
+        status=413,
+    )
+
+
+def _needs_consent() -> web.Response:
+    """The 409 of ``/video/queue`` for an account that has not given a model's consent."""
+    return web.json_response(
+        {
+            "error": {
+                "code": "needs_consent",
+                "message": "Additional consent is required before this request can be queued",
+            },
+            "consent_flow": "seedance",
+            "face_media_roles": ["image"],
+            "consent": {"consent_version": "2026-01", "policy_text": "Sandbox consent policy."},
+            "docs_url": "https://docs.venice.ai/guides/media/seedance-face-consent",
+        },
+        status=409,
+    )
+
+
+def _content_policy() -> web.Response:
+    """``ProviderContentPolicyError`` (422 on retrieve). The sandbox keeps what it billed."""
+    return web.json_response(
+        {
+            "error": {
+                "message": "The selected model provider rejected this request due to its "
+                "content policies.",
+                "type": "provider_content_policy",
+                "credits_refunded": False,
+            }
+        },
+        status=422,
+    )
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -447,9 +563,7 @@ class Simulator:
     # -- endpoints ------------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        kind = request.query.get("type", "video")
-        data = [catalog_entry(m) for m in CATALOG] if kind == "video" else []
-        return web.json_response({"object": "list", "type": kind, "data": data})
+        return web.json_response(models_payload(request.query.get("type")))
 
     async def billing(self, request: web.Request) -> web.Response:
         keys = {
@@ -468,23 +582,29 @@ class Simulator:
         # A gateway turns away bad keys and rate-limited callers before reading the request.
         refusal = GATEWAY_REFUSALS.get(api_key)
         if refusal is not None:
-            return _error(*refusal)
+            return _standard_error(*refusal)
         video = parse_video_request(body)
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise BadRequest("prompt is required")
+            raise BadRequest("prompt is required", "prompt")
+        if len(prompt) > PROMPT_CHARACTER_LIMIT:
+            raise BadRequest(
+                f"prompt must be at most {PROMPT_CHARACTER_LIMIT} characters", "prompt"
+            )
         image_url = body.get("image_url")
         if video.model.image_input:
             if not isinstance(image_url, str) or not image_url.strip():
-                raise BadRequest(f"{video.model.id} needs image_url")
+                raise BadRequest(f"{video.model.id} needs image_url", "image_url")
         elif image_url is not None:
-            raise BadRequest(f"{video.model.id} does not take image_url")
+            raise BadRequest(f"{video.model.id} does not take image_url", "image_url")
         if api_key == INSUFFICIENT_BALANCE_KEY:
-            return _error(402, "insufficient balance")
+            return _standard_error(*INSUFFICIENT_BALANCE)
+        if api_key == CONSENT_KEY:
+            return _needs_consent()
         if api_key == QUEUE_TIMEOUT_KEY:
             # Nothing is recorded or billed: this models a provider that hangs before accepting.
             await self._hang(request)
-            raise web.HTTPGatewayTimeout()
+            return _standard_error(500, "Inference processing failed")
         job = SimJob(
             queue_id=str(uuid.uuid4()),
             key_hash=key_digest(api_key),
@@ -497,7 +617,16 @@ class Simulator:
             queued_at=time.time(),
         )
         await self.store.add_job(job, usd_to_micros(video.quote()))
-        return web.json_response({"model": job.model, "queue_id": job.queue_id})
+        answer = {"model": job.model, "queue_id": job.queue_id}
+        if job.behaviour == "download_url":
+            answer["download_url"] = self._share_url(request, job.queue_id)
+        return web.json_response(answer)
+
+    @staticmethod
+    def _share_url(request: web.Request, queue_id: str) -> str:
+        # Built from the URL the caller used, so it works mounted under /sim or standing alone.
+        prefix = request.path[: -len("/video/queue")]
+        return str(request.url.with_path(f"{prefix}{SHARE_PATH}{queue_id}", encoded=False))
 
     async def _hang(self, request: web.Request) -> None:
         deadline = time.monotonic() + QUEUE_HANG_LIMIT_SECONDS
@@ -508,76 +637,115 @@ class Simulator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=0.5)
 
-    def _owned_job(self, api_key: str, body: dict[str, Any]) -> SimJob:
+    def _owned_job(self, api_key: str, body: dict[str, Any], allowed: frozenset[str]) -> SimJob:
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise BadRequest(f"unrecognized key {unknown[0]!r}", unknown[0])
         queue_id, model = body.get("queue_id"), body.get("model")
-        if not isinstance(queue_id, str) or not isinstance(model, str):
-            raise BadRequest("model and queue_id are required")
+        if not isinstance(model, str):
+            raise BadRequest("model is required", "model")
+        if not isinstance(queue_id, str):
+            raise BadRequest("queue_id is required", "queue_id")
         job = self.store.jobs.get(queue_id)
         # Another key's job is reported as missing, so queue ids don't leak across accounts.
         if job is None or job.key_hash != key_digest(api_key) or job.model != model:
-            raise NotFound("queue_id not found")
+            raise NotFound("Media could not be found. Request may be invalid, expired, or deleted.")
         return job
+
+    def _run_seconds(self, job: SimJob) -> float:
+        return self.render_seconds * (SLOW_FACTOR if job.behaviour == "slow" else 1)
 
     async def retrieve(
         self, request: web.Request, api_key: str, body: dict[str, Any]
     ) -> web.StreamResponse:
-        job = self._owned_job(api_key, body)
+        job = self._owned_job(api_key, body, RETRIEVE_FIELDS)
         delete_media = body.get("delete_media_on_completion", False)
         if not isinstance(delete_media, bool):
-            raise BadRequest("delete_media_on_completion must be a boolean")
+            raise BadRequest(
+                "delete_media_on_completion must be a boolean", "delete_media_on_completion"
+            )
         if job.behaviour == "flaky":
             calls = await self.store.count_retrieve(job)
             if calls % 2 == 1:
-                return _error(503, "capacity exhausted, retry later")
+                return _standard_error(503, "The model is at capacity. Please try again later.")
         if job.behaviour == "content_policy":
-            return _error(422, "the prompt was rejected by the content policy")
+            return _content_policy()
+        run_seconds = self._run_seconds(job)
         elapsed = max(0.0, time.time() - job.queued_at)
-        if job.behaviour == "never" or elapsed < self.render_seconds:
-            return web.json_response(
-                {
-                    "status": "PROCESSING",
-                    "average_execution_time": int(self.render_seconds * 1000),
-                    "execution_duration": int(elapsed * 1000),
-                }
-            )
+        timing = {
+            "average_execution_time": int(run_seconds * 1000),
+            "execution_duration": int(min(elapsed, run_seconds) * 1000),
+        }
+        if job.behaviour == "never" or elapsed < run_seconds:
+            return web.json_response({"status": "PROCESSING", **timing})
         if job.behaviour == "fail_inference":
-            return _error(500, "inference failed")
-        width, height = pixel_size(job.resolution, job.aspect_ratio)
-        video = await self.renders.get(width, height, job.seconds)
+            return _standard_error(500, "Inference processing failed")
+        if job.behaviour == "download_url":
+            # The video is at the queue answer's download_url; retrieve only says it is ready.
+            return web.json_response({"status": "COMPLETED", **timing})
+        video = await self._video(job)
         if delete_media:
             await self.store.delete_job(job.queue_id)
         return web.Response(body=video, content_type="video/mp4")
 
+    async def _video(self, job: SimJob) -> bytes:
+        width, height = pixel_size(job.resolution, job.aspect_ratio)
+        return await self.renders.get(width, height, job.seconds, job.audio)
+
+    async def share(self, request: web.Request) -> web.StreamResponse:
+        """A pre-signed link's video (no API key: the link is the credential); DELETE revokes it,
+        as Venice's private download links allow."""
+        job = self.store.jobs.get(request.match_info["queue_id"])
+        if job is None or job.behaviour != "download_url":
+            return _standard_error(404, "Not found")
+        if request.method == "DELETE":
+            await self.store.delete_job(job.queue_id)
+            return web.Response(status=204)
+        if time.time() - job.queued_at < self._run_seconds(job):
+            return _standard_error(404, "Not ready")
+        return web.Response(body=await self._video(job), content_type="video/mp4")
+
     async def complete(
         self, request: web.Request, api_key: str, body: dict[str, Any]
     ) -> web.Response:
-        job = self._owned_job(api_key, body)
+        try:
+            job = self._owned_job(api_key, body, COMPLETE_FIELDS)
+        except NotFound:
+            # Venice documents no 404 here; an unknown request id is its REQUEST_ID_NOT_FOUND.
+            raise BadRequest("Request ID is invalid.", "queue_id") from None
         await self.store.delete_job(job.queue_id)
         return web.json_response({"success": True})
 
 
+RETRIEVE_FIELDS = frozenset({"model", "queue_id", "delete_media_on_completion"})
+COMPLETE_FIELDS = frozenset({"model", "queue_id"})
 AuthedHandler = Callable[[web.Request, str, dict[str, Any]], Awaitable[web.StreamResponse]]
 
 
-def _authed(handler: AuthedHandler) -> Handler:
+def _endpoint(handler: AuthedHandler, *, auth: bool = True, path: str = "") -> Handler:
+    """Venice's gateway around one endpoint: the API key (where the path needs one), a JSON
+    object body, and its documented error shapes for what goes wrong there."""
+
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        api_key = _bearer(request)
-        if api_key is None or not api_key.startswith("sim_"):
-            return _error(401, "invalid API key")
+        api_key = _bearer(request) or ""
+        if auth and not api_key.startswith("sim_"):
+            return _standard_error(401, "Authentication failed")
         try:
             body = await request.json()
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, "the request body is too large")
+            if path == "queue":
+                return _payload_too_large()
+            return _detailed_error("The request payload is too large.")
         except ValueError:
-            return _error(400, "the body must be JSON")
+            return _detailed_error("Invalid request parameters: the body must be JSON")
         if not isinstance(body, dict):
-            return _error(400, "the body must be a JSON object")
+            return _detailed_error("Invalid request parameters: the body must be a JSON object")
         try:
             return await handler(request, api_key, body)
         except BadRequest as e:
-            return _error(400, str(e))
+            return _detailed_error(str(e), e.field)
         except NotFound as e:
-            return _error(404, str(e))
+            return _standard_error(404, str(e))
 
     return wrapped
 
@@ -591,10 +759,13 @@ def create_simulator_app(
     app.on_shutdown.append(sim.on_shutdown)
     app.router.add_get(f"{API_PREFIX}/models", sim.models)
     app.router.add_get(f"{API_PREFIX}/sim/billing", sim.billing)
-    app.router.add_post(f"{API_PREFIX}/video/quote", _authed(sim.quote))
-    app.router.add_post(f"{API_PREFIX}/video/queue", _authed(sim.queue))
-    app.router.add_post(f"{API_PREFIX}/video/retrieve", _authed(sim.retrieve))
-    app.router.add_post(f"{API_PREFIX}/video/complete", _authed(sim.complete))
+    # Venice's quote is public (no security in its OpenAPI): any caller gets a price.
+    app.router.add_post(f"{API_PREFIX}/video/quote", _endpoint(sim.quote, auth=False))
+    app.router.add_post(f"{API_PREFIX}/video/queue", _endpoint(sim.queue, path="queue"))
+    app.router.add_post(f"{API_PREFIX}/video/retrieve", _endpoint(sim.retrieve))
+    app.router.add_post(f"{API_PREFIX}/video/complete", _endpoint(sim.complete))
+    app.router.add_get(f"{API_PREFIX}{SHARE_PATH}{{queue_id}}", sim.share)
+    app.router.add_delete(f"{API_PREFIX}{SHARE_PATH}{{queue_id}}", sim.share)
     return app
 
 

@@ -1,9 +1,14 @@
-"""The engine's client for the Venice video protocol (SPEC 5.1).
+"""The engine's client for the Venice video protocol (SPEC 5.1, Venice's own OpenAPI).
 
 Every outcome the engine must act on differently is its own exception class, because the
 money rules hinge on them: a refusal before acceptance may fail over to the next seller, a
 rejection of the request itself may not, and an unknown outcome must never be retried
 elsewhere since the provider may already have billed the seller.
+
+What a provider answers in an error body is never shown to buyers or sellers: a provider URL
+may be one a seller typed (SPEC 9), and its body then is whatever that host chose to say.
+Each error carries ``message``, written here from the status and Venice's documented machine
+codes, for people; and ``detail``, a short redacted excerpt of the body, for the operator's logs.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -21,20 +27,47 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from adapters.outbound import Outbound, OutboundRefused
 from domain.money import MoneyError, usd_to_micros
 
 _T = TypeVar("_T")
 
-# Provider error bodies are echoed into job errors and logs; long ones are cut short.
-MAX_MESSAGE_CHARS = 300
+# Upstream bodies kept for logs are cut short: enough to diagnose, not a place to dump data.
+MAX_DETAIL_CHARS = 300
 DOWNLOAD_CHUNK_BYTES = 1 << 20
+# A provider's video beyond this is refused mid-download instead of filling the disk.
+MAX_VIDEO_BYTES = 4 << 30
+
+# What each status means for the engine, in its own words (Venice's error-codes page).
+_STATUS_TEXT = {
+    400: "the provider rejected the request as invalid",
+    401: "the provider rejected the API key",
+    402: "the provider account has insufficient balance",
+    403: "the provider refused access to this model",
+    404: "the provider has no such job",
+    409: "the provider account needs to give consent before this model can be used",
+    410: "the provider no longer has this job",
+    413: "the request is too large for the provider",
+    415: "the provider refused the request's content type",
+    422: "the provider's content policy rejected the request",
+    429: "the provider rate-limited the account",
+    500: "the provider failed to process the request",
+    502: "the provider's gateway failed",
+    503: "the provider is at capacity",
+    504: "the provider timed out",
+}
 
 
 class ProviderError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, detail: str = "", code: str = "") -> None:
         super().__init__(f"{status}: {message}" if status else message)
         self.status = status
+        # Safe to show to buyers and sellers: written by the engine, never copied from upstream.
         self.message = message
+        # For logs only: a redacted excerpt of what the provider said.
+        self.detail = detail
+        # Venice's machine code where it documents one (``needs_consent``, ...).
+        self.code = code
 
 
 class QuoteFailed(ProviderError):
@@ -52,12 +85,12 @@ class ProviderRejected(ProviderError):
 class ProviderUnknown(ProviderError):
     """It is unknown whether the provider accepted (and billed) the job."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(0, message)
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(0, message, detail)
 
 
 class ProviderLost(ProviderError):
-    """The provider no longer knows the job (unknown or expired queue id)."""
+    """The provider no longer knows the job (unknown or expired queue id or download link)."""
 
 
 class ProviderContentPolicy(ProviderError):
@@ -92,6 +125,13 @@ class VideoParams:
 
 
 @dataclass(frozen=True)
+class Queued:
+    queue_id: str
+    # Venice's pre-signed link for models that deliver the video there, not from retrieve.
+    download_url: str | None = None
+
+
+@dataclass(frozen=True)
 class Processing:
     average_execution_time_ms: int | None
     execution_duration_ms: int | None
@@ -99,11 +139,22 @@ class Processing:
 
 @dataclass(frozen=True)
 class Completed:
+    """The video, downloaded to ``path``."""
+
     path: Path
     bytes: int
 
 
-_QUEUE_REFUSED = {401, 402, 403, 408, 429}
+@dataclass(frozen=True)
+class Finished:
+    """Retrieve says ``COMPLETED`` without the video: it is at the queue answer's download_url."""
+
+
+Retrieved = Processing | Completed | Finished
+
+# Refusals by the seller's account or the provider's capacity: nothing was accepted, another
+# seller may take the job. 409 is Venice's needs_consent, an account matter.
+_QUEUE_REFUSED = {401, 402, 403, 408, 409, 429}
 # A gateway timeout means the request may have reached the provider and been accepted there.
 _QUEUE_UNKNOWN = {504}
 
@@ -114,25 +165,75 @@ def _optional_int(value: object) -> int | None:
     return int(value)
 
 
+# Venice's machine codes (its error-codes page and OpenAPI) that the engine names to people.
+# Anything else in a code field is upstream text like the rest of the body: not repeated.
+KNOWN_CODES = frozenset(
+    {
+        "needs_consent",
+        "provider_content_policy",
+        "PAYLOAD_TOO_LARGE",
+        "AUTHENTICATION_FAILED",
+        "AUTHENTICATION_FAILED_INACTIVE_KEY",
+        "PRO_ONLY_MODEL",
+        "INSUFFICIENT_BALANCE",
+        "API_KEY_USD_SPEND_LIMIT_EXCEEDED",
+        "API_KEY_DIEM_SPEND_LIMIT_EXCEEDED",
+        "UNAUTHORIZED",
+        "API_ACCESS_DISABLED",
+        "INVALID_REQUEST",
+        "INVALID_MODEL",
+        "REQUEST_ID_NOT_FOUND",
+        "MODEL_NOT_FOUND",
+        "MEDIA_NOT_FOUND",
+        "CONTENT_POLICY_VIOLATION",
+        "RATE_LIMIT_EXCEEDED",
+        "MODEL_OVERLOADED",
+        "INFERENCE_FAILED",
+        "UNKNOWN_ERROR",
+        "MODEL_OFFLINE",
+        "MODEL_AT_CAPACITY",
+        "REQUEST_TIMEOUT",
+    }
+)
+
+
+def _error_code(parsed: object) -> str:
+    """Venice's machine code in an error body, where its shapes carry a known one."""
+    if not isinstance(parsed, dict):
+        return ""
+    error = parsed.get("error")
+    candidates = [parsed.get("code")]
+    if isinstance(error, dict):
+        candidates = [error.get("code"), error.get("type"), *candidates]
+    return next((c for c in candidates if isinstance(c, str) and c in KNOWN_CODES), "")
+
+
+def describe(status: int, code: str = "") -> str:
+    """What a provider's error status means, for buyers and sellers."""
+    text = _STATUS_TEXT.get(status, "the provider answered with an error")
+    return f"{text} (HTTP {status}{', ' + code if code else ''})"
+
+
 class VeniceClient:
+    """One provider base URL. ``outbound`` carries the HTTP sessions and, for a URL a seller or
+    buyer supplied, the outbound policy every call passes through (SPEC 9)."""
+
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        outbound: Outbound,
         base_url: str,
         *,
         quote_timeout: float = 10.0,
         queue_timeout: float = 30.0,
         retrieve_timeout: float = 120.0,
-        queue_session: aiohttp.ClientSession | None = None,
+        download_timeout: float = 600.0,
     ) -> None:
-        self._session = session
-        # A pooled keep-alive connection that the server closed a moment ago fails a POST in a
-        # way indistinguishable from a lost answer; queue (which bills) deserves a fresh one.
-        self._queue_session = queue_session or session
+        self._outbound = outbound
         self._base = base_url.rstrip("/")
         self._quote_timeout = quote_timeout
         self._queue_timeout = queue_timeout
         self._retrieve_timeout = retrieve_timeout
+        self._download_timeout = download_timeout
 
     @staticmethod
     def _timeout(total: float) -> aiohttp.ClientTimeout:
@@ -144,169 +245,265 @@ class VeniceClient:
         return {"Authorization": f"Bearer {api_key}", "Accept": "application/json, video/mp4"}
 
     @staticmethod
-    def _message(text: str, api_key: str | None = None) -> str:
-        """A provider's error body for people: the error field if JSON, and never the key."""
-        message = text.strip()
-        with contextlib.suppress(ValueError):
-            parsed = json.loads(message)
-            if isinstance(parsed, dict):
-                detail = parsed.get("error") or parsed.get("message") or parsed.get("detail")
-                if isinstance(detail, str):
-                    message = detail
+    def _detail(text: str, api_key: str | None = None) -> str:
+        """An excerpt of an upstream body for logs, never with the key in it."""
+        detail = " ".join(text.split())
         if api_key:
-            message = message.replace(api_key, "[redacted]")
-        message = message or "(empty response)"
-        if len(message) > MAX_MESSAGE_CHARS:
-            message = message[:MAX_MESSAGE_CHARS] + "…"
-        return message
+            detail = detail.replace(api_key, "[redacted]")
+        if len(detail) > MAX_DETAIL_CHARS:
+            detail = detail[:MAX_DETAIL_CHARS] + "…"
+        return detail
+
+    def _failure(self, cls: type[ProviderError], status: int, text: str, key: str) -> ProviderError:
+        parsed: object = None
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(text)
+        code = _error_code(parsed)
+        return cls(status, describe(status, code), self._detail(text, key), code)
+
+    @staticmethod
+    async def _text(resp: aiohttp.ClientResponse) -> str:
+        """The body as text whatever its bytes: the status decides what happened, and an
+        error body that is not UTF-8 must not turn a 404 into "no answer"."""
+        return (await resp.read()).decode("utf-8", "replace")
 
     def _safe(self, error: BaseException, api_key: str | None = None) -> str:
-        return self._message(f"{type(error).__name__}: {error}", api_key)
+        return self._detail(f"{type(error).__name__}: {error}", api_key)
+
+    def _post(
+        self, path: str, api_key: str, body: dict[str, Any], timeout: float, **kw: Any
+    ) -> Any:
+        """A POST to an API path, through the policy when the base URL is a user's."""
+        return self._outbound.request(
+            "POST",
+            f"{self._base}{path}",
+            json=body,
+            headers=self._headers(api_key),
+            timeout=self._timeout(timeout),
+            provider="venice",
+            **kw,
+        )
+
+    async def _exchange(
+        self,
+        path: str,
+        api_key: str,
+        body: dict[str, Any],
+        *,
+        refused: type[ProviderError],
+        silent: type[ProviderError],
+    ) -> tuple[int, str]:
+        """One short call (within the quote timeout): its status and body, or ``refused`` when
+        the outbound policy forbids it and ``silent`` when the provider did not answer."""
+        try:
+            async with self._post(path, api_key, body, self._quote_timeout) as r:
+                return r.status, await self._text(r)
+        except OutboundRefused as e:
+            raise refused(0, f"the outbound policy refused the call: {e}") from e
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise silent(0, "the provider did not answer", self._safe(e, api_key)) from e
 
     async def list_models(self) -> list[dict[str, Any]]:
-        url = f"{self._base}/models"
         try:
-            async with self._session.get(
-                url,
+            async with self._outbound.request(
+                "GET",
+                f"{self._base}/models",
                 params={"type": "video"},
                 timeout=self._timeout(self._quote_timeout),
-                allow_redirects=False,
+                provider="venice",
             ) as resp:
-                text = await resp.text()
+                text = await self._text(resp)
                 if resp.status != 200:
-                    raise ProviderTransient(resp.status, self._message(text))
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise ProviderTransient(0, f"model catalog unavailable: {self._safe(e)}") from e
+                    raise self._failure(ProviderTransient, resp.status, text, "")
+        except (aiohttp.ClientError, TimeoutError, OutboundRefused) as e:
+            raise ProviderTransient(0, "the model catalog is unavailable", self._safe(e)) from e
         try:
             data = json.loads(text)["data"]
         except (ValueError, KeyError, TypeError) as e:
-            raise ProviderTransient(200, "model catalog is not the expected JSON") from e
+            raise ProviderTransient(200, "the model catalog is not the expected JSON") from e
         if not isinstance(data, list):
-            raise ProviderTransient(200, "model catalog data is not a list")
+            raise ProviderTransient(200, "the model catalog's data is not a list")
         return [m for m in data if isinstance(m, dict)]
 
     async def quote(self, api_key: str, params: VideoParams) -> int:
         """The provider's list price for ``params`` in microdollars (rounded up)."""
-        try:
-            async with self._session.post(
-                f"{self._base}/video/quote",
-                json=params.body(),
-                headers=self._headers(api_key),
-                timeout=self._timeout(self._quote_timeout),
-                allow_redirects=False,
-            ) as resp:
-                text = await resp.text()
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise QuoteFailed(0, self._safe(e, api_key)) from e
+        status, text = await self._exchange(
+            "/video/quote", api_key, params.body(), refused=QuoteFailed, silent=QuoteFailed
+        )
         if status != 200:
-            raise QuoteFailed(status, self._message(text, api_key))
+            raise self._failure(QuoteFailed, status, text, api_key)
         try:
             # Decimal straight from the JSON text: 0.42 must not pass through a binary float.
             amount = json.loads(text, parse_float=Decimal)["quote"]
             return usd_to_micros(amount)
         except (ValueError, KeyError, TypeError, MoneyError) as e:
-            raise QuoteFailed(status, f"unusable quote response: {self._message(text)}") from e
+            raise QuoteFailed(
+                status, "the provider's quote is unusable", self._detail(text, api_key)
+            ) from e
+
+    async def check_key(self, api_key: str, model: str) -> None:
+        """Whether the provider accepts ``api_key``, at no cost: Venice's quote is public, so a
+        retrieve of a queue id that cannot exist is the probe (404 means the key got through).
+        Raises ``ProviderRefused`` for a refused key, ``ProviderTransient`` if it can't tell."""
+        body = {"model": model, "queue_id": str(uuid.uuid4())}
+        status, text = await self._exchange(
+            "/video/retrieve", api_key, body, refused=ProviderRefused, silent=ProviderTransient
+        )
+        if status in (404, 410):
+            return
+        if status in (401, 402, 403):
+            raise self._failure(ProviderRefused, status, text, api_key)
+        raise self._failure(ProviderTransient, status, text, api_key)
 
     async def queue(
         self, api_key: str, params: VideoParams, prompt: str, image_url: str | None
-    ) -> str:
+    ) -> Queued:
         """Submit a job; the provider bills the seller when this returns a queue id."""
         body = params.body()
         body["prompt"] = prompt
         if image_url is not None:
             body["image_url"] = image_url
         try:
-            async with self._queue_session.post(
-                f"{self._base}/video/queue",
-                json=body,
-                headers=self._headers(api_key),
-                timeout=self._timeout(self._queue_timeout),
-                allow_redirects=False,
+            async with self._post(
+                "/video/queue", api_key, body, self._queue_timeout, fresh=True
             ) as resp:
                 status = resp.status
                 try:
-                    text = await resp.text()
+                    text = await self._text(resp)
                 except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError) as e:
                     if 200 <= status < 300:
-                        detail = self._safe(e, api_key)
                         raise ProviderUnknown(
-                            f"queue answered {status} but the body was lost: {detail}"
+                            f"the provider answered {status} but its answer was lost",
+                            self._safe(e, api_key),
                         ) from e
                     text = ""
+        except OutboundRefused as e:
+            # Refused before any connection: the provider never saw the job.
+            raise ProviderRefused(0, f"the outbound policy refused the call: {e}") from e
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
             # Raised before the request could be written: the provider never saw it.
-            raise ProviderRefused(0, f"provider unreachable: {self._safe(e, api_key)}") from e
+            raise ProviderRefused(
+                0, "the provider could not be reached", self._safe(e, api_key)
+            ) from e
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise ProviderUnknown(f"no answer to queue: {self._safe(e, api_key)}") from e
-        message = self._message(text, api_key)
+            raise ProviderUnknown(
+                "the provider did not answer the queue call", self._safe(e, api_key)
+            ) from e
         if 200 <= status < 300:
-            try:
-                queue_id = json.loads(text)["queue_id"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ProviderUnknown(f"queue answered {status} without a queue_id") from e
-            if not isinstance(queue_id, str) or not queue_id:
-                raise ProviderUnknown(f"queue answered {status} without a queue_id")
-            return queue_id
+            return self._queued(status, text, api_key)
         if status in _QUEUE_UNKNOWN:
-            raise ProviderUnknown(f"{status}: {message}")
+            raise self._unknown(status, text, api_key)
+        if status == 422:
+            # Venice's ContentViolationError: the prompt itself, whoever's account runs it.
+            raise self._failure(ProviderContentPolicy, status, text, api_key)
         if status in _QUEUE_REFUSED or status >= 500 or status < 400:
-            raise ProviderRefused(status, message)
-        raise ProviderRejected(status, message)
+            raise self._failure(ProviderRefused, status, text, api_key)
+        raise self._failure(ProviderRejected, status, text, api_key)
 
-    async def retrieve(
-        self, api_key: str, model: str, queue_id: str, dest: Path
-    ) -> Processing | Completed:
-        """Poll a job; when the video is ready it is streamed to ``dest`` and returned."""
+    def _unknown(self, status: int, text: str, api_key: str) -> ProviderUnknown:
+        return ProviderUnknown(describe(status), self._detail(text, api_key))
+
+    def _queued(self, status: int, text: str, api_key: str) -> Queued:
+        try:
+            answer = json.loads(text)
+            queue_id = answer["queue_id"]
+            download_url = answer.get("download_url")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ProviderUnknown(
+                f"the provider answered {status} without a queue id", self._detail(text, api_key)
+            ) from e
+        if not isinstance(queue_id, str) or not queue_id:
+            raise ProviderUnknown(f"the provider answered {status} without a queue id")
+        if not isinstance(download_url, str) or not download_url:
+            download_url = None
+        return Queued(queue_id, download_url)
+
+    async def retrieve(self, api_key: str, model: str, queue_id: str, dest: Path) -> Retrieved:
+        """Poll a job; when the video comes with the answer it is streamed to ``dest``."""
         body = {"model": model, "queue_id": queue_id}
         try:
-            async with self._session.post(
-                f"{self._base}/video/retrieve",
-                json=body,
-                headers=self._headers(api_key),
-                timeout=self._timeout(self._retrieve_timeout),
-                allow_redirects=False,
-            ) as resp:
-                if resp.status != 200:
-                    raise self._retrieve_error(resp.status, await resp.text(), api_key)
-                content_type = resp.content_type
+            async with self._post("/video/retrieve", api_key, body, self._retrieve_timeout) as r:
+                if r.status != 200:
+                    raise self._retrieve_error(r.status, await self._text(r), api_key)
+                content_type = r.content_type
                 if content_type == "application/json":
-                    return self._processing(await resp.text(), api_key)
+                    return self._status(await self._text(r), api_key)
                 if not (content_type.startswith("video/") or content_type.endswith("octet-stream")):
-                    raise ProviderTransient(200, f"unexpected retrieve content type {content_type}")
-                size = await self._download(resp, dest)
+                    raise ProviderTransient(
+                        200,
+                        "the provider answered an unexpected content type",
+                        self._detail(content_type),
+                    )
+                size = await self._download(r, dest)
                 return Completed(path=dest, bytes=size)
         except ProviderError:
             raise
+        except OutboundRefused as e:
+            raise ProviderTransient(0, f"the outbound policy refused the call: {e}") from e
         except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError) as e:
-            raise ProviderTransient(0, f"retrieve failed: {self._safe(e, api_key)}") from e
+            raise ProviderTransient(0, "the provider did not answer", self._safe(e, api_key)) from e
 
     def _retrieve_error(self, status: int, text: str, api_key: str) -> ProviderError:
-        message = self._message(text, api_key)
         if status in (404, 410):
-            return ProviderLost(status, message)
+            return self._failure(ProviderLost, status, text, api_key)
         if status == 422:
-            return ProviderContentPolicy(status, message)
+            return self._failure(ProviderContentPolicy, status, text, api_key)
         if status == 500:
-            return ProviderInferenceFailed(status, message)
+            return self._failure(ProviderInferenceFailed, status, text, api_key)
         # Anything else is retried, including 401/402/403: a seller's key revoked or out of
         # funds after the job was billed must not lose the job, since the video may still be
         # retrievable once the key is fixed. Expiry, not a guess here, ends such a job.
-        return ProviderTransient(status, message)
+        return self._failure(ProviderTransient, status, text, api_key)
 
-    def _processing(self, text: str, api_key: str) -> Processing:
+    def _status(self, text: str, api_key: str) -> Processing | Finished:
         try:
             payload = json.loads(text)
         except ValueError as e:
-            raise ProviderTransient(200, "retrieve answered unparseable JSON") from e
-        if not isinstance(payload, dict) or payload.get("status") != "PROCESSING":
+            raise ProviderTransient(200, "the provider answered unreadable JSON") from e
+        state = payload.get("status") if isinstance(payload, dict) else None
+        if state == "COMPLETED":
+            return Finished()
+        if state != "PROCESSING":
             raise ProviderTransient(
-                200, f"unexpected retrieve answer: {self._message(text, api_key)}"
+                200, "the provider answered an unknown job status", self._detail(text, api_key)
             )
         return Processing(
             average_execution_time_ms=_optional_int(payload.get("average_execution_time")),
             execution_duration_ms=_optional_int(payload.get("execution_duration")),
         )
+
+    async def download(self, url: str, dest: Path) -> Completed:
+        """Fetch a finished video from a pre-signed ``download_url`` (no API key: the URL is
+        the credential), through the outbound policy whoever's URL it is."""
+        try:
+            async with self._outbound.request(
+                "GET",
+                url,
+                headers={"Accept": "video/mp4"},
+                timeout=self._timeout(self._download_timeout),
+            ) as r:
+                if r.status in (404, 410):
+                    raise self._failure(ProviderLost, r.status, await self._text(r), "")
+                if r.status != 200:
+                    raise self._failure(ProviderTransient, r.status, await self._text(r), "")
+                size = await self._download(r, dest)
+                return Completed(path=dest, bytes=size)
+        except ProviderError:
+            raise
+        except OutboundRefused as e:
+            # A link the policy forbids never becomes fetchable by waiting.
+            raise ProviderLost(0, f"the outbound policy refused the download link: {e}") from e
+        except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError) as e:
+            raise ProviderTransient(0, "the download link did not answer", self._safe(e)) from e
+
+    async def revoke_download(self, url: str) -> None:
+        """Best effort: ``DELETE`` a pre-signed link once its video is stored, so a copy of the
+        URL in some proxy's log opens nothing (Venice's advice for private links)."""
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OutboundRefused):
+            async with self._outbound.request(
+                "DELETE", url, timeout=self._timeout(self._quote_timeout)
+            ) as r:
+                await r.read()
 
     async def _download(self, resp: aiohttp.ClientResponse, dest: Path) -> int:
         loop = asyncio.get_running_loop()
@@ -321,8 +518,12 @@ class VeniceClient:
         try:
             with os.fdopen(fd, "wb") as f:
                 async for chunk in resp.content.iter_chunked(DOWNLOAD_CHUNK_BYTES):
-                    await off_loop(f.write, chunk)
                     size += len(chunk)
+                    if size > MAX_VIDEO_BYTES:
+                        raise ProviderInferenceFailed(
+                            200, f"the provider's video is larger than {MAX_VIDEO_BYTES} bytes"
+                        )
+                    await off_loop(f.write, chunk)
             await off_loop(os.replace, tmp, dest)
         except BaseException:
             # Shielded and re-raised: on cancellation the partial file is still removed, and
@@ -333,19 +534,12 @@ class VeniceClient:
         return size
 
     async def complete(self, api_key: str, model: str, queue_id: str) -> None:
-        """Ask the provider to delete its copy. Already gone (404) counts as done."""
-        try:
-            async with self._session.post(
-                f"{self._base}/video/complete",
-                json={"model": model, "queue_id": queue_id},
-                headers=self._headers(api_key),
-                timeout=self._timeout(self._quote_timeout),
-                allow_redirects=False,
-            ) as resp:
-                text = await resp.text()
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise ProviderTransient(0, f"complete failed: {self._safe(e, api_key)}") from e
-        if 200 <= status < 300 or status in (404, 410):
+        """Ask the provider to delete its copy. Already gone counts as done: 404/410, or 400,
+        which is how Venice answers an unknown request id here (REQUEST_ID_NOT_FOUND)."""
+        body = {"model": model, "queue_id": queue_id}
+        status, text = await self._exchange(
+            "/video/complete", api_key, body, refused=ProviderTransient, silent=ProviderTransient
+        )
+        if 200 <= status < 300 or status in (400, 404, 410):
             return
-        raise ProviderTransient(status, self._message(text, api_key))
+        raise self._failure(ProviderTransient, status, text, api_key)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from adapters.outbound import OutboundRefused
 from adapters.venice import ProviderError
 from api.errors import ApiError, invalid, not_found
 from api.http import (
@@ -173,6 +174,7 @@ async def create_offer(request: web.Request) -> web.Response:
     engine = engine_of(request)
     multiplier = _multiplier(body.cost_multiplier)
     spec = resolve_model(request, body.model)
+    _check_base_url(request, body.provider, body.base_url)
     await _check_key(request, body.provider, body.base_url, body.api_key, spec)
     offer_id, written = await engine.blocking(
         engine.commands.create_offer,
@@ -190,19 +192,33 @@ async def create_offer(request: web.Request) -> web.Response:
     return web.json_response(offer.public(engine.router.wall_clock()), status=201)
 
 
+def _check_base_url(request: web.Request, provider: str, base_url: str | None) -> None:
+    """A provider URL a seller or buyer gives must pass the outbound policy (SPEC 9) before
+    the engine ever calls it."""
+    if base_url is None:
+        return
+    try:
+        engine_of(request).outbound.policy.check_base_url(provider, base_url)
+    except OutboundRefused as e:
+        raise invalid(f"base_url is not allowed: {e}", "base_url") from None
+
+
 async def _check_key(
     request: web.Request, provider: str, base_url: str | None, api_key: str, spec: Any
 ) -> None:
-    """One quote call with the seller's key before the offer goes live (it spends no quota)."""
+    """Before a key goes live: the provider quotes the model's default request there, and takes
+    the key (a probe that costs nothing, as Venice's quote needs no key). Only the engine's own
+    description of a refusal is shown, never what the provider's body said."""
     engine = engine_of(request)
-    params = default_params(spec)
+    client = engine.providers.client(provider, base_url)
     try:
-        await engine.providers.client(provider, base_url).quote(api_key, params)
+        await client.quote(api_key, default_params(spec))
+        await client.check_key(api_key, spec.provider_model)
     except ProviderError as e:
         raise ApiError(
             400,
             "invalid_provider_key",
-            f"the provider refused this API key ({e.status}): {e.message}",
+            f"the provider did not accept this API key: {e.message}",
             "api_key",
         ) from None
 
@@ -324,6 +340,7 @@ async def add_buyer_provider(request: web.Request) -> web.Response:
             raise invalid(f"the catalog has no model of provider {body.provider}", "provider")
     else:
         spec = resolve_model(request, body.model)
+    _check_base_url(request, body.provider, body.base_url)
     await _check_key(request, body.provider, body.base_url, body.api_key, spec)
     provider_id, written = await engine.blocking(
         engine.commands.add_buyer_provider,

@@ -6,7 +6,6 @@ import asyncio
 import heapq
 import os
 import secrets as pysecrets
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,9 @@ import structlog
 from adapters.artifacts import LocalArtifactStore
 from adapters.crypto import SecretError, Secrets
 from adapters.eventstore import MarketApp, open_market, store_env
+from adapters.outbound import Outbound, OutboundPolicy, parse_allowed_hosts
 from adapters.settings import ConfigError, Settings
-from adapters.venice import ProviderError, VeniceClient
+from adapters.venice import ProviderError
 from domain.catalog import Catalog, parse_venice_models
 from domain.money import FeeSchedule, MoneyError
 from projections.runner import ProjectionRunner
@@ -69,6 +69,20 @@ def embedded_sim_url(settings: Settings) -> str:
     return f"http://127.0.0.1:{settings.PORT}/sim/api/v1"
 
 
+def outbound_policy(settings: Settings, provider_base_url: str) -> OutboundPolicy:
+    """SPEC 9. The provider URL the operator configured (or the embedded simulator, which is
+    this process) is trusted as given, with the links its answers point under it; everything
+    a seller, buyer or provider's answer supplies is held to the policy."""
+    try:
+        return OutboundPolicy(
+            allow_private=settings.OUTBOUND_ALLOW_PRIVATE,
+            trusted_prefixes=(provider_base_url.rstrip("/") + "/",),
+            allowed_hosts={"venice": parse_allowed_hosts(settings.PROVIDER_ALLOWED_HOSTS_VENICE)},
+        )
+    except ValueError as e:
+        raise ConfigError(f"invalid configuration: PROVIDER_BASE_URL_VENICE: {e}") from None
+
+
 @dataclass
 class Engine:
     settings: Settings
@@ -79,7 +93,7 @@ class Engine:
     runner: ProjectionRunner
     blocking: Blocking
     commands: Commands
-    session: aiohttp.ClientSession
+    outbound: Outbound
     providers: Providers
     router: Router
     store: LocalArtifactStore
@@ -152,19 +166,12 @@ class Engine:
         market.on_saved.append(runner.wake)
         runner.start()
         base_url = settings.PROVIDER_BASE_URL_VENICE or sim_url or embedded_sim_url(settings)
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, family=socket.AF_INET),
-        )
-        # Queue calls bill the seller: never on a pooled connection that may have just died.
-        queue_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(force_close=True, family=socket.AF_INET),
-        )
+        outbound = Outbound(outbound_policy(settings, base_url))
         providers = Providers(
-            session,
+            outbound,
             {"venice": base_url},
             quote_timeout=settings.PROVIDER_QUOTE_TIMEOUT_SECONDS,
             queue_timeout=settings.PROVIDER_QUEUE_TIMEOUT_SECONDS,
-            queue_session=queue_session,
         )
         commands = Commands(market, secrets)
         health = OfferHealth(commands, blocking)
@@ -179,7 +186,7 @@ class Engine:
             runner=runner,
             blocking=blocking,
             commands=commands,
-            session=session,
+            outbound=outbound,
             providers=providers,
             router=router,
             store=store,
@@ -189,7 +196,7 @@ class Engine:
 
     async def load_catalog(self, attempts: int = 20) -> Catalog:
         """Learn the models from each provider's ``/models`` (SPEC 5.1)."""
-        client = VeniceClient(self.session, self.base_urls["venice"])
+        client = self.providers.client("venice", None)
         for n in range(attempts):
             try:
                 models = parse_venice_models("venice", await client.list_models())
@@ -228,9 +235,7 @@ class Engine:
         if self.worker_task is not None:
             self.worker_task.cancel()
             await asyncio.gather(self.worker_task, return_exceptions=True)
-        await self.session.close()
-        if self.providers.queue_session is not None:
-            await self.providers.queue_session.close()
+        await self.outbound.close()
         await asyncio.get_running_loop().run_in_executor(None, self.runner.stop)
         self.blocking.shutdown()
         self.market.close()

@@ -26,7 +26,7 @@ async def reconcile(engine: Engine) -> finance.Reconciliation:
     await caught_up_with_log(engine)
     state = await engine.blocking(finance.read_state, engine.views, engine.market.name)
     try:
-        billed = await read_billing(engine.session, engine.base_urls["venice"])
+        billed = await read_billing(engine.outbound.session, engine.base_urls["venice"])
         billing = finance.Billing(billed)
         # The bill may include dispatches accepted after the first snapshot: bracket it.
         await caught_up_with_log(engine)

@@ -21,7 +21,7 @@ from api.http import (
 )
 from domain.aggregates import PENDING, TERMINAL, InsufficientBalance
 from domain.catalog import RequestError, VideoRequest, validate_video_request
-from domain.routing import RoutingError
+from domain.routing import CeilingBelowEstimate, RoutingError
 from projections.jobdoc import JobDoc
 from services.audit import as_json, job_history
 from services.commands import IdempotencyMismatch, NotFound, Submitted
@@ -94,6 +94,10 @@ async def submit(request: web.Request) -> web.Response:
     except RoutingError as e:
         raise ApiError(ROUTING_STATUS.get(e.code, 503), e.code, str(e)) from None
     try:
+        hold = route.hold(video.max_cost)
+    except CeilingBelowEstimate as e:
+        raise invalid(str(e), "max_cost_usdc") from None
+    try:
         submitted = await engine.blocking(
             engine.commands.submit,
             buyer_id=uuid.UUID(buyer_id),
@@ -101,7 +105,7 @@ async def submit(request: web.Request) -> web.Response:
             route=route.as_event_data(),
             routing=route.decision(),
             estimated_cost=route.best.price.buyer_cost,
-            holds=route.holds(),
+            hold=hold,
             ttl_seconds=engine.settings.JOB_TTL_SECONDS,
             min_discount=min_discount,
             idempotency_key=idempotency_key,

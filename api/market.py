@@ -22,6 +22,7 @@ def _defaults(spec: ModelSpec) -> dict[str, Any]:
         "duration_seconds": spec.default_duration,
         "resolution": spec.default_resolution,
         "aspect_ratio": spec.default_aspect_ratio,
+        "audio": spec.default_audio,
     }
 
 
@@ -112,7 +113,9 @@ async def models(request: web.Request) -> web.Response:
             "resolutions": list(spec.resolutions),
             "aspect_ratios": list(spec.aspect_ratios),
             "audio": spec.audio,
+            "audio_configurable": spec.audio_configurable,
             "image_input": spec.image_input,
+            "max_prompt_characters": spec.prompt_limit,
             "defaults": _defaults(spec),
             **price_columns(summary),
         }

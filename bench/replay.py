@@ -263,7 +263,7 @@ class LogGenerator:
                 route=route.as_event_data(),
                 routing=route.decision(),
                 estimated_cost=route.best.price.buyer_cost,
-                holds=route.holds(),
+                hold=route.hold(),
                 ttl_seconds=JOB_TTL_SECONDS,
                 min_discount=None,
                 idempotency_key=None,

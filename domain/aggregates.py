@@ -84,6 +84,9 @@ class BuyerAccount(Aggregate):
         self.deposited += amount
         self._deposit_ids()[deposit_id] = amount
 
+    def is_holding(self, job_id: UUID) -> bool:
+        return str(job_id) in self.holds
+
     def can_hold(self, amount: int) -> bool:
         return 0 <= amount <= self.available
 
@@ -411,16 +414,21 @@ class Job(Aggregate):
     def _skipped(self, offer_id: str, reason: str) -> None:
         self.attempts.append({"offer_id": offer_id, "skipped": reason})
 
-    def dispatched(self, queue_id: str) -> None:
+    def dispatched(self, queue_id: str, download: dict[str, str] | None = None) -> None:
+        """The provider accepted the job. ``download`` is the provider's pre-signed link to the
+        finished video, sealed: the link is a credential, and no secret is in an event in plain
+        text (SPEC 6)."""
         if self.dispatching is None:
             raise IllegalTransition("no dispatch is in flight")
         self._require_pending()
-        self._dispatched(queue_id=queue_id)
+        self._dispatched(queue_id=queue_id, download=download)
 
     @event("Dispatched", topic="mediamarket.job.dispatched.v1")
-    def _dispatched(self, queue_id: str) -> None:
+    def _dispatched(self, queue_id: str, download: dict[str, str] | None = None) -> None:
         assert self.dispatching is not None
         self.dispatch = {**self.dispatching, "queue_id": queue_id}
+        if download is not None:
+            self.dispatch["download"] = download
         self.dispatching = None
         self.status = SUBMITTED
 

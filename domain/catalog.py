@@ -20,17 +20,22 @@ from urllib.parse import SplitResult, urlsplit
 ALIASES: dict[str, str] = {"venice-video-gen": "venice-seedance-2-fast-t2v"}
 
 MAX_PROMPT_CHARS = 2000
+# Venice's prompt limit for a video model that states none (its /models documentation).
+VENICE_PROMPT_LIMIT = 2500
 MAX_URL_CHARS = 2048
 MAX_METADATA_KEYS = 16
 MAX_METADATA_KEY_CHARS = 40
 MAX_METADATA_VALUE_CHARS = 500
 # Integers beyond 2**53 lose precision in JavaScript clients, so they could not be echoed intact.
 MAX_METADATA_INT = 2**53 - 1
+# A buyer's own ceiling (max_cost_usdc): as large as any deposit may be.
+MAX_CEILING_USDC = 10**15
+_MICROS = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 # SPEC 5.2: when a provider names no default aspect ratio, 16:9 is the conventional one.
 FALLBACK_ASPECT_RATIO = "16:9"
 
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)
-_DURATION = re.compile(r"([1-9][0-9]{0,3})s?", re.ASCII)
+_DURATION = re.compile(r"([1-9][0-9]{0,3})s", re.ASCII)
 _DATA_IMAGE_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+(;[^,]*)?,.+", re.ASCII | re.DOTALL)
 _RESOLUTION_P = re.compile(r"([0-9]+)p", re.ASCII | re.IGNORECASE)
 _RESOLUTION_K = re.compile(r"([0-9]+)k", re.ASCII | re.IGNORECASE)
@@ -47,17 +52,30 @@ class ModelSpec:
     name: str
     image_input: bool
     durations: tuple[int, ...]
+    # Empty when the provider defines none for the model: the parameter is then never sent.
     resolutions: tuple[str, ...]
     aspect_ratios: tuple[str, ...]
     audio: bool
-    default_resolution: str
-    default_aspect_ratio: str
+    default_resolution: str | None
+    default_aspect_ratio: str | None
     aliases: tuple[str, ...] = ()
+    # False for a model that always generates audio (it cannot be switched off).
+    audio_configurable: bool = True
+    prompt_character_limit: int = VENICE_PROMPT_LIMIT
 
     @property
     def default_duration(self) -> int:
         # Providers price per second, so the shortest duration is the cheapest one.
         return min(self.durations)
+
+    @property
+    def default_audio(self) -> bool:
+        """The marketplace's default: audio off wherever the model lets it be off."""
+        return self.audio and not self.audio_configurable
+
+    @property
+    def prompt_limit(self) -> int:
+        return min(MAX_PROMPT_CHARS, self.prompt_character_limit)
 
 
 def _resolution_rank(resolution: str) -> int:
@@ -69,21 +87,23 @@ def _resolution_rank(resolution: str) -> int:
 
 
 def _parse_durations(raw: object) -> tuple[int, ...] | None:
-    if not isinstance(raw, list) or not raw:
+    """Venice lists durations as ``"5s"`` strings; entries that are no fixed length (``"auto"``,
+    ``"-1"``, ``"1 gen"``) are left out, and a model left with none cannot be priced."""
+    if not isinstance(raw, list):
         return None
     durations: set[int] = set()
     for item in raw:
-        if isinstance(item, int) and not isinstance(item, bool) and 0 < item < 10_000:
-            durations.add(item)
-        elif isinstance(item, str) and (match := _DURATION.fullmatch(item)):
+        if isinstance(item, str) and (match := _DURATION.fullmatch(item)):
             durations.add(int(match.group(1)))
-        else:
-            return None
-    return tuple(sorted(durations))
+    return tuple(sorted(durations)) or None
 
 
 def _parse_labels(raw: object) -> tuple[str, ...] | None:
-    if not isinstance(raw, list) or not raw:
+    """A list of option labels; empty means the model takes no such parameter. A lone string is
+    read as a list of one, as Venice's own model browser does."""
+    if isinstance(raw, str) and raw:
+        return (raw,)
+    if not isinstance(raw, list):
         return None
     if not all(isinstance(item, str) and item for item in raw):
         return None
@@ -91,18 +111,23 @@ def _parse_labels(raw: object) -> tuple[str, ...] | None:
 
 
 def _parse_venice_model(provider: str, item: object) -> ModelSpec | None:
-    if not isinstance(item, dict):
+    """One entry of Venice's ``GET /models?type=video`` (``ModelResponse`` with the video
+    constraints: ``durations``, ``resolutions``, ``aspect_ratios``, ``model_type``, ``audio``,
+    ``audio_configurable``, ``prompt_character_limit``); None for one the market can't sell."""
+    if not isinstance(item, dict) or item.get("type") != "video":
         return None
     provider_model = item.get("id")
     if not isinstance(provider_model, str) or not _MODEL_ID.fullmatch(provider_model):
         return None
-    if item.get("type", "video") != "video":
-        return None
     spec = item.get("model_spec")
-    if not isinstance(spec, dict):
+    if not isinstance(spec, dict) or spec.get("offline") is True:
         return None
     constraints = spec.get("constraints")
     if not isinstance(constraints, dict):
+        return None
+    # Video-to-video models need a source video, which the market's requests cannot carry.
+    model_type = constraints.get("model_type")
+    if model_type not in ("text-to-video", "image-to-video"):
         return None
 
     durations = _parse_durations(constraints.get("durations"))
@@ -110,21 +135,25 @@ def _parse_venice_model(provider: str, item: object) -> ModelSpec | None:
     aspect_ratios = _parse_labels(constraints.get("aspect_ratios"))
     if durations is None or resolutions is None or aspect_ratios is None:
         return None
-
-    audio = constraints.get("audio", False)
-    image_input = constraints.get("image_input")
-    if image_input is None:
-        image_input = constraints.get("model_type") == "image-to-video"
-    if not isinstance(audio, bool) or not isinstance(image_input, bool):
+    audio = constraints.get("audio")
+    configurable = constraints.get("audio_configurable")
+    if not isinstance(audio, bool) or not isinstance(configurable, bool):
         return None
+    limit = constraints.get("prompt_character_limit", VENICE_PROMPT_LIMIT)
+    # JSON that Python reads may hold Infinity or NaN (1e400 is one): no limit to convert.
+    if (
+        isinstance(limit, bool)
+        or not isinstance(limit, int | float)
+        or not math.isfinite(limit)
+        or limit < 1
+    ):
+        limit = VENICE_PROMPT_LIMIT
 
-    # A default the model does not list is the provider contradicting itself; SPEC 5.2's
-    # convention (lowest resolution, 16:9) is a safer default than dropping the model.
-    default_resolution = constraints.get("default_resolution")
-    if default_resolution not in resolutions:
-        default_resolution = min(resolutions, key=_resolution_rank)
-    default_aspect_ratio = constraints.get("default_aspect_ratio")
-    if default_aspect_ratio not in aspect_ratios:
+    # Venice names no defaults for video; SPEC 5.2's convention is the lowest resolution
+    # (the cheapest) and 16:9.
+    default_resolution = min(resolutions, key=_resolution_rank) if resolutions else None
+    default_aspect_ratio = None
+    if aspect_ratios:
         default_aspect_ratio = (
             FALLBACK_ASPECT_RATIO if FALLBACK_ASPECT_RATIO in aspect_ratios else aspect_ratios[0]
         )
@@ -136,14 +165,17 @@ def _parse_venice_model(provider: str, item: object) -> ModelSpec | None:
         provider=provider,
         provider_model=provider_model,
         name=name if isinstance(name, str) and name else provider_model,
-        image_input=image_input,
+        image_input=model_type == "image-to-video",
         durations=durations,
         resolutions=resolutions,
         aspect_ratios=aspect_ratios,
         audio=audio,
-        default_resolution=str(default_resolution),
-        default_aspect_ratio=str(default_aspect_ratio),
+        default_resolution=default_resolution,
+        default_aspect_ratio=default_aspect_ratio,
         aliases=tuple(sorted(alias for alias, target in ALIASES.items() if target == model_id)),
+        # A model without audio has nothing to switch; only one with audio can be fixed on.
+        audio_configurable=configurable or not audio,
+        prompt_character_limit=int(limit),
     )
 
 
@@ -224,26 +256,30 @@ class VideoRequest:
     model: ModelSpec
     prompt: str
     duration_seconds: int
-    resolution: str
-    aspect_ratio: str
+    resolution: str | None
+    aspect_ratio: str | None
     audio: bool
     image_url: str | None
     webhook_url: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The buyer's own ceiling (SPEC 1): becomes the hold instead of the estimate plus 10%.
+    max_cost: int | None = None
 
     def provider_params(self) -> dict[str, Any]:
         """The body of the provider's ``/video/quote`` (SPEC 5.1), also the pricing parameters.
 
-        ``audio`` is sent explicitly (even ``false``) to models that support it, because a
-        provider's own default could bill for audio the buyer did not ask for; models without
-        audio never see the field.
+        ``audio`` is sent explicitly (even ``false``) to models that support it, because Venice
+        defaults it to on and would bill for audio the buyer did not ask for; models without
+        audio never see the field, nor a model the resolution or aspect ratio it doesn't take.
         """
         params: dict[str, Any] = {
             "model": self.model.provider_model,
             "duration": f"{self.duration_seconds}s",
-            "resolution": self.resolution,
-            "aspect_ratio": self.aspect_ratio,
         }
+        if self.resolution is not None:
+            params["resolution"] = self.resolution
+        if self.aspect_ratio is not None:
+            params["aspect_ratio"] = self.aspect_ratio
         if self.model.audio:
             params["audio"] = self.audio
         return params
@@ -257,7 +293,7 @@ class VideoRequest:
         return params
 
     def canonical(self) -> dict[str, Any]:
-        return {
+        canonical = {
             "model": self.model.id,
             "prompt": self.prompt,
             "duration_seconds": self.duration_seconds,
@@ -268,6 +304,10 @@ class VideoRequest:
             "webhook_url": self.webhook_url,
             "metadata": self.metadata,
         }
+        # Only when sent: requests made before the field existed keep their fingerprints.
+        if self.max_cost is not None:
+            canonical["max_cost_usdc"] = str(self.max_cost)
+        return canonical
 
     def fingerprint(self) -> str:
         """SHA-256 over the request after aliases and defaults are applied.
@@ -295,6 +335,7 @@ _FIELD_TYPES: dict[str, tuple[type, str]] = {
     "audio": (bool, "a boolean"),
     "webhook_url": (str, "a string"),
     "metadata": (dict, "an object"),
+    "max_cost_usdc": (str, "a decimal string of microdollars"),
 }
 _REQUIRED = ("model", "prompt")
 
@@ -310,10 +351,11 @@ def _one_of(values: Iterable[object]) -> str:
     return ", ".join(str(value) for value in values)
 
 
-def _check_prompt(prompt: str) -> None:
-    if len(prompt) > MAX_PROMPT_CHARS:
+def _check_prompt(prompt: str, model: ModelSpec) -> None:
+    limit = model.prompt_limit
+    if len(prompt) > limit:
         raise RequestError(
-            "prompt_too_long", f"prompt must be at most {MAX_PROMPT_CHARS} characters", "prompt"
+            "prompt_too_long", f"prompt must be at most {limit} characters", "prompt"
         )
     if not prompt.strip():
         raise _invalid("prompt", "prompt must not be empty")
@@ -383,6 +425,18 @@ def _check_webhook_url(url: str, *, allow_http: bool, allow_private: bool) -> No
         raise _invalid("webhook_url", "webhook_url must not point to a private or local address")
 
 
+def _parse_ceiling(text: str) -> int:
+    # The length first: int() of thousands of digits is refused by Python itself.
+    too_long = len(text) > len(str(MAX_CEILING_USDC))
+    if too_long or not _MICROS.fullmatch(text) or int(text) > MAX_CEILING_USDC:
+        raise _invalid(
+            "max_cost_usdc",
+            "max_cost_usdc must be a whole number of microdollars written as a decimal string "
+            f'such as "250000", at most {MAX_CEILING_USDC}',
+        )
+    return int(text)
+
+
 def _check_metadata(metadata: dict[Any, Any]) -> dict[str, Any]:
     if len(metadata) > MAX_METADATA_KEYS:
         raise _invalid("metadata", f"metadata must have at most {MAX_METADATA_KEYS} keys")
@@ -426,6 +480,8 @@ def _choice(
     value = body.get(field)
     if value is None:
         return default
+    if not allowed:
+        raise _unsupported(field, f"model {model.id} does not take {field}")
     if value not in allowed:
         raise _unsupported(field, f"{field} must be one of {_one_of(allowed)} for model {model.id}")
     return cast(T, value)
@@ -467,7 +523,7 @@ def validate_video_request(
         raise RequestError("model_not_found", f"model {model_name!r} does not exist", "model")
 
     prompt: str = body["prompt"]
-    _check_prompt(prompt)
+    _check_prompt(prompt, model)
 
     duration = _choice(body, "duration_seconds", model.durations, model.default_duration, model)
     resolution = _choice(body, "resolution", model.resolutions, model.default_resolution, model)
@@ -477,9 +533,11 @@ def validate_video_request(
 
     audio = body.get("audio")
     if audio is None:
-        audio = False
+        audio = model.default_audio
     elif audio and not model.audio:
         raise _unsupported("audio", f"model {model.id} does not generate audio")
+    elif not audio and not model.audio_configurable:
+        raise _unsupported("audio", f"model {model.id} always generates audio")
 
     image_url = body.get("image_url")
     if model.image_input:
@@ -498,6 +556,9 @@ def validate_video_request(
     metadata = body.get("metadata")
     metadata = {} if metadata is None else _check_metadata(metadata)
 
+    ceiling = body.get("max_cost_usdc")
+    max_cost = None if ceiling is None else _parse_ceiling(ceiling)
+
     return VideoRequest(
         model=model,
         prompt=prompt,
@@ -508,4 +569,5 @@ def validate_video_request(
         image_url=image_url,
         webhook_url=webhook_url,
         metadata=metadata,
+        max_cost=max_cost,
     )

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from domain.money import Price, format_discount
+from domain.money import Price, format_discount, max_cost
 
 MIN_PREFIX = "/min"
 MEDIA_ROOT = "/v1/"
@@ -138,3 +138,64 @@ def choose(offers_listed: int, priced: Sequence[Candidate], min_discount: int | 
         f"the best available is {format_discount(best)}",
         best_discount=best,
     )
+
+
+class CeilingBelowEstimate(ValueError):
+    """A buyer's own ``max_cost_usdc`` that would not even cover the estimate."""
+
+    def __init__(self, ceiling: int, estimate: int) -> None:
+        super().__init__(
+            f"max_cost_usdc {ceiling} is below the estimated cost of {estimate} microdollars"
+        )
+        self.ceiling = ceiling
+        self.estimate = estimate
+
+
+def hold_for(route: Sequence[Candidate], ceiling: int | None = None) -> int:
+    """The amount a job holds, its ``max_cost`` (SPEC 1), for a route ranked by ``choose``.
+
+    The estimate plus 10%, rounded up, exactly; or the buyer's own ceiling when it sent one.
+    The one other case is a job that starts on the buyer's own key: its estimate is only the
+    flat fee, so it holds 10% over the first marketplace offer behind the key, so that the
+    market can take over if the key is refused. Nothing else (other offers' prices, the buyer's
+    balance) moves it.
+    """
+    estimate = route[0].price.buyer_cost
+    if ceiling is not None:
+        if ceiling < estimate:
+            raise CeilingBelowEstimate(ceiling, estimate)
+        return ceiling
+    hold = max_cost(estimate)
+    if route[0].buyer_owned:
+        behind = next((c for c in route if not c.buyer_owned), None)
+        if behind is not None:
+            hold = max(hold, max_cost(behind.price.buyer_cost))
+    return hold
+
+
+@dataclass(frozen=True)
+class Exhausted:
+    """Why a job failed when no offer on its route could take it (SPEC 1)."""
+
+    code: str
+    message: str
+    retryable: bool = True
+
+
+def route_exhausted(chosen_offer_id: str, over_hold: Sequence[str], hold: int) -> Exhausted:
+    """The failure of a job whose route has no offer left within its hold.
+
+    ``price_changed`` only when the offer chosen at submit itself got dearer than the hold;
+    when it refused and the offers behind it cost too much, that is ``no_sellers_available``.
+    """
+    if chosen_offer_id in over_hold:
+        return Exhausted(
+            "price_changed",
+            f"the chosen offer's price rose above max_cost_usdc ({hold} microdollars)",
+        )
+    if over_hold:
+        return Exhausted(
+            "no_sellers_available",
+            f"the remaining offers cost more than max_cost_usdc ({hold} microdollars)",
+        )
+    return Exhausted("no_sellers_available", "no seller could accept the job")

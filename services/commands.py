@@ -48,6 +48,12 @@ class ConflictError(Exception):
     """Optimistic-concurrency retries exhausted (practically unreachable)."""
 
 
+class Stale(Exception):
+    """What a command loaded was overtaken before it could save: another writer ended the job
+    (its settlement is resolved, its hold gone). The save would conflict anyway; this says so
+    before a rule refuses the stale decision, and the command retries on fresh state."""
+
+
 class IdempotencyMismatch(Exception):
     """The Idempotency-Key was used before with a different request body."""
 
@@ -119,7 +125,7 @@ class Commands:
         for n in range(MAX_ATTEMPTS):
             try:
                 return attempt()
-            except IntegrityError:
+            except (IntegrityError, Stale):
                 # Contention on a hot aggregate (a busy buyer's account): back off a little,
                 # with jitter so the losers don't collide again in lockstep.
                 time.sleep(random.uniform(0, min(0.001 * (n + 1), 0.02)))
@@ -283,15 +289,15 @@ class Commands:
         route: list[dict[str, Any]],
         routing: dict[str, Any],
         estimated_cost: int,
-        holds: list[int],
+        hold: int,
         ttl_seconds: int,
         min_discount: int | None,
         idempotency_key: str | None,
     ) -> Submitted:
-        """Create the job, its settlement and the hold in one save (SPEC 1, 6).
+        """Create the job, its settlement and the hold (its ``max_cost``) in one save (SPEC 1, 6).
 
-        ``holds`` are the acceptable amounts to hold, preferred first: the first the buyer's
-        available balance covers becomes the job's ``max_cost``.
+        The hold is decided before this (``domain.routing.hold_for``); a buyer whose available
+        balance does not cover it gets ``InsufficientBalance`` and nothing is written.
         """
         fingerprint = request.fingerprint()
 
@@ -316,9 +322,8 @@ class Commands:
                     generation += 1
                 if isinstance(replay, Submitted):
                     return replay
-            hold = next((h for h in holds if buyer.can_hold(h)), None)
-            if hold is None:
-                raise InsufficientBalance(buyer.available, min(holds))
+            if not buyer.can_hold(hold):
+                raise InsufficientBalance(buyer.available, hold)
             now = int(self.clock())
             token = self.secrets.job_token(str(job_id))
             job = Job(
@@ -372,12 +377,17 @@ class Commands:
         return self._get(Job, job_id)
 
     def cancel(self, job_id: UUID) -> Written:
-        """Best effort (SPEC 2): clean before dispatch, billed after, no-op when terminal."""
+        """Best effort (SPEC 2): clean before dispatch, billed after, no-op when terminal.
+
+        A cancel that loses to the job's own end (the worker saved its outcome first) reports
+        that outcome: it returns the log's position, so the caller answers from a view that
+        includes it, never from the state the job had when the cancel began.
+        """
 
         def attempt() -> Written:
             job = self._get(Job, job_id)
             if job.is_terminal:
-                return Written(0)
+                return Written(self.app.recorder.max_notification_id() or 0)
             if job.dispatching is not None:
                 # The queue call's outcome is not known yet; the worker cancels once it is.
                 job.request_cancel()
@@ -387,11 +397,14 @@ class Commands:
 
         return self._retrying(attempt)
 
-    def _finish(self, job: Job) -> int:
+    def _finish(self, job: Job, backoff: tuple[str, str] | None = None) -> int:
         """Save a job that just became terminal, with its settlement, the buyer's hold and the
-        capacity it held on its offer, all in one save."""
+        capacity it held on its offer, all in one save. ``backoff`` (offer id, reason) also
+        puts that offer into backoff in the same save."""
         buyer_cost, seller_cost = job.charge
         settlement = self._get(Settlement, settlement_id(job.id))
+        if settlement.resolved:
+            raise Stale(f"job {job.id} already ended")
         dispatch = job.dispatch or {}
         settlement.settle(
             buyer_cost=buyer_cost,
@@ -401,14 +414,20 @@ class Commands:
             outcome=job.status,
         )
         slot = job.slot_offer_id
-        locks = [f"buyer:{job.buyer_id}", *([f"offer:{slot}"] if slot else [])]
+        offer_ids = {o for o in (slot, backoff[0] if backoff else None) if o}
+        locks = [f"buyer:{job.buyer_id}", *(f"offer:{o}" for o in offer_ids)]
         with self._serialised(*locks):
             buyer = self._get(BuyerAccount, UUID(job.buyer_id))
+            if not buyer.is_holding(job.id):
+                raise Stale(f"job {job.id} already ended")
             buyer.resolve_hold(job.id, buyer_cost)
             aggregates: list[Any] = [job, settlement, buyer]
-            if slot:
-                offer = self._get(Offer, UUID(slot))
-                offer.release_slot(job.id)
+            for offer_id in sorted(offer_ids):
+                offer = self._get(Offer, UUID(offer_id))
+                if offer_id == slot:
+                    offer.release_slot(job.id)
+                if backoff is not None and offer_id == backoff[0]:
+                    offer.refused(backoff[1], now=self.clock(), deactivate=False)
                 aggregates.append(offer)
             return _position(self.app.save(*aggregates))
 
@@ -475,12 +494,15 @@ class Commands:
 
         return self._retrying(attempt)
 
-    def dispatched(self, job_id: UUID, queue_id: str) -> None:
+    def dispatched(self, job_id: UUID, queue_id: str, download_url: str | None = None) -> None:
         """The provider accepted the job; a successful dispatch also ends the offer's backoff."""
+        sealed = None
+        if download_url is not None:
+            sealed = self.secrets.seal(download_url, context=f"download:{job_id}")
 
         def attempt() -> None:
             job = self._get(Job, job_id)
-            job.dispatched(queue_id)
+            job.dispatched(queue_id, sealed)
             slot = job.slot_offer_id
             if slot is None:
                 self.app.save(job)
@@ -491,6 +513,30 @@ class Commands:
                 self.app.save(job, offer)
 
         self._retrying(attempt)
+
+    def download_url(self, job: Job) -> str | None:
+        """The provider's link to the job's finished video, if it gave one at queue time."""
+        sealed = (job.dispatch or {}).get("download")
+        return None if sealed is None else self.secrets.open(sealed, context=f"download:{job.id}")
+
+    def unknown_outcome(self, job_id: UUID, message: str, *, now: int) -> Job:
+        """A queue call whose answer never came: the job fails ``upstream_unknown`` with nothing
+        charged (the provider may or may not have billed the seller), and the offer backs off
+        as for a refusal (SPEC 3), so a provider that hangs stops winning jobs."""
+
+        def attempt() -> Job:
+            job = self._get(Job, job_id)
+            if job.is_terminal:
+                return job
+            dispatching = job.dispatching or {}
+            backoff = None
+            if dispatching.get("seller_id") is not None:  # a buyer's own key has no offer
+                backoff = (dispatching["offer_id"], f"no answer to a job ({message})")
+            job.fail(code="upstream_unknown", message=message, retryable=False, now=now)
+            self._finish(job, backoff)
+            return job
+
+        return self._retrying(attempt)
 
     def update_job(self, job_id: UUID, change: Callable[[Job], Any]) -> Job:
         """Apply a non-terminal change (claim, dispatch steps, progress) and save it."""

@@ -14,20 +14,19 @@ from fractions import Fraction
 from typing import Any
 from uuid import UUID
 
-import aiohttp
 import structlog
 
+from adapters.outbound import Outbound
 from adapters.venice import ProviderError, QuoteFailed, VeniceClient, VideoParams
 from domain.catalog import ModelSpec, VideoRequest
 from domain.money import (
     FeeSchedule,
     format_multiplier,
-    max_cost,
     parse_multiplier,
     price_buyer_owned,
     price_offer,
 )
-from domain.routing import Candidate, choose
+from domain.routing import Candidate, choose, hold_for
 from projections.views import BuyerProviderRow, OfferRow
 
 log = structlog.get_logger("routing")
@@ -70,28 +69,26 @@ def default_params(spec: ModelSpec) -> VideoParams:
         duration_seconds=spec.default_duration,
         resolution=spec.default_resolution,
         aspect_ratio=spec.default_aspect_ratio,
-        audio=False if spec.audio else None,
+        audio=spec.default_audio if spec.audio else None,
     )
 
 
 class Providers:
-    """One client per provider base URL, sharing one HTTP session, plus a short quote cache.
-
-    Identical quotes asked for at the same time (many submits, one seller key) share one call.
+    """One client per provider base URL, sharing the engine's outbound HTTP, plus a short quote
+    cache. Identical quotes asked for at the same time (many submits, one seller key) share
+    one call.
     """
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        outbound: Outbound,
         default_base_urls: dict[str, str],
         *,
         quote_timeout: float,
         queue_timeout: float,
-        queue_session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.session = session
-        self.queue_session = queue_session
+        self.outbound = outbound
         self.default_base_urls = default_base_urls
         self.quote_timeout = quote_timeout
         self.queue_timeout = queue_timeout
@@ -105,11 +102,10 @@ class Providers:
         client = self._clients.get(url)
         if client is None:
             client = VeniceClient(
-                self.session,
+                self.outbound,
                 url,
                 quote_timeout=self.quote_timeout,
                 queue_timeout=self.queue_timeout,
-                queue_session=self.queue_session,
             )
             self._clients[url] = client
         return client
@@ -174,25 +170,9 @@ class Route:
     def decision(self) -> dict[str, Any]:
         return {"considered": self.considered, "skipped": self.skipped}
 
-    def holds(self) -> list[int]:
-        """The holds (``max_cost``) to try for this route, preferred first.
-
-        SPEC 1 holds the estimate plus 10% for price drift between submit and dispatch. The
-        preferred hold also covers the job's first failover: the next offer if the chosen one
-        refuses, or the best offer when the job starts on the buyer's own key. Without that, a
-        single refusal would fail the job with ``price_changed`` whenever the next offer costs
-        more than 10% above the first, and the buyer would see a refusal SPEC 3 promises to
-        hide. A buyer whose balance does not cover that gets the plain SPEC hold instead.
-        """
-        minimal = max_cost(self.best.price.buyer_cost)
-        offers = [c for c in self.candidates if not c.buyer_owned]
-        # The first offer behind the buyer's own key, or the second offer.
-        behind = offers if self.best.buyer_owned else offers[1:]
-        failover = behind[0] if behind else None
-        if failover is None or failover.price.buyer_cost <= minimal:
-            return [minimal]
-        # The failover gets the same 10% margin for drift before its dispatch.
-        return [max_cost(failover.price.buyer_cost), minimal]
+    def hold(self, ceiling: int | None = None) -> int:
+        """What the job holds (SPEC 1); raises ``CeilingBelowEstimate`` for a ceiling too low."""
+        return hold_for(self.candidates, ceiling)
 
 
 def candidate_data(c: Candidate) -> dict[str, Any]:
@@ -209,8 +189,9 @@ def candidate_data(c: Candidate) -> dict[str, Any]:
 def _failover_list(eligible: list[Candidate]) -> list[Candidate]:
     """The candidates a job keeps: every buyer-owned key, and the cheapest offers.
 
-    A job is rarely refused more than a few times, and the hold covers only the first
-    failover, so the rest of a hundred-offer market would only bloat every job's first event.
+    A job is rarely refused more than a few times, and offers behind the first ten are
+    unlikely to fit in its hold, so the rest of a hundred-offer market would only bloat every
+    job's first event.
     """
     kept, offers = [], 0
     for c in eligible:

@@ -24,6 +24,7 @@ from adapters.artifacts import LocalArtifactStore
 from adapters.media import MediaError, probe_mp4
 from adapters.venice import (
     Completed,
+    Finished,
     ProviderContentPolicy,
     ProviderError,
     ProviderInferenceFailed,
@@ -35,6 +36,7 @@ from adapters.venice import (
     VeniceClient,
 )
 from domain.aggregates import IllegalTransition, Job
+from domain.routing import route_exhausted
 from projections.views import OfferRow, Views
 from services.commands import Commands
 from services.routing import DEACTIVATING_STATUSES, KeyRow, Router, video_params
@@ -201,7 +203,10 @@ class Worker:
     async def _dispatch(self, job: Job) -> bool:
         """Try the job's route in order; True when it must wait for an offer's capacity."""
         tried = {a["offer_id"] for a in job.attempts}
-        price_changed = waiting = False
+        # Offers skipped because they now cost more than the hold, on this pass or an earlier
+        # one (a worker that took over), for the failure's code and message.
+        over_hold = [a["offer_id"] for a in job.attempts if a.get("skipped") == "price_changed"]
+        waiting = False
         params = video_params(job.request)
         for entry in job.route:
             offer_id = entry["offer_id"]
@@ -221,7 +226,7 @@ class Worker:
                 continue
             price = candidate.price
             if price.buyer_cost > job.max_cost:
-                price_changed = True
+                over_hold.append(offer_id)
                 await self._update(job.id, methodcaller("skipped", offer_id, "price_changed"))
                 continue
             attempt = {
@@ -241,13 +246,21 @@ class Worker:
                 continue
             client = self.router.providers.client(row.provider, row.base_url)
             try:
-                queue_id = await client.queue(
+                queued = await client.queue(
                     self.router.api_key(row),
                     params,
                     job.request["prompt"],
                     job.request.get("image_url"),
                 )
             except ProviderRefused as e:
+                log.info(
+                    "queue_refused",
+                    job_id=str(job.id),
+                    offer_id=offer_id,
+                    status=e.status,
+                    code=e.code,
+                    detail=e.detail,
+                )
                 refused = await self.blocking(
                     self.commands.queue_refused,
                     job.id,
@@ -261,25 +274,28 @@ class Worker:
                 if refused.cancel_requested:
                     return False
                 continue
+            except ProviderContentPolicy as e:
+                # The prompt itself: another seller's account would be refused the same way.
+                await self._fail(job.id, "content_policy", e.message, False, e.detail)
+                return False
             except ProviderRejected as e:
-                await self._fail(job.id, "upstream_rejected", e.message, False)
+                await self._fail(job.id, "upstream_rejected", e.message, False, e.detail)
                 return False
             except ProviderUnknown as e:
-                await self._fail(job.id, "upstream_unknown", e.message, False)
+                log.info("queue_outcome_unknown", job_id=str(job.id), detail=e.detail)
+                await self.blocking(
+                    self.commands.unknown_outcome, job.id, e.message, now=int(self.clock())
+                )
                 return False
-            await self.blocking(self.commands.dispatched, job.id, queue_id)
+            await self.blocking(
+                self.commands.dispatched, job.id, queued.queue_id, queued.download_url
+            )
             return False
         if waiting:
             return True
-        if price_changed:
-            await self._fail(
-                job.id,
-                "price_changed",
-                "every offer now costs more than the amount held for this job",
-                True,
-            )
-        else:
-            await self._fail(job.id, "no_sellers_available", "no seller could accept the job", True)
+        chosen = job.route[0]["offer_id"] if job.route else ""
+        exhausted = route_exhausted(chosen, over_hold, job.max_cost)
+        await self._fail(job.id, exhausted.code, exhausted.message, exhausted.retryable)
         return False
 
     def _unavailable(self, row: KeyRow) -> str | None:
@@ -309,28 +325,38 @@ class Worker:
             return 0
         client, api_key = self._client_for(row)
         scratch = self.store.scratch(str(job.id))
+        link = None
         try:
             outcome = await client.retrieve(
                 api_key, job.request["provider_model"], dispatch["queue_id"], scratch
             )
+            if isinstance(outcome, Finished):
+                link = await self.blocking(self.commands.download_url, job)
+                if link is None:
+                    raise ProviderLost(200, "the provider finished the job but gave no link")
+                outcome = await client.download(link, scratch)
         except ProviderTransient:
             return min(delay * 2, 10.0)
         except ProviderContentPolicy as e:
-            await self._fail(job.id, "content_policy", e.message, False)
+            await self._fail(job.id, "content_policy", e.message, False, e.detail)
             return 0
         except ProviderInferenceFailed as e:
-            await self._fail(job.id, "inference_failed", e.message, True)
+            await self._fail(job.id, "inference_failed", e.message, True, e.detail)
             return 0
         except ProviderLost as e:
             await self._fail(
                 job.id,
                 "inference_failed",
-                f"the provider no longer has this job: {e.message}",
+                f"the provider no longer has this job's video: {e.message}",
                 True,
+                e.detail,
             )
             return 0
         if isinstance(outcome, Completed):
             await self._store(job, outcome.path)
+            if link is not None:
+                # Venice's advice for private links: revoke once the file is safe elsewhere.
+                await client.revoke_download(link)
             with contextlib.suppress(ProviderError):
                 await client.complete(api_key, job.request["provider_model"], dispatch["queue_id"])
                 await self._update(job.id, methodcaller("upstream_media_deleted"), terminal_ok=True)
@@ -340,8 +366,9 @@ class Worker:
             progress = elapsed / average
             if progress - job.progress >= 0.05 or job.status != "running":
                 await self._update(job.id, methodcaller("progressed", progress))
-            # Come back around when the provider expects to be done, never hammering it.
-            return max(0.25, min((average - elapsed) / 1000, 5.0))
+            # Often enough for the progress a buyer sees to move (an eighth of the provider's
+            # expected run), never past when it expects to be done, never hammering it.
+            return max(0.25, min((average - elapsed) / 1000, average / 8000, 5.0))
         if job.status != "running":
             await self._update(job.id, methodcaller("progressed", 0.0))
         return min(max(delay * 1.5, 0.25), 5.0)
@@ -371,17 +398,26 @@ class Worker:
             j.artifact_stored(artifact)
             j.succeed(now)
 
-        await self.blocking(self.commands.terminate, job.id, succeed)
+        ended = await self.blocking(self.commands.terminate, job.id, succeed)
+        if ended.status != "succeeded":
+            # A cancel or expiry got there first: the job has no artifact, so neither may the
+            # store (nothing would ever purge it).
+            await self.blocking(self.store.delete, str(job.id))
+            log.info("job_ended_while_stored", job_id=str(job.id), status=ended.status)
+            return
         log.info("job_succeeded", job_id=str(job.id))
 
-    async def _fail(self, job_id: UUID, code: str, message: str, retryable: bool) -> None:
+    async def _fail(
+        self, job_id: UUID, code: str, message: str, retryable: bool, detail: str = ""
+    ) -> None:
+        """End the job as failed; ``detail`` (what the provider said) goes to the log only."""
         now = int(self.clock())
         await self.blocking(
             self.commands.terminate,
             job_id,
             methodcaller("fail", code=code, message=message, retryable=retryable, now=now),
         )
-        log.info("job_failed", job_id=str(job_id), code=code)
+        log.info("job_failed", job_id=str(job_id), code=code, detail=detail or None)
 
     async def _cancel(self, job: Job) -> None:
         now = int(self.clock())

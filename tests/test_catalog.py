@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from adapters.simulator import CREATED, models_payload
 from domain.catalog import (
     ALIASES,
     Catalog,
@@ -18,65 +23,96 @@ from domain.catalog import (
 def venice_model(
     model_id: str,
     *,
+    name: str | None = None,
     model_type: str = "text-to-video",
-    durations: list[Any] | None = None,
-    resolutions: list[str] | None = None,
-    aspect_ratios: list[str] | None = None,
-    audio: bool = False,
-    image_input: bool | None = None,
-    default_resolution: str | None = None,
-    default_aspect_ratio: str | None = "16:9",
+    durations: Any = None,
+    resolutions: Any = None,
+    aspect_ratios: Any = None,
+    audio: Any = False,
+    audio_configurable: Any = True,
+    prompt_character_limit: Any = None,
+    offline: Any = None,
 ) -> dict[str, Any]:
+    """One ``ModelResponse`` of Venice's ``GET /models?type=video`` ("Video Model Constraints").
+
+    ``prompt_character_limit`` and ``model_spec.offline`` are left out unless given; to drop any
+    other key, delete it from ``constraints_of(item)``.
+    """
     constraints: dict[str, Any] = {
         "model_type": model_type,
-        "durations": durations if durations is not None else ["5s", "10s"],
-        "resolutions": resolutions if resolutions is not None else ["720p", "1080p"],
-        "aspect_ratios": aspect_ratios if aspect_ratios is not None else ["16:9", "9:16", "1:1"],
+        "durations": ["5s", "10s"] if durations is None else durations,
+        "resolutions": ["720p", "1080p"] if resolutions is None else resolutions,
+        "aspect_ratios": ["16:9", "9:16", "1:1"] if aspect_ratios is None else aspect_ratios,
         "audio": audio,
+        "audio_configurable": audio_configurable,
     }
-    if image_input is not None:
-        constraints["image_input"] = image_input
-    if default_resolution is not None:
-        constraints["default_resolution"] = default_resolution
-    if default_aspect_ratio is not None:
-        constraints["default_aspect_ratio"] = default_aspect_ratio
+    if prompt_character_limit is not None:
+        constraints["prompt_character_limit"] = prompt_character_limit
+    spec: dict[str, Any] = {
+        "name": model_id.title() if name is None else name,
+        "privacy": "anonymized",
+        "traits": [],
+        "constraints": constraints,
+    }
+    if offline is not None:
+        spec["offline"] = offline
     return {
         "id": model_id,
         "object": "model",
         "type": "video",
-        "model_spec": {"name": model_id.title(), "constraints": constraints},
+        "owned_by": "venice.ai",
+        "created": CREATED,
+        "model_spec": spec,
     }
 
 
-# The simulator's catalog (SPEC 5.2), as its /models would list it.
-SIMULATOR_MODELS = [
-    venice_model("runway-gen4-5-text", default_resolution="720p"),
-    venice_model(
-        "seedance-2-fast-t2v",
-        durations=["12s", "4s", "8s", "6s"],
-        resolutions=["480p", "720p", "1080p"],
-        audio=True,
-        default_resolution="480p",
-    ),
-    venice_model("pixverse-c1-t2v", durations=["5s", "8s"], audio=True, default_resolution="720p"),
-    venice_model(
-        "wan-2-5-i2v",
-        model_type="image-to-video",
-        resolutions=["480p", "720p", "1080p"],
-        image_input=True,
-        default_resolution="480p",
-    ),
+def constraints_of(item: dict[str, Any]) -> dict[str, Any]:
+    constraints: dict[str, Any] = item["model_spec"]["constraints"]
+    return constraints
+
+
+# The simulator's catalog (SPEC 5.2), exactly as its /models?type=video lists it.
+SIMULATOR_MODELS: list[dict[str, Any]] = models_payload()["data"]
+
+# Models Venice may list that the simulator doesn't: one that takes neither a resolution nor an
+# aspect ratio, one that always generates audio, and two that state their own prompt limits.
+BARE = "venice-bare-t2v"
+LOUD = "venice-loud-t2v"
+TERSE = "venice-terse-t2v"
+VERBOSE = "venice-verbose-t2v"
+EXTRA_MODELS = [
+    venice_model("bare-t2v", resolutions=[], aspect_ratios=[]),
+    venice_model("loud-t2v", audio=True, audio_configurable=False),
+    venice_model("terse-t2v", prompt_character_limit=1000),
+    venice_model("verbose-t2v", prompt_character_limit=20000),
 ]
 
 
 @pytest.fixture(scope="module")
 def catalog() -> Catalog:
-    return Catalog(parse_venice_models("venice", SIMULATOR_MODELS))
+    return Catalog(parse_venice_models("venice", SIMULATOR_MODELS + EXTRA_MODELS))
 
 
 def validate(catalog: Catalog, body: object, **flags: bool) -> VideoRequest:
     options = {"allow_http_webhooks": False, "allow_private_webhooks": False, **flags}
     return validate_video_request(body, catalog, **options)
+
+
+def parse_one(item: object) -> ModelSpec | None:
+    models = parse_venice_models("venice", [item])  # type: ignore[list-item]
+    assert len(models) <= 1
+    return models[0] if models else None
+
+
+def test_the_helper_speaks_the_simulators_shape() -> None:
+    [runway] = [m for m in SIMULATOR_MODELS if m["id"] == "runway-gen4-5-text"]
+    assert runway == venice_model(
+        "runway-gen4-5-text",
+        name="Runway Gen-4.5",
+        audio=False,
+        audio_configurable=False,
+        prompt_character_limit=2500,
+    )
 
 
 # parsing the provider's /models
@@ -87,17 +123,19 @@ def test_parse_the_documented_example() -> None:
         "id": "runway-gen4-5-text",
         "object": "model",
         "type": "video",
+        "owned_by": "venice.ai",
+        "created": 1_760_000_000,
         "model_spec": {
             "name": "Runway Gen-4.5",
+            "privacy": "anonymized",
+            "traits": [],
             "constraints": {
                 "model_type": "text-to-video",
                 "durations": ["5s", "10s"],
                 "resolutions": ["720p", "1080p"],
                 "aspect_ratios": ["16:9", "9:16", "1:1"],
                 "audio": False,
-                "image_input": False,
-                "default_resolution": "720p",
-                "default_aspect_ratio": "16:9",
+                "audio_configurable": False,
             },
         },
     }
@@ -115,11 +153,13 @@ def test_parse_the_documented_example() -> None:
             default_resolution="720p",
             default_aspect_ratio="16:9",
             aliases=(),
+            audio_configurable=True,
+            prompt_character_limit=2500,
         )
     ]
 
 
-def test_parse_sorts_durations_and_fills_aliases_and_image_input() -> None:
+def test_parse_the_simulator_catalog() -> None:
     models = {m.id: m for m in parse_venice_models("venice", SIMULATOR_MODELS)}
     assert sorted(models) == [
         "venice-pixverse-c1-t2v",
@@ -130,30 +170,202 @@ def test_parse_sorts_durations_and_fills_aliases_and_image_input() -> None:
     seedance = models["venice-seedance-2-fast-t2v"]
     assert seedance.durations == (4, 6, 8, 12)
     assert seedance.aliases == ("venice-video-gen",)
-    assert seedance.audio is True
-    assert models["venice-wan-2-5-i2v"].image_input is True
+    assert (seedance.audio, seedance.audio_configurable, seedance.default_audio) == (
+        True,
+        True,
+        False,
+    )
+    assert {m.id: m.image_input for m in models.values()} == {
+        "venice-pixverse-c1-t2v": False,
+        "venice-runway-gen4-5-text": False,
+        "venice-seedance-2-fast-t2v": False,
+        "venice-wan-2-5-i2v": True,
+    }
+    assert {m.id: m.default_resolution for m in models.values()} == {
+        "venice-pixverse-c1-t2v": "720p",
+        "venice-runway-gen4-5-text": "720p",
+        "venice-seedance-2-fast-t2v": "480p",
+        "venice-wan-2-5-i2v": "480p",
+    }
+    for model in models.values():
+        assert model.default_aspect_ratio == "16:9"
+        assert (model.prompt_character_limit, model.prompt_limit) == (2500, 2000)
+        assert model.default_audio is False
+
+
+def test_parse_sorts_and_dedupes_durations_and_labels() -> None:
+    item = venice_model(
+        "m", durations=["12s", "4s", "8s", "6s", "4s"], resolutions=["720p", "480p", "720p"]
+    )
+    model = parse_one(item)
+    assert model is not None
+    assert model.durations == (4, 6, 8, 12)
+    assert model.resolutions == ("720p", "480p")
 
 
 def test_parse_derives_image_input_from_model_type() -> None:
-    [model] = parse_venice_models("venice", [venice_model("x-i2v", model_type="image-to-video")])
-    assert model.image_input is True
+    i2v = parse_one(venice_model("x-i2v", model_type="image-to-video"))
+    t2v = parse_one(venice_model("x-t2v", model_type="text-to-video"))
+    assert i2v is not None and i2v.image_input is True
+    assert t2v is not None and t2v.image_input is False
 
 
-def test_parse_falls_back_to_lowest_resolution_and_16_9() -> None:
-    item = venice_model(
-        "m",
-        resolutions=["1080p", "4k", "480p"],
-        aspect_ratios=["9:16", "16:9"],
-        default_resolution="8k",
-        default_aspect_ratio=None,
+def test_parse_ignores_keys_venice_does_not_send() -> None:
+    # Venice names no defaults and no image_input for video; stale keys change nothing.
+    t2v = venice_model("t2v", resolutions=["720p", "1080p"], aspect_ratios=["9:16", "16:9"])
+    constraints_of(t2v).update(
+        default_resolution="1080p", default_aspect_ratio="9:16", image_input=True
     )
-    [model] = parse_venice_models("venice", [item])
-    assert (model.default_resolution, model.default_aspect_ratio) == ("480p", "16:9")
+    i2v = venice_model("i2v", model_type="image-to-video")
+    constraints_of(i2v)["image_input"] = False
+    models = {m.provider_model: m for m in parse_venice_models("venice", [t2v, i2v])}
+    assert (models["t2v"].default_resolution, models["t2v"].default_aspect_ratio) == (
+        "720p",
+        "16:9",
+    )
+    assert models["t2v"].image_input is False
+    assert models["i2v"].image_input is True
 
 
-def test_parse_accepts_integer_and_bare_durations() -> None:
-    [model] = parse_venice_models("venice", [venice_model("m", durations=[10, "5"])])
+@pytest.mark.parametrize(
+    ("resolutions", "aspect_ratios", "default_resolution", "default_aspect_ratio"),
+    [
+        (["1080p", "4k", "480p"], ["9:16", "16:9"], "480p", "16:9"),
+        (["4k", "1080p"], ["9:16", "1:1"], "1080p", "9:16"),
+        (["hd", "720p"], ["1:1"], "720p", "1:1"),
+        (["hd"], ["21:9", "4:3"], "hd", "21:9"),
+    ],
+)
+def test_parse_defaults_to_the_lowest_resolution_and_16_9(
+    resolutions: list[str],
+    aspect_ratios: list[str],
+    default_resolution: str,
+    default_aspect_ratio: str,
+) -> None:
+    model = parse_one(venice_model("m", resolutions=resolutions, aspect_ratios=aspect_ratios))
+    assert model is not None
+    assert (model.default_resolution, model.default_aspect_ratio) == (
+        default_resolution,
+        default_aspect_ratio,
+    )
+
+
+def test_parse_empty_resolutions_and_aspect_ratios_mean_no_such_parameter() -> None:
+    model = parse_one(venice_model("m", resolutions=[], aspect_ratios=[]))
+    assert model is not None
+    assert (model.resolutions, model.aspect_ratios) == ((), ())
+    assert (model.default_resolution, model.default_aspect_ratio) == (None, None)
+    only_ratios = parse_one(venice_model("m", resolutions=[]))
+    assert only_ratios is not None
+    assert (only_ratios.default_resolution, only_ratios.default_aspect_ratio) == (None, "16:9")
+    only_resolutions = parse_one(venice_model("m", aspect_ratios=[]))
+    assert only_resolutions is not None
+    assert (only_resolutions.default_resolution, only_resolutions.default_aspect_ratio) == (
+        "720p",
+        None,
+    )
+
+
+def test_parse_reads_a_lone_string_as_a_one_item_list() -> None:
+    model = parse_one(venice_model("m", resolutions="1080p", aspect_ratios="9:16"))
+    assert model is not None
+    assert (model.resolutions, model.aspect_ratios) == (("1080p",), ("9:16",))
+    assert (model.default_resolution, model.default_aspect_ratio) == ("1080p", "9:16")
+
+
+def test_parse_ignores_durations_that_are_no_fixed_length() -> None:
+    durations = ["auto", "5s", "-1", "1 gen", "5", 10, True, None, "10s", "0s", "5.5s", "10000s"]
+    model = parse_one(venice_model("m", durations=durations))
+    assert model is not None
     assert model.durations == (5, 10)
+
+
+@pytest.mark.parametrize(
+    "durations",
+    [
+        [],
+        ["auto"],
+        ["-1"],
+        ["auto", "-1"],
+        ["1 gen"],
+        ["5", "10"],
+        [5, 10],
+        [True],
+        ["0s"],
+        ["five"],
+        ["5.5s"],
+        ["5S"],
+        "5s",
+        {"5s": True},
+    ],
+)
+def test_parse_skips_a_model_without_a_fixed_duration(durations: object) -> None:
+    assert parse_one(venice_model("m", durations=durations)) is None
+
+
+def test_parse_audio_and_audio_configurable() -> None:
+    cases = {
+        "loud": venice_model("loud", audio=True, audio_configurable=False),
+        "optional": venice_model("optional", audio=True, audio_configurable=True),
+        # A model without audio has nothing to switch off, whatever it says.
+        "silent": venice_model("silent", audio=False, audio_configurable=False),
+        "quiet": venice_model("quiet", audio=False, audio_configurable=True),
+    }
+    models = {m.provider_model: m for m in parse_venice_models("venice", list(cases.values()))}
+    assert {k: (m.audio, m.audio_configurable, m.default_audio) for k, m in models.items()} == {
+        "loud": (True, False, True),
+        "optional": (True, True, False),
+        "silent": (False, True, False),
+        "quiet": (False, True, False),
+    }
+
+
+@pytest.mark.parametrize(
+    ("declared", "stored", "limit"),
+    [
+        (None, 2500, 2000),
+        (1000, 1000, 1000),
+        (1, 1, 1),
+        (1999, 1999, 1999),
+        (2000, 2000, 2000),
+        (20000, 20000, 2000),
+        (1500.0, 1500, 1500),
+        # Not a usable limit: Venice's default applies.
+        (0, 2500, 2000),
+        (-5, 2500, 2000),
+        (0.5, 2500, 2000),
+        (True, 2500, 2000),
+        ("1000", 2500, 2000),
+        ([1000], 2500, 2000),
+    ],
+)
+def test_parse_prompt_character_limit(declared: object, stored: int, limit: int) -> None:
+    model = parse_one(venice_model("m", prompt_character_limit=declared))
+    assert model is not None
+    assert (model.prompt_character_limit, model.prompt_limit) == (stored, limit)
+
+
+def test_parse_a_null_prompt_character_limit_is_venices_default() -> None:
+    item = venice_model("m")
+    constraints_of(item)["prompt_character_limit"] = None
+    model = parse_one(item)
+    assert model is not None and model.prompt_character_limit == 2500
+
+
+def without(item: dict[str, Any], *path: str) -> dict[str, Any]:
+    """A deep copy of ``item`` with the key at ``path`` removed."""
+    copy: dict[str, Any] = json.loads(json.dumps(item))
+    node = copy
+    for key in path[:-1]:
+        node = node[key]
+    del node[path[-1]]
+    return copy
+
+
+def with_constraint(key: str, value: object) -> dict[str, Any]:
+    item = venice_model("m")
+    constraints_of(item)[key] = value
+    return item
 
 
 @pytest.mark.parametrize(
@@ -161,39 +373,178 @@ def test_parse_accepts_integer_and_bare_durations() -> None:
     [
         "not an object",
         None,
+        ["m"],
         {"id": "m", "type": "video"},
-        {"id": 7, "model_spec": {"constraints": {}}},
-        {"id": "", "model_spec": {"constraints": {}}},
-        {"id": "../etc", "model_spec": {"constraints": {}}},
+        {"id": 7, "type": "video", "model_spec": {"constraints": {}}},
+        {"id": "", "type": "video", "model_spec": {"constraints": {}}},
+        {**venice_model("m"), "id": 7},
+        {**venice_model("m"), "id": ""},
+        {**venice_model("m"), "id": "../etc"},
+        {**venice_model("m"), "id": "-m"},
         {**venice_model("m"), "type": "image"},
+        {**venice_model("m"), "type": None},
+        without(venice_model("m"), "type"),
+        without(venice_model("m"), "model_spec"),
+        {**venice_model("m"), "model_spec": "x"},
         {**venice_model("m"), "model_spec": {"name": "M", "constraints": "x"}},
-        venice_model("m", durations=[]),
-        venice_model("m", durations=["five"]),
-        venice_model("m", durations=["5.5s"]),
-        venice_model("m", durations=[True]),
-        venice_model("m", durations=[0]),
-        venice_model("m", resolutions=[]),
-        venice_model("m", resolutions=[720]),  # type: ignore[list-item]
-        venice_model("m", aspect_ratios=[]),
+        without(venice_model("m"), "model_spec", "constraints"),
+        # not sellable: video-to-video needs a source video; offline models take no jobs
+        venice_model("m", model_type="video"),
+        venice_model("m", model_type="text-to-image"),
+        venice_model("m", offline=True),
+        without(venice_model("m"), "model_spec", "constraints", "model_type"),
+        # constraints the market can't do without
+        without(venice_model("m"), "model_spec", "constraints", "durations"),
+        without(venice_model("m"), "model_spec", "constraints", "resolutions"),
+        without(venice_model("m"), "model_spec", "constraints", "aspect_ratios"),
+        without(venice_model("m"), "model_spec", "constraints", "audio"),
+        without(venice_model("m"), "model_spec", "constraints", "audio_configurable"),
+        venice_model("m", durations=["auto", "-1"]),
+        venice_model("m", resolutions=[720]),
+        venice_model("m", resolutions=[""]),
+        venice_model("m", resolutions=""),
+        venice_model("m", resolutions=["720p", None]),
+        venice_model("m", aspect_ratios=[16]),
+        venice_model("m", aspect_ratios={"16:9": True}),
+        with_constraint("resolutions", None),
+        venice_model("m", audio="yes"),
+        venice_model("m", audio=1),
+        venice_model("m", audio_configurable="false"),
+        venice_model("m", audio_configurable=0),
+        venice_model("m", audio=True, audio_configurable=None),
+        with_constraint("audio_configurable", None),
     ],
 )
-def test_parse_skips_malformed_entries(item: object) -> None:
+def test_parse_skips_unsellable_entries(item: object) -> None:
     good = venice_model("good")
     models = parse_venice_models("venice", [item, good])  # type: ignore[list-item]
     assert [m.id for m in models] == ["venice-good"]
 
 
-def test_parse_skips_non_boolean_audio_and_keeps_the_first_duplicate() -> None:
-    bad_audio = venice_model("m")
-    bad_audio["model_spec"]["constraints"]["audio"] = "yes"
+@pytest.mark.parametrize("offline", [False, None, "true", 1])
+def test_parse_only_a_true_offline_skips(offline: object) -> None:
+    item = venice_model("m")
+    if offline is not None:
+        item["model_spec"]["offline"] = offline
+    assert parse_one(item) is not None
+
+
+def test_parse_keeps_the_first_duplicate() -> None:
     first = venice_model("dup", durations=["5s"])
     second = venice_model("dup", durations=["10s"])
-    models = parse_venice_models("venice", [bad_audio, first, second])
+    models = parse_venice_models("venice", [first, second])
     assert [(m.id, m.durations) for m in models] == [("venice-dup", (5,))]
+
+
+def test_parse_a_skipped_duplicate_does_not_shadow_a_good_one() -> None:
+    offline = venice_model("dup", offline=True)
+    online = venice_model("dup", durations=["10s"])
+    assert [(m.id, m.durations) for m in parse_venice_models("venice", [offline, online])] == [
+        ("venice-dup", (10,))
+    ]
 
 
 def test_parse_of_a_non_list_is_empty() -> None:
     assert parse_venice_models("venice", {"data": []}) == []  # type: ignore[arg-type]
+    assert parse_venice_models("venice", None) == []  # type: ignore[arg-type]
+
+
+# parse_venice_models never raises, whatever the provider sends
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=20,
+)
+plausible_labels = st.sampled_from(["480p", "720p", "1080p", "4k", "hd", "16:9", "9:16", "1:1"])
+plausible_durations = st.sampled_from(["5s", "10s", "4s", "8s", "auto", "-1", "1 gen", "5"])
+# Values Venice could plausibly send for each constraint (the rest of the time: arbitrary JSON).
+PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
+    "model_type": st.sampled_from(["text-to-video", "image-to-video", "video"]),
+    "durations": st.lists(plausible_durations, max_size=4),
+    "resolutions": st.lists(plausible_labels, max_size=4)
+    | plausible_labels
+    | st.sampled_from([[], [""]]),
+    "aspect_ratios": st.lists(plausible_labels, max_size=4)
+    | plausible_labels
+    | st.sampled_from([[], [""]]),
+    "audio": st.booleans(),
+    "audio_configurable": st.booleans(),
+    "prompt_character_limit": st.integers(-5, 30000) | st.floats(-5, 1e300),
+    "image_input": st.booleans(),
+    "default_resolution": plausible_labels,
+}
+
+
+@st.composite
+def near_venice_entries(draw: st.DrawFn) -> object:
+    """A Venice entry with a few of its keys dropped, changed, or replaced by arbitrary JSON."""
+    item = venice_model(
+        draw(st.sampled_from(["m", "seedance-2-fast-t2v", "a.b_c-1", "x y"])),
+        model_type=draw(st.sampled_from(["text-to-video", "image-to-video"])),
+        audio=draw(st.booleans()),
+        audio_configurable=draw(st.booleans()),
+    )
+    constraints = constraints_of(item)
+    for key in draw(st.lists(st.sampled_from(sorted(PLAUSIBLE)), unique=True, max_size=4)):
+        action = draw(st.sampled_from(["plausible"] * 3 + ["drop", "json"]))
+        if action == "drop":
+            constraints.pop(key, None)
+        else:
+            constraints[key] = draw(PLAUSIBLE[key] if action == "plausible" else json_values)
+    if draw(st.integers(0, 3)) == 0:
+        item["model_spec"]["offline"] = draw(st.booleans() | json_values)
+    if draw(st.integers(0, 3)) == 0:
+        item["model_spec"]["name"] = draw(json_values)
+    if draw(st.integers(0, 5)) == 0:
+        item[draw(st.sampled_from(["id", "type", "model_spec"]))] = draw(json_values)
+    return item
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.lists(near_venice_entries() | json_values, max_size=6) | json_values)
+def test_parse_never_raises_and_every_model_it_keeps_can_be_ordered(payload: Any) -> None:
+    models = parse_venice_models("venice", payload)
+    assert len({m.id for m in models}) == len(models)
+    for model in models:
+        assert model.id == f"venice-{model.provider_model}"
+        assert model.durations and list(model.durations) == sorted(set(model.durations))
+        assert all(isinstance(d, int) and 0 < d < 10_000 for d in model.durations)
+        assert all(isinstance(label, str) and label for label in model.resolutions)
+        assert all(isinstance(label, str) and label for label in model.aspect_ratios)
+        assert model.default_resolution in (model.resolutions or (None,))
+        assert model.default_aspect_ratio in (model.aspect_ratios or (None,))
+        assert model.audio_configurable or model.audio
+        assert 1 <= model.prompt_limit <= 2000
+    catalog = Catalog(models)
+    for model in models:
+        body: dict[str, Any] = {"model": model.id, "prompt": "p"}
+        if model.image_input:
+            body["image_url"] = "https://img.example.com/a.png"
+        request = validate(catalog, body)
+        params = request.provider_params()
+        assert ("resolution" in params) == bool(model.resolutions)
+        assert ("aspect_ratio" in params) == bool(model.aspect_ratios)
+        assert ("audio" in params) == model.audio
+
+
+# JSON 1e400 reads as infinity, and json.loads accepts NaN and Infinity.
+@pytest.mark.parametrize("literal", ["-1e400", "-Infinity", "1e400", "Infinity", "NaN"])
+def test_parse_survives_a_non_finite_prompt_limit(literal: str) -> None:
+    odd = venice_model("odd", prompt_character_limit=123456789)
+    text = json.dumps([odd, venice_model("good")]).replace("123456789", literal)
+    models = parse_venice_models("venice", json.loads(text))
+    assert "venice-good" in [m.id for m in models]
+    assert all(m.prompt_character_limit == 2500 for m in models)
 
 
 # the catalog
@@ -242,6 +593,7 @@ def test_defaults_are_applied(catalog: Catalog) -> None:
     assert request.duration_seconds == 4
     assert (request.resolution, request.aspect_ratio, request.audio) == ("480p", "16:9", False)
     assert (request.image_url, request.webhook_url, request.metadata) == (None, None, {})
+    assert request.max_cost is None
 
 
 def test_every_field_is_taken(catalog: Catalog) -> None:
@@ -254,6 +606,7 @@ def test_every_field_is_taken(catalog: Catalog) -> None:
         "audio": True,
         "webhook_url": "https://hooks.example.com/mm?x=1",
         "metadata": {"order": "42", "n": 3, "ok": True, "ratio": 0.5, "none": None},
+        "max_cost_usdc": "250000",
     }
     request = validate(catalog, body)
     assert request.duration_seconds == 12
@@ -261,6 +614,7 @@ def test_every_field_is_taken(catalog: Catalog) -> None:
     assert request.webhook_url == "https://hooks.example.com/mm?x=1"
     assert request.metadata == body["metadata"]
     assert request.metadata is not body["metadata"]
+    assert request.max_cost == 250_000
 
 
 def test_null_optional_fields_count_as_omitted(catalog: Catalog) -> None:
@@ -274,6 +628,7 @@ def test_null_optional_fields_count_as_omitted(catalog: Catalog) -> None:
         "image_url": None,
         "webhook_url": None,
         "metadata": None,
+        "max_cost_usdc": None,
     }
     request = validate(catalog, body)
     assert request == validate(catalog, {"model": RUNWAY, "prompt": "p"})
@@ -292,6 +647,7 @@ def test_prompt_lengths_count_characters(catalog: Catalog) -> None:
 
 
 def test_audio_false_is_fine_on_a_silent_model(catalog: Catalog) -> None:
+    # The simulator lists its silent models with audio_configurable false.
     assert validate(catalog, {"model": RUNWAY, "prompt": "p", "audio": False}).audio is False
 
 
@@ -316,6 +672,57 @@ def test_webhook_urls_accepted(catalog: Catalog, webhook_url: str, flags: dict[s
     assert validate(catalog, body, **flags).webhook_url == webhook_url
 
 
+def test_a_model_without_resolutions_or_aspect_ratios(catalog: Catalog) -> None:
+    request = validate(catalog, {"model": BARE, "prompt": "p"})
+    assert (request.resolution, request.aspect_ratio) == (None, None)
+    nulls = {"model": BARE, "prompt": "p", "resolution": None, "aspect_ratio": None}
+    assert validate(catalog, nulls) == request
+    assert request.provider_params() == {"model": "bare-t2v", "duration": "5s"}
+    assert request.queue_params() == {"model": "bare-t2v", "duration": "5s", "prompt": "p"}
+    for field, value in (("resolution", "720p"), ("aspect_ratio", "16:9")):
+        with pytest.raises(RequestError) as excinfo:
+            validate(catalog, {"model": BARE, "prompt": "p", field: value})
+        assert (excinfo.value.code, excinfo.value.param) == ("unsupported_parameter", field)
+        assert excinfo.value.message == f"model {BARE} does not take {field}"
+
+
+def test_a_model_that_always_generates_audio(catalog: Catalog) -> None:
+    request = validate(catalog, {"model": LOUD, "prompt": "p"})
+    assert request.audio is True
+    explicit = validate(catalog, {"model": LOUD, "prompt": "p", "audio": True})
+    assert explicit == request and explicit.fingerprint() == request.fingerprint()
+    assert request.provider_params() == {
+        "model": "loud-t2v",
+        "duration": "5s",
+        "resolution": "720p",
+        "aspect_ratio": "16:9",
+        "audio": True,
+    }
+    with pytest.raises(RequestError) as excinfo:
+        validate(catalog, {"model": LOUD, "prompt": "p", "audio": False})
+    assert (excinfo.value.code, excinfo.value.param) == ("unsupported_parameter", "audio")
+    assert excinfo.value.message == f"model {LOUD} always generates audio"
+
+
+@pytest.mark.parametrize(
+    ("model", "limit"),
+    [(RUNWAY, 2000), (TERSE, 1000), (VERBOSE, 2000), (SEEDANCE, 2000)],
+)
+def test_each_model_has_its_prompt_limit(catalog: Catalog, model: str, limit: int) -> None:
+    assert validate(catalog, {"model": model, "prompt": "é" * limit}).prompt == "é" * limit
+    with pytest.raises(RequestError) as excinfo:
+        validate(catalog, {"model": model, "prompt": "é" * (limit + 1)})
+    assert (excinfo.value.code, excinfo.value.param) == ("prompt_too_long", "prompt")
+    assert excinfo.value.message == f"prompt must be at most {limit} characters"
+
+
+@pytest.mark.parametrize("text", ["0", "1", "250000", "1000000000000000"])
+def test_max_cost_usdc_accepted(catalog: Catalog, text: str) -> None:
+    request = validate(catalog, base(max_cost_usdc=text))
+    assert request.max_cost == int(text)
+    assert request.canonical()["max_cost_usdc"] == text
+
+
 # validation: every error code and param
 
 
@@ -326,6 +733,29 @@ def base(**fields: object) -> dict[str, object]:
 INVALID = "invalid_request"
 UNSUPPORTED = "unsupported_parameter"
 
+BAD_CEILINGS = [
+    "",
+    "01",
+    "00",
+    "-1",
+    "-0",
+    "1.5",
+    "1.0",
+    " 1",
+    "1 ",
+    "1\n",
+    "1e6",
+    "+1",
+    "1_000",
+    "0x10",
+    "1000000000000001",
+    "99999999999999999999",
+    "\u0661\u0662\u0663",  # Arabic-Indic digits
+    "\uff11\uff12\uff13",  # full-width digits
+    "\u00b2",  # superscript two
+]
+WRONG_CEILING_TYPES: list[object] = [1, 0, 1.5, True, False, [], ["1"], {"usdc": "1"}]
+
 ERROR_CASES: list[tuple[str, object, str, str | None]] = [
     # body shape
     ("list body", [], INVALID, None),
@@ -333,6 +763,7 @@ ERROR_CASES: list[tuple[str, object, str, str | None]] = [
     ("null body", None, INVALID, None),
     ("unknown field", base(seed=1), INVALID, "seed"),
     ("unknown field n", base(n=2), INVALID, "n"),
+    ("unknown field max_cost", base(max_cost="1"), INVALID, "max_cost"),
     # model
     ("missing model", {"prompt": "p"}, INVALID, "model"),
     ("null model", {"model": None, "prompt": "p"}, INVALID, "model"),
@@ -351,6 +782,18 @@ ERROR_CASES: list[tuple[str, object, str, str | None]] = [
     ("empty prompt", base(prompt=""), INVALID, "prompt"),
     ("blank prompt", base(prompt=" \n\t "), INVALID, "prompt"),
     ("prompt too long", base(prompt="x" * 2001), "prompt_too_long", "prompt"),
+    (
+        "prompt over a 1000-character model limit",
+        base(model=TERSE, prompt="x" * 1001),
+        "prompt_too_long",
+        "prompt",
+    ),
+    (
+        "prompt over 2000 on a 20000-character model",
+        base(model=VERBOSE, prompt="x" * 2001),
+        "prompt_too_long",
+        "prompt",
+    ),
     # duration
     ("duration as string", base(duration_seconds="5"), INVALID, "duration_seconds"),
     ("duration as float", base(duration_seconds=5.0), INVALID, "duration_seconds"),
@@ -363,10 +806,23 @@ ERROR_CASES: list[tuple[str, object, str, str | None]] = [
     ("resolution wrong case", base(resolution="720P"), UNSUPPORTED, "resolution"),
     ("aspect ratio not a string", base(aspect_ratio=1.77), INVALID, "aspect_ratio"),
     ("aspect ratio not offered", base(aspect_ratio="21:9"), UNSUPPORTED, "aspect_ratio"),
+    (
+        "resolution on a model without resolutions",
+        base(model=BARE, resolution="720p"),
+        UNSUPPORTED,
+        "resolution",
+    ),
+    (
+        "aspect ratio on a model without aspect ratios",
+        base(model=BARE, aspect_ratio="16:9"),
+        UNSUPPORTED,
+        "aspect_ratio",
+    ),
     # audio
     ("audio not a boolean", base(model=SEEDANCE, audio="true"), INVALID, "audio"),
     ("audio as 1", base(model=SEEDANCE, audio=1), INVALID, "audio"),
     ("audio on a silent model", base(audio=True), UNSUPPORTED, "audio"),
+    ("audio off on an always-audio model", base(model=LOUD, audio=False), UNSUPPORTED, "audio"),
     # image_url
     (
         "image_url on a text model",
@@ -456,6 +912,15 @@ ERROR_CASES: list[tuple[str, object, str, str | None]] = [
     ("metadata NaN", base(metadata={"k": float("nan")}), INVALID, "metadata"),
     ("metadata Infinity", base(metadata={"k": float("inf")}), INVALID, "metadata"),
     ("metadata huge int", base(metadata={"k": 2**53}), INVALID, "metadata"),
+    # max_cost_usdc
+    *[
+        (f"max_cost_usdc {text!r}", base(max_cost_usdc=text), INVALID, "max_cost_usdc")
+        for text in BAD_CEILINGS
+    ],
+    *[
+        (f"max_cost_usdc as {value!r}", base(max_cost_usdc=value), INVALID, "max_cost_usdc")
+        for value in WRONG_CEILING_TYPES
+    ],
 ]
 
 
@@ -476,6 +941,46 @@ def test_prompt_too_long_message_is_exact(catalog: Catalog) -> None:
     with pytest.raises(RequestError) as excinfo:
         validate(catalog, base(prompt="é" * 2001))
     assert excinfo.value.message == "prompt must be at most 2000 characters"
+    with pytest.raises(RequestError) as excinfo:
+        validate(catalog, base(model=TERSE, prompt="é" * 1001))
+    assert excinfo.value.message == "prompt must be at most 1000 characters"
+
+
+@pytest.mark.parametrize("value", WRONG_CEILING_TYPES)
+def test_max_cost_usdc_of_the_wrong_type_message(catalog: Catalog, value: object) -> None:
+    with pytest.raises(RequestError) as excinfo:
+        validate(catalog, base(max_cost_usdc=value))
+    assert excinfo.value.message == "max_cost_usdc must be a decimal string of microdollars"
+
+
+def test_max_cost_usdc_out_of_form_message(catalog: Catalog) -> None:
+    with pytest.raises(RequestError) as excinfo:
+        validate(catalog, base(max_cost_usdc="1.5"))
+    assert "max_cost_usdc" in excinfo.value.message
+    assert "1000000000000000" in excinfo.value.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(alphabet="0123456789 +-._e\u0661", max_size=18)
+    | st.integers(0, 2 * 10**15).map(str)
+    | st.text(max_size=6)
+)
+def test_max_cost_usdc_is_accepted_exactly_in_canonical_form(text: str) -> None:
+    catalog = Catalog(parse_venice_models("venice", SIMULATOR_MODELS))
+    canonical = text.isascii() and text.isdigit() and str(int(text)) == text
+    if canonical and int(text) <= 10**15:
+        assert validate(catalog, base(max_cost_usdc=text)).max_cost == int(text)
+    else:
+        with pytest.raises(RequestError) as excinfo:
+            validate(catalog, base(max_cost_usdc=text))
+        assert (excinfo.value.code, excinfo.value.param) == (INVALID, "max_cost_usdc")
+
+
+def test_a_ceiling_of_thousands_of_digits_is_an_invalid_request(catalog: Catalog) -> None:
+    with pytest.raises(RequestError) as excinfo:
+        validate(catalog, base(max_cost_usdc="9" * 4301))
+    assert (excinfo.value.code, excinfo.value.param) == (INVALID, "max_cost_usdc")
 
 
 def test_unsupported_duration_lists_the_allowed_values(catalog: Catalog) -> None:
@@ -495,6 +1000,7 @@ def test_the_limits_themselves_are_accepted(catalog: Catalog) -> None:
     request = validate(catalog, base(metadata=metadata, prompt="x" * 2000))
     assert len(request.metadata) == 16
     assert validate(catalog, base(metadata={"k": 2**53 - 1, "j": -(2**53 - 1)})).metadata
+    assert validate(catalog, base(max_cost_usdc=str(10**15))).max_cost == 10**15
 
 
 # provider parameters and fingerprints
@@ -516,12 +1022,17 @@ def test_provider_params(catalog: Catalog) -> None:
         "aspect_ratio": "16:9",
         "audio": False,
     }
+    loud_seedance = validate(catalog, {"model": SEEDANCE, "prompt": "p", "audio": True})
+    assert loud_seedance.provider_params()["audio"] is True
     wan = validate(catalog, {"model": WAN, "prompt": "p", "image_url": "https://x.example/a.png"})
     assert wan.queue_params() == {
         **wan.provider_params(),
         "prompt": "p",
         "image_url": "https://x.example/a.png",
     }
+    # The buyer's ceiling is the market's business, never the provider's.
+    capped = validate(catalog, base(max_cost_usdc="250000"))
+    assert capped.queue_params() == validate(catalog, base()).queue_params()
 
 
 def test_fingerprint_is_stable_and_normalised(catalog: Catalog) -> None:
@@ -561,6 +1072,8 @@ def test_fingerprint_is_stable_and_normalised(catalog: Catalog) -> None:
         {"metadata": {"a": "1"}},
         {"metadata": {"a": 1}},
         {"metadata": {"a": True}},
+        {"max_cost_usdc": "250000"},
+        {"max_cost_usdc": "0"},
     ],
 )
 def test_fingerprint_differs_for_different_requests(
@@ -578,3 +1091,64 @@ def test_fingerprint_distinguishes_audio_and_image(catalog: Catalog) -> None:
     one = validate(catalog, {"model": WAN, "prompt": "p", "image_url": "https://x.example/1.png"})
     two = validate(catalog, {"model": WAN, "prompt": "p", "image_url": "https://x.example/2.png"})
     assert one.fingerprint() != two.fingerprint()
+
+
+def test_fingerprint_distinguishes_ceilings(catalog: Catalog) -> None:
+    absent = validate(catalog, base())
+    capped = validate(catalog, base(max_cost_usdc="250000"))
+    assert "max_cost_usdc" not in absent.canonical()
+    assert capped.canonical() == {**absent.canonical(), "max_cost_usdc": "250000"}
+    assert capped.fingerprint() != absent.fingerprint()
+    assert capped.fingerprint() == validate(catalog, base(max_cost_usdc="250000")).fingerprint()
+    assert capped.fingerprint() != validate(catalog, base(max_cost_usdc="250001")).fingerprint()
+    assert validate(catalog, base(max_cost_usdc=None)).fingerprint() == absent.fingerprint()
+
+
+# Fingerprints computed by the code before max_cost_usdc existed: stored idempotency records
+# must still match a retry of the same request.
+OLD_FINGERPRINTS = [
+    (
+        {"model": RUNWAY, "prompt": "a cat"},
+        "e8a84c5fdbe77709711db163457f2e32ad2226ebfb40e6c44514d5f453b507b3",
+    ),
+    (
+        {
+            "model": "venice-video-gen",
+            "prompt": "a cat",
+            "metadata": {"order": "42"},
+            "webhook_url": "https://example.com/h",
+        },
+        "6a698d094ba467b7994417ca71581658ab46494e210af63d9c87c031b3d14c1e",
+    ),
+    (
+        {
+            "model": WAN,
+            "prompt": "é",
+            "image_url": "https://x.example/a.png",
+            "duration_seconds": 10,
+        },
+        "b601b8f2dfd7a8ac1a82e1d614ef6ba3aac800e301214087ad89e6c1797a03a4",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "fingerprint"), OLD_FINGERPRINTS)
+def test_fingerprint_without_a_ceiling_is_unchanged(
+    catalog: Catalog, body: dict[str, object], fingerprint: str
+) -> None:
+    request = validate(catalog, body)
+    assert request.fingerprint() == fingerprint
+    old_canonical = {
+        "model": request.model.id,
+        "prompt": request.prompt,
+        "duration_seconds": request.duration_seconds,
+        "resolution": request.resolution,
+        "aspect_ratio": request.aspect_ratio,
+        "audio": request.audio,
+        "image_url": request.image_url,
+        "webhook_url": request.webhook_url,
+        "metadata": request.metadata,
+    }
+    text = json.dumps(old_canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert hashlib.sha256(text.encode()).hexdigest() == fingerprint
+    assert validate(catalog, {**body, "max_cost_usdc": "250000"}).fingerprint() != fingerprint

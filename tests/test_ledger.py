@@ -92,7 +92,7 @@ def run(commands: Commands, ops: list[tuple[Any, ...]]) -> list[UUID]:
                     route=[],
                     routing={},
                     estimated_cost=b,
-                    holds=[b + b // 10],
+                    hold=b + b // 10,
                     ttl_seconds=60,
                     min_discount=None,
                     idempotency_key=None,
@@ -168,6 +168,21 @@ CORRUPTIONS = {
 }
 
 
+def moves_money(market: MarketApp, views: Views) -> bool:
+    """Whether the last buyer's last event changed an amount (a hold of 0 changes none)."""
+    with views.datastore.transaction(commit=False) as c:
+        c.execute("SELECT buyer_id, version FROM mm_ledger_buyers ORDER BY rowid DESC LIMIT 1")
+        buyer_id, version = c.fetchone()
+    if version <= 1:
+        return True
+
+    def amounts(at: int) -> tuple[int, int, int]:
+        buyer = market.repository.get(UUID(buyer_id), version=at)
+        return buyer.deposited, buyer.held, buyer.spent
+
+    return amounts(version) != amounts(version - 1)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     ops=st.lists(op, min_size=1, max_size=40),
@@ -188,6 +203,8 @@ def test_any_history_reconciles_and_any_corruption_is_named(
         )
         if corruption != "a buyer's seen version" and not jobs:
             return  # nothing of that kind to corrupt
+        if corruption == "a buyer's seen version" and not moves_money(market, views):
+            return  # the version before holds the same amounts: nothing there to find
         with views.datastore.transaction(commit=True) as c:
             c.execute(CORRUPTIONS[corruption])
             c.execute("SELECT changes()")

@@ -182,7 +182,9 @@ def test_success_settles_and_a_later_cancel_is_a_no_op(server: Server) -> None:
     r = c.delete(f"/v1/video/generations/{job['id']}", key=buyer_key)
     assert r.status == 200 and r.json()["status"] == "succeeded"
     assert r.json()["usage"] == done["usage"]
-    assert billed(c, "sim_ok") == SEEDANCE_LIST_PRICE == sim_quote(c, "seedance-2-fast-t2v", 4)
+    assert billed(c, "sim_ok") == SEEDANCE_LIST_PRICE
+    # Venice bills audio unless told otherwise; the engine said no, and was billed for none.
+    assert sim_quote(c, "seedance-2-fast-t2v", 4, audio=False) == SEEDANCE_LIST_PRICE
     assert_money_invariants(c, buyer_key, 10_000_000)
 
 
@@ -266,24 +268,66 @@ def test_artifact_retention_purges_and_answers_410(make_server: ServerFactory) -
 
 
 def test_failover_never_exceeds_the_hold(server: Server) -> None:
-    """The hold covers the first failover only: when that offer refuses too, the next one
-    costs more than the hold and is skipped; the job fails price_changed."""
+    """SPEC 1: the hold is the estimate plus 10%, whatever the offers behind the chosen one
+    cost. When the chosen offer refuses and the rest cost more than the hold, they are
+    skipped and the job fails no_sellers_available, saying why; a buyer who sends its own
+    max_cost_usdc has the room to fail over."""
     c = server.client
     _, buyer_key, seller_key = market(c)
     c.create_offer(seller_key, SEEDANCE, "sim_429", "0.50")
-    c.create_offer(seller_key, SEEDANCE, "sim_429", "0.60")
     c.create_offer(seller_key, SEEDANCE, "sim_ok", "0.90")
     job = submit_ok(c, buyer_key)
-    assert job["estimated_cost_usdc"] == str(buyer_cost(SEEDANCE_LIST_PRICE, 50))
-    assert job["max_cost_usdc"] == str(-(-buyer_cost(SEEDANCE_LIST_PRICE, 60) * 11 // 10))
+    estimate = buyer_cost(SEEDANCE_LIST_PRICE, 50)
+    assert job["estimated_cost_usdc"] == str(estimate)
+    assert job["max_cost_usdc"] == str(-(-estimate * 11 // 10))
     assert int(job["max_cost_usdc"]) < buyer_cost(SEEDANCE_LIST_PRICE, 90)
     done = c.wait_terminal(job["id"], buyer_key)
     assert done["status"] == "failed", done
-    assert done["error"]["code"] == "price_changed", done
+    assert done["error"]["code"] == "no_sellers_available", done
+    assert "max_cost_usdc" in done["error"]["message"]
     assert done["usage"] == {
         "seller_cost_usdc": "0",
         "buyer_cost_usdc": "0",
         "settlement_status": "released",
     }
     assert billed(c, "sim_ok") == 0 and billed(c, "sim_429") == 0
+
+    # Another refusing offer (the first one backs off now); this buyer allows for failover.
+    c.create_offer(seller_key, SEEDANCE, "sim_402", "0.50")
+    ceiling = buyer_cost(SEEDANCE_LIST_PRICE, 90)
+    job = submit_ok(c, buyer_key, max_cost_usdc=str(ceiling))
+    assert (job["estimated_cost_usdc"], job["max_cost_usdc"]) == (str(estimate), str(ceiling))
+    done = c.wait_terminal(job["id"], buyer_key)
+    assert done["status"] == "succeeded", done
+    assert done["usage"]["buyer_cost_usdc"] == str(ceiling)
+    # A ceiling below the estimate is refused before anything is written.
+    r = c.submit(buyer_key, max_cost_usdc=str(estimate - 1))
+    assert r.status == 400, r.body
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == (
+        "invalid_request",
+        "max_cost_usdc",
+    )
     assert_money_invariants(c, buyer_key, 10_000_000)
+
+
+def test_a_price_rise_before_dispatch_fails_price_changed(make_server: ServerFactory) -> None:
+    """The chosen offer's own price rose above the hold between submit and dispatch: the job
+    fails price_changed, charging nothing (SPEC 1), even with a cheaper-than-hold offer gone."""
+    api = make_server("--no-worker")
+    c = api.client
+    _, buyer_key, seller_key = market(c)
+    offer = c.create_offer(seller_key, SEEDANCE, "sim_ok", "0.50")
+    job = submit_ok(c, buyer_key)
+    assert job["max_cost_usdc"] == str(-(-buyer_cost(SEEDANCE_LIST_PRICE, 50) * 11 // 10))
+    r = c.patch(
+        f"/v1/seller/offers/{offer['id']}", key=seller_key, json_body={"cost_multiplier": "0.60"}
+    )
+    assert r.status == 200, r.body
+    api.kill()
+    worker = make_server()
+    done = worker.client.wait_terminal(job["id"], buyer_key)
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "price_changed", done
+    assert done["usage"]["settlement_status"] == "released"
+    assert billed(worker.client, "sim_ok") == 0
+    assert_money_invariants(worker.client, buyer_key, 10_000_000)

@@ -19,9 +19,11 @@ from tests.test_lifecycle import (
     assert_money_invariants,
     billed,
     buyer_cost,
+    list_jobs,
     market,
     poll,
     submit_ok,
+    wait_until,
 )
 
 ServerFactory = Callable[..., Server]
@@ -96,6 +98,10 @@ def check_refused(c: Client, buyer_key: str, seller_key: str, key: str) -> None:
     for refused in (offers[alone["id"]], offers[first["id"]]):
         assert refused["health"]["status"] == "backoff", refused
         assert refused["health"]["reason"], refused
+        if key == "sim_consent":
+            # The seller learns why: its account must give the provider's consent first.
+            assert "consent" in refused["health"]["reason"], refused
+            assert "409" in refused["health"]["reason"], refused
         if key == "sim_401":
             # A bad key switches the offer off until the seller gives a new one.
             assert refused["state"] == "deactivated", refused
@@ -133,6 +139,15 @@ def check_queue_timeout(c: Client, buyer_key: str, seller_key: str, key: str) ->
     # The second offer was never sent the job.
     assert billed(c, "sim_ok") == 0
     assert billed(c, key) == 0
+    # Not knowing counts against the hanging offer like a refusal (SPEC 3): it backs off, and
+    # the next job goes to the seller whose provider answers.
+    offers = {o["cost_multiplier"]: o for o in offers_by_id(c, seller_key).values()}
+    assert offers["0.80"]["health"]["status"] == "backoff", offers["0.80"]
+    assert offers["0.80"]["state"] == "active"
+    assert offers["0.85"]["health"] == {"status": "healthy"}
+    again = c.wait_terminal(submit_ok(c, buyer_key)["id"], buyer_key)
+    assert again["status"] == "succeeded", again
+    assert again["usage"]["buyer_cost_usdc"] == str(buyer_cost(SEEDANCE_LIST_PRICE, 85))
 
 
 def failing_after_acceptance(code: str, retryable: bool) -> Callable[..., None]:
@@ -154,6 +169,39 @@ def failing_after_acceptance(code: str, retryable: bool) -> Callable[..., None]:
         assert billed(c, key) == SEEDANCE_LIST_PRICE
 
     return check
+
+
+def check_download_url(c: Client, buyer_key: str, seller_key: str, key: str) -> None:
+    """The video is at the queue answer's pre-signed link: fetched through the outbound policy
+    (the embedded simulator is the operator's own), stored, and the link revoked after."""
+    check_succeeds(c, buyer_key, seller_key, key)
+    [job] = [j for j in list_jobs(c, buyer_key)]
+    # The link is a credential: it is in no event in plain text.
+    events = c.get(f"/v1/video/generations/{job['id']}/events", key=buyer_key)
+    assert events.status == 200 and "/share/" not in events.body.decode()
+    [offer] = offers_by_id(c, seller_key).values()
+    assert offer["health"] == {"status": "healthy"}
+
+
+def check_slow(c: Client, buyer_key: str, seller_key: str, key: str) -> None:
+    """Progress rises from the provider's execution_duration / average_execution_time."""
+    c.create_offer(seller_key, SEEDANCE, key, "0.80")
+    job = submit_ok(c, buyer_key)
+    seen: list[float] = []
+
+    def running_with_progress() -> bool:
+        doc = poll(c, job["id"], buyer_key)
+        if doc["status"] == "running":
+            seen.append(doc["progress"])
+        return doc["status"] == "running" and 0 < doc["progress"] < 1
+
+    wait_until(running_with_progress, timeout=20, what="the job to report progress")
+    done = c.wait_terminal(job["id"], buyer_key)
+    assert done["status"] == "succeeded" and done["progress"] == 1.0, done
+    assert seen == sorted(seen) and 0 < seen[-1] < 1, seen
+    cost = buyer_cost(SEEDANCE_LIST_PRICE, 80)
+    assert done["usage"]["buyer_cost_usdc"] == str(cost)
+    assert billed(c, key) == SEEDANCE_LIST_PRICE
 
 
 def check_never(c: Client, buyer_key: str, seller_key: str, key: str) -> None:
@@ -193,6 +241,9 @@ CASES: list[Any] = [
         id="sim_content_policy",
     ),
     pytest.param("sim_never", check_never, {"JOB_TTL_SECONDS": "3"}, id="sim_never"),
+    pytest.param("sim_download_url", check_download_url, {}, id="sim_download_url"),
+    pytest.param("sim_consent", check_refused, {}, id="sim_consent"),
+    pytest.param("sim_slow", check_slow, {"SIM_RENDER_SECONDS": "0.5"}, id="sim_slow"),
 ]
 
 

@@ -87,15 +87,17 @@ def test_done_when_three_sellers_compete(server: Server) -> None:
     assert error["code"] == "minimum_discount_not_met"
     assert "30%" in error["message"]
 
-    # The 0.70 seller's key now refuses queue calls (402): the job fails over to 0.80 and the
-    # book shows the 0.70 offer backing off.
+    # The 0.70 seller's key now refuses queue calls (402). The buyer, wanting room to fail
+    # over, sends its own ceiling: the job fails over to 0.80 within it, and the book shows the
+    # 0.70 offer backing off. (The plain hold, 123200, would not cover the 0.80 offer.)
     cheap_key = sellers["0.70"][1]
     r = c.patch(
         f"/v1/seller/offers/{offers['0.70']['id']}", key=cheap_key, json_body={"api_key": "sim_402"}
     )
     assert r.status == 200, r.body
-    r = c.submit(buyer_key, model=SEEDANCE)
+    r = c.submit(buyer_key, model=SEEDANCE, max_cost_usdc="150000")
     assert r.status == 202, r.body
+    assert (r.json()["estimated_cost_usdc"], r.json()["max_cost_usdc"]) == ("112000", "150000")
     second = c.wait_terminal(r.json()["id"], buyer_key)
     assert second["status"] == "succeeded"
     assert second["usage"]["seller_cost_usdc"] == "128000"
@@ -366,9 +368,14 @@ def test_an_unfunded_buyer_runs_on_their_own_key(server: Server) -> None:
     _, seller_key = c.create_seller()
     c.create_offer(seller_key, SEEDANCE, "sim_ok", "0.80")
     _add_key(c, buyer_key, SEEDANCE, "sim_ok_mine")
-    submitted = submit_ok(c, buyer_key, model=SEEDANCE)
-    # Nothing to hold for a market fallback, so the job runs on the buyer's key alone.
-    assert submitted["max_cost_usdc"] == "0"
+    # SPEC 1: a job on the buyer's own key holds 10% over the market behind it, whatever the
+    # balance, so an unfunded buyer is turned away, writing nothing...
+    r = c.submit(buyer_key, model=SEEDANCE)
+    assert r.status == 402 and r.json()["error"]["code"] == "insufficient_balance", r.body
+    assert list_jobs(c, buyer_key) == []
+    # ...unless it gives up the market fallback with a ceiling of 0: the key alone runs it.
+    submitted = submit_ok(c, buyer_key, model=SEEDANCE, max_cost_usdc="0")
+    assert (submitted["estimated_cost_usdc"], submitted["max_cost_usdc"]) == ("0", "0")
     assert c.wait_terminal(submitted["id"], buyer_key)["status"] == "succeeded"
     assert billed(c, "sim_ok_mine") == SEEDANCE_LIST_PRICE
     assert [j["status"] for j in list_jobs(c, buyer_key) if j["status"] in PENDING] == []

@@ -7,7 +7,6 @@ accepted in arrival order, so any connection the client had made would have been
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +30,7 @@ from adapters.outbound import (
     guarded_session,
     parse_allowed_hosts,
 )
+from tests.listener import Listener
 
 MakeServer = Callable[..., Awaitable[TestServer]]
 VENICE = {"venice": frozenset({"api.venice.ai"})}
@@ -326,57 +326,6 @@ def test_parse_allowed_hosts() -> None:
 # --- real sockets ------------------------------------------------------------------------------
 
 
-class Listener:
-    """A TCP server on 127.0.0.1 that records every connection it accepts and answers each
-    HTTP request with 200 "listener"."""
-
-    def __init__(self) -> None:
-        self.peers: list[tuple[str, int]] = []
-        self.heads: list[bytes] = []
-        self._changed = asyncio.Event()
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-
-    def url(self, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}/"
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Recorded before any await, so the order of self.peers is the order of acceptance.
-        self.peers.append(writer.get_extra_info("peername")[:2])
-        self._changed.set()
-        try:
-            self.heads.append(await reader.readuntil(b"\r\n\r\n"))
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nlistener"
-            )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def accepted_before_now(self) -> list[tuple[str, int]]:
-        """The connections accepted before one opened now: connect, wait for the listener to
-        accept that connection, and return what it had accepted earlier."""
-        _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        me = writer.get_extra_info("sockname")[:2]
-        while me not in self.peers:
-            self._changed.clear()
-            await self._changed.wait()
-        writer.close()
-        await writer.wait_closed()
-        return self.peers[: self.peers.index(me)]
-
-
 @pytest.fixture
 async def listener() -> AsyncIterator[Listener]:
     server = Listener()
@@ -500,7 +449,7 @@ async def test_loopback_is_refused_without_a_connection(
     listener: Listener, trusted: aiohttp.ClientSession, host: str
 ) -> None:
     with pytest.raises(OutboundRefused):
-        await call(OutboundPolicy(), trusted, "GET", listener.url(host))
+        await call(OutboundPolicy(), trusted, "GET", listener.url(host=host))
     assert await listener.accepted_before_now() == []
 
 
@@ -509,7 +458,7 @@ async def test_guarded_session_alone_refuses_names_and_literals(listener: Listen
     the literal, and OutboundRefused comes out of aiohttp unwrapped."""
     async with guarded_session(OutboundPolicy()) as guarded:
         with pytest.raises(OutboundRefused, match="resolves to a refused address: loopback"):
-            await guarded.get(listener.url("localhost"), timeout=QUICK)
+            await guarded.get(listener.url(host="localhost"), timeout=QUICK)
         with pytest.raises(OutboundRefused, match="address refused: loopback"):
             await guarded.get(listener.url(), timeout=QUICK)
     assert await listener.accepted_before_now() == []
@@ -548,7 +497,7 @@ async def test_allow_private_reaches_the_listener(
 ) -> None:
     policy = OutboundPolicy(allow_private=True)
     assert await call(policy, trusted, "GET", listener.url()) == (200, "listener")
-    assert await call(policy, trusted, "GET", listener.url("localhost")) == (200, "listener")
+    assert await call(policy, trusted, "GET", listener.url(host="localhost")) == (200, "listener")
     assert len(await listener.accepted_before_now()) == 2
 
 
@@ -566,7 +515,7 @@ async def test_trusted_prefix_is_reachable(
 async def test_redirect_from_trusted_to_untrusted_loopback_is_refused(
     upstream: Upstream, listener: Listener, trusted: aiohttp.ClientSession, host: str
 ) -> None:
-    upstream.redirects["/sim/api/v1/go"] = (302, listener.url(host))
+    upstream.redirects["/sim/api/v1/go"] = (302, listener.url(host=host))
     policy = OutboundPolicy(trusted_prefixes=(upstream.prefix,))
     with pytest.raises(OutboundRefused) as refused:
         await call(policy, trusted, "GET", upstream.url("/sim/api/v1/go"))

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 from fractions import Fraction
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from adapters.outbound import Outbound, OutboundPolicy
 from adapters.venice import VideoParams
 from domain.money import FeeSchedule, max_cost, price_buyer_owned, price_offer
 from domain.routing import Candidate
@@ -42,20 +42,17 @@ def route(*candidates: Candidate) -> Route:
     return Route(list(candidates), considered=len(candidates), skipped=[])
 
 
-def test_the_hold_covers_the_first_failover() -> None:
-    # One offer: SPEC's hold, the estimate plus 10%.
-    assert route(offer_candidate("a", "0.70")).holds() == [max_cost(700_000)]
-    # The next offer within 10%: the same.
-    assert route(offer_candidate("a", "0.70"), offer_candidate("b", "0.75")).holds() == [
-        max_cost(700_000)
-    ]
-    # Beyond 10%: the preferred hold covers it, the plain hold is the fallback.
+def test_the_hold_is_the_estimate_plus_ten_percent_whatever_is_behind() -> None:
+    # SPEC 1: the chosen offer's estimate plus 10%, however dear the failover behind it.
+    assert route(offer_candidate("a", "0.70")).hold() == max_cost(700_000)
     r = route(offer_candidate("a", "0.70"), offer_candidate("b", "0.80"), offer_candidate("c", "1"))
-    assert r.holds() == [max_cost(800_000), max_cost(700_000)]
-    # On the buyer's own key, the hold covers the best offer behind it.
+    assert r.hold() == max_cost(700_000)
+    # Or the buyer's own ceiling.
+    assert r.hold(900_000) == 900_000
+    # On the buyer's own key, the hold covers the best offer behind it; 0 with none.
     r = route(own_candidate("k"), offer_candidate("a", "0.70"), offer_candidate("b", "0.90"))
-    assert r.holds() == [max_cost(700_000), 0]
-    assert route(own_candidate("k"), own_candidate("c", catch_all=True)).holds() == [0]
+    assert r.hold() == max_cost(700_000)
+    assert route(own_candidate("k"), own_candidate("c", catch_all=True)).hold() == 0
 
 
 def offer_row(n: int, key: str = "k", multiplier: str = "0.80") -> OfferRow:
@@ -99,29 +96,29 @@ class QuoteServer:
 
 
 @pytest.fixture
-async def quote_server() -> AsyncIterator[tuple[QuoteServer, str, aiohttp.ClientSession]]:
+async def quote_server() -> AsyncIterator[tuple[QuoteServer, str, Outbound]]:
     state = QuoteServer()
     app = web.Application()
     app.router.add_post("/api/v1/video/quote", state.quote)
     server = TestServer(app)
     await server.start_server()
-    async with aiohttp.ClientSession() as session:
-        yield state, str(server.make_url("/api/v1")), session
+    base_url = str(server.make_url("/api/v1"))
+    outbound = Outbound(OutboundPolicy(trusted_prefixes=(base_url + "/",)))
+    yield state, base_url, outbound
+    await outbound.close()
     await server.close()
 
 
-def make_router(
-    base_url: str, session: aiohttp.ClientSession, **kw: Any
-) -> tuple[Router, Providers]:
-    providers = Providers(session, {"venice": base_url}, quote_timeout=2.0, queue_timeout=2.0)
+def make_router(base_url: str, outbound: Outbound, **kw: Any) -> tuple[Router, Providers]:
+    providers = Providers(outbound, {"venice": base_url}, quote_timeout=2.0, queue_timeout=2.0)
     return Router(providers, FEES, lambda context, sealed: sealed["ct"], **kw), providers
 
 
 async def test_identical_quotes_in_flight_share_one_call(
-    quote_server: tuple[QuoteServer, str, aiohttp.ClientSession],
+    quote_server: tuple[QuoteServer, str, Outbound],
 ) -> None:
-    state, base_url, session = quote_server
-    router, _ = make_router(base_url, session)
+    state, base_url, outbound = quote_server
+    router, _ = make_router(base_url, outbound)
     # A hundred offers on one key, quoted by ten concurrent submits: one provider call.
     offers = [offer_row(n, multiplier=f"0.{50 + n % 45}") for n in range(100)]
     routes = await asyncio.gather(*(router.route_params(PARAMS, offers, None) for _ in range(10)))
@@ -138,9 +135,9 @@ async def test_identical_quotes_in_flight_share_one_call(
 
 
 async def test_a_failed_quote_counts_against_the_offer_once(
-    quote_server: tuple[QuoteServer, str, aiohttp.ClientSession],
+    quote_server: tuple[QuoteServer, str, Outbound],
 ) -> None:
-    state, base_url, session = quote_server
+    state, base_url, outbound = quote_server
     state.failing = {"bad": 503, "revoked": 401, "odd": 422}
     reports: list[tuple[str, str, bool]] = []
 
@@ -152,7 +149,7 @@ async def test_a_failed_quote_counts_against_the_offer_once(
         return fn(*args)
 
     health = OfferHealth(Recorder(), inline)
-    router, _ = make_router(base_url, session, on_quote_failed=health.quote_failed)
+    router, _ = make_router(base_url, outbound, on_quote_failed=health.quote_failed)
     offers = [
         offer_row(1, key="good"),
         offer_row(2, key="bad"),

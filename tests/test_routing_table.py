@@ -18,10 +18,11 @@ deactivation do to later submits. Its offers are deleted when the row ends (and 
 pending is canceled), so the next row starts from an empty market.
 
 Prices follow from the simulator's fixed catalog with the default fees (none): buyer cost =
-seller cost = ceil(list price * multiplier). The hold is ceil(estimate * 1.10) (SPEC 1), raised
-to ceil(1.10 * the next offer's cost) when that is more and the balance covers it, so that the
-job's first failover can be charged (see ``Route.holds``); a fallback costing more than the hold
-is skipped (``price_changed``).
+seller cost = ceil(list price * multiplier). The hold is ceil(estimate * 1.10) exactly (SPEC 1),
+or the row's own ``max_cost_usdc`` when it sends one. A fallback costing more than the hold is
+skipped; when the chosen offer refused and every fallback costs more than the hold, the job
+fails ``no_sellers_available`` (``price_changed`` is for the chosen offer's own price rising,
+which the simulator's fixed prices cannot do: see test_lifecycle).
 """
 
 from __future__ import annotations
@@ -102,11 +103,10 @@ class Ends:
     priced_on: int  # the offer whose quote is the estimate (and so the hold)
     ran_on: int | None  # the offer whose provider accepted (and billed) the job, if any
     error: str | None = None
-    held_for: int | None = None  # the failover offer the hold covers, when it is raised for one
 
 
-def succeeds(on: int, priced_on: int | None = None, held_for: int | None = None) -> Ends:
-    return Ends("succeeded", on if priced_on is None else priced_on, on, held_for=held_for)
+def succeeds(on: int, priced_on: int | None = None) -> Ends:
+    return Ends("succeeded", on if priced_on is None else priced_on, on)
 
 
 def fails(code: str, priced_on: int = 0, accepted_by: int | None = None) -> Ends:
@@ -134,6 +134,7 @@ class Row:
     model: str = ALIAS
     then: Outcome | None = None  # a second submit, once the first job has ended
     deposit: int = DEPOSIT
+    ceiling: int | None = None  # the buyer's own max_cost_usdc, sent with each submit
 
     def list_price(self) -> int:
         return LIST_PRICE[CANONICAL.get(self.model, self.model)]
@@ -196,12 +197,34 @@ ROWS: list[Row] = [
         (BACKOFF, HEALTHY, HEALTHY),
     ),
     Row(
-        # The next cheapest (0.80: 128000) is above the plain hold priced on 0.70 (123200):
-        # the hold covers it (140800), so the refusal stays invisible to the buyer.
-        "sim_402_the_hold_covers_the_first_failover",
+        # The next cheapest (0.80: 128000) is above the hold priced on 0.70 (123200): skipped,
+        # and so is 0.90; nothing is left within the hold.
+        "sim_402_then_every_fallback_above_the_hold",
         (Offer("sim_402", "0.70"), Offer("sim_ok", "0.80"), Offer("sim_ok", "0.90")),
-        succeeds(1, priced_on=0, held_for=1),
+        fails("no_sellers_available"),
         (BACKOFF, HEALTHY, HEALTHY),
+    ),
+    Row(
+        # The same market, with the buyer's own ceiling covering the 0.80 offer.
+        "sim_402_fails_over_within_the_buyers_ceiling",
+        (Offer("sim_402", "0.70"), Offer("sim_ok", "0.80"), Offer("sim_ok", "0.90")),
+        succeeds(1, priced_on=0),
+        (BACKOFF, HEALTHY, HEALTHY),
+        ceiling=128_000,
+    ),
+    Row(
+        "sim_consent_alone",
+        (Offer("sim_consent", "0.80"),),
+        fails("no_sellers_available"),
+        (BACKOFF,),
+        then=NO_HEALTHY,
+    ),
+    Row(
+        # 409 needs_consent is the seller's account refusing: fail over like any refusal.
+        "sim_consent_fails_over",
+        (Offer("sim_consent", "0.80"), Offer("sim_ok", "0.85")),
+        succeeds(1, priced_on=0),
+        (BACKOFF, HEALTHY),
     ),
     Row(
         "sim_401_then_sim_429_then_sim_ok",
@@ -233,50 +256,67 @@ ROWS: list[Row] = [
         (BACKOFF, HEALTHY),
     ),
     Row(
-        "fallback_just_above_the_plain_hold",  # 142400 > 140800: held for it instead
+        "fallback_just_above_the_hold",  # 142400 > 140800: skipped
         (Offer("sim_402", "0.80"), Offer("sim_ok", "0.89")),
-        succeeds(1, priced_on=0, held_for=1),
+        fails("no_sellers_available"),
         (BACKOFF, HEALTHY),
     ),
     Row(
-        "sim_429_fallback_far_above_the_plain_hold",  # 144000 > 88000: held for it
+        "sim_429_fallback_far_above_the_hold",  # 144000 > 88000: skipped
         (Offer("sim_429", "0.50"), Offer("sim_ok", "0.90")),
-        succeeds(1, priced_on=0, held_for=1),
+        fails("no_sellers_available"),
         (BACKOFF, HEALTHY),
     ),
     Row(
-        # The same with a balance of exactly the plain SPEC hold: admitted with that hold, and
-        # then the fallback costs more than it: price_changed.
-        "sim_429_fallback_above_the_hold_of_a_tight_budget",
+        "sim_429_fallback_within_the_buyers_ceiling",
         (Offer("sim_429", "0.50"), Offer("sim_ok", "0.90")),
-        fails("price_changed"),
+        succeeds(1, priced_on=0),
+        (BACKOFF, HEALTHY),
+        ceiling=150_000,
+    ),
+    Row(
+        # A balance of exactly the hold is enough; the balance never changes the hold.
+        "sim_429_with_a_balance_of_exactly_the_hold",
+        (Offer("sim_429", "0.50"), Offer("sim_ok", "0.90")),
+        fails("no_sellers_available"),
         (BACKOFF, HEALTHY),
         deposit=88_000,
     ),
     Row(
+        "a_balance_below_the_hold_is_turned_away",
+        (Offer("sim_ok", "0.50"), Offer("sim_ok", "0.90")),
+        Refused(402, "insufficient_balance"),
+        (HEALTHY, HEALTHY),
+        deposit=87_999,
+    ),
+    Row(
         "refusals_then_a_fallback_above_the_hold",
         (Offer("sim_429", "0.50"), Offer("sim_ok", "0.90"), Offer("sim_402", "0.52")),
-        fails("price_changed"),
+        fails("no_sellers_available"),
         (BACKOFF, HEALTHY, BACKOFF),
     ),
-    # ---- unknown whether the provider accepted: fail upstream_unknown, never fail over
+    # ---- unknown whether the provider accepted: fail upstream_unknown, never fail over; the
+    # unknown outcome counts against the offer like a refusal (SPEC 3)
     Row(
         "sim_queue_timeout",
         (Offer("sim_queue_timeout", "0.80"),),
         fails("upstream_unknown"),
-        (HEALTHY,),
+        (BACKOFF,),
+        then=NO_HEALTHY,
     ),
     Row(
         "sim_queue_timeout_does_not_fail_over",
         (Offer("sim_queue_timeout", "0.80"), Offer("sim_ok", "0.85")),
         fails("upstream_unknown"),
-        (HEALTHY, HEALTHY),
+        (BACKOFF, HEALTHY),
+        # The hanging seller no longer wins: the next job goes to the one that answers.
+        then=succeeds(1),
     ),
     Row(
         "sim_queue_timeout_after_a_refusal",
         (Offer("sim_429", "0.70"), Offer("sim_queue_timeout", "0.75"), Offer("sim_ok", "0.76")),
         fails("upstream_unknown"),
-        (BACKOFF, HEALTHY, HEALTHY),
+        (BACKOFF, BACKOFF, HEALTHY),
     ),
     # ---- failed after acceptance: the provider billed the seller, the buyer pays nothing
     Row(
@@ -301,6 +341,21 @@ ROWS: list[Row] = [
         "sim_content_policy_does_not_fail_over",
         (Offer("sim_content_policy", "0.70"), Offer("sim_ok", "0.72")),
         fails("content_policy", accepted_by=0),
+        (HEALTHY, HEALTHY),
+    ),
+    # ---- the video at a pre-signed link, and a slow job that reports its progress
+    Row("sim_download_url", (Offer("sim_download_url", "0.80"),), succeeds(0), (HEALTHY,)),
+    Row(
+        "sim_download_url_after_a_refusal",
+        (Offer("sim_402", "0.70"), Offer("sim_download_url", "0.75")),
+        succeeds(1, priced_on=0),
+        (BACKOFF, HEALTHY),
+    ),
+    Row("sim_slow", (Offer("sim_slow", "0.80"),), succeeds(0), (HEALTHY,)),
+    Row(
+        "sim_slow_cheapest_of_two",
+        (Offer("sim_ok", "0.85"), Offer("sim_slow", "0.80")),
+        succeeds(1),
         (HEALTHY, HEALTHY),
     ),
     # ---- never finishes: canceled once dispatched, and charged
@@ -483,7 +538,8 @@ def run_submit(
 ) -> dict[str, Any] | None:
     """One submit and the end of its job; returns the job as it ended, or None when refused."""
     c = m.client
-    r = c.submit(m.buyer_key, prefix=row.prefix, model=row.model)
+    extra = {} if row.ceiling is None else {"max_cost_usdc": str(row.ceiling)}
+    r = c.submit(m.buyer_key, prefix=row.prefix, model=row.model, **extra)
     if isinstance(outcome, Refused):
         assert r.status == outcome.status, r.body
         error = r.json()["error"]
@@ -499,10 +555,7 @@ def run_submit(
     job = r.json()
     list_price = row.list_price()
     estimate = row.offers[outcome.priced_on].cost(list_price)
-    held_for = (
-        estimate if outcome.held_for is None else row.offers[outcome.held_for].cost(list_price)
-    )
-    hold = math.ceil(Fraction(held_for) * Fraction(110, 100))
+    hold = row.ceiling or math.ceil(Fraction(estimate) * Fraction(110, 100))
     assert (job["estimated_cost_usdc"], job["max_cost_usdc"]) == (str(estimate), str(hold)), job
 
     if outcome.status == "canceled":
@@ -558,6 +611,9 @@ def test_table_covers_every_magic_key() -> None:
         "sim_content_policy",
         "sim_flaky",
         "sim_never",
+        "sim_download_url",
+        "sim_consent",
+        "sim_slow",
     }
     assert magic <= keys
     for key in magic - {"sim_ok"}:
