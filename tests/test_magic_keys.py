@@ -179,6 +179,8 @@ def check_download_url(c: Client, buyer_key: str, seller_key: str, key: str) -> 
     # The link is a credential: it is in no event in plain text.
     events = c.get(f"/v1/video/generations/{job['id']}/events", key=buyer_key)
     assert events.status == 200 and "/share/" not in events.body.decode()
+    [dispatched] = [e for e in events.json()["data"] if e["name"] == "Dispatched"]
+    assert set(dispatched["data"]) == {"queue_id"}, dispatched
     [offer] = offers_by_id(c, seller_key).values()
     assert offer["health"] == {"status": "healthy"}
 
