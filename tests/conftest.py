@@ -7,12 +7,13 @@ absent they are skipped with the reason shown, except under ``CI=true``, where t
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import Server, base_env, free_port, postgres_available, postgres_database
+from tests.listener import Listener
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 _pg_problem: str | None = None
@@ -64,3 +65,12 @@ def make_server(database_url: str, tmp_path: Path) -> Iterator[ServerFactory]:
 @pytest.fixture
 def server(make_server: ServerFactory) -> Server:
     return make_server()
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[Listener]:
+    """A loopback listener that counts the connections it accepts (tests/listener.py)."""
+    server = Listener()
+    await server.start()
+    yield server
+    await server.close()

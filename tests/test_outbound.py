@@ -326,14 +326,6 @@ def test_parse_allowed_hosts() -> None:
 # --- real sockets ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def listener() -> AsyncIterator[Listener]:
-    server = Listener()
-    await server.start()
-    yield server
-    await server.close()
-
-
 @dataclass
 class Seen:
     method: str

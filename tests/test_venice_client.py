@@ -191,14 +191,6 @@ async def rendered_by_now(venice: VeniceClient, scratch: Path) -> None:
     raise AssertionError("the render time never passed")
 
 
-@pytest.fixture
-async def listener() -> AsyncIterator[Listener]:
-    server = Listener()
-    await server.start()
-    yield server
-    await server.close()
-
-
 # -- catalog --------------------------------------------------------------------------------
 
 
