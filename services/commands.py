@@ -397,10 +397,13 @@ class Commands:
 
         return self._retrying(attempt)
 
-    def _finish(self, job: Job, backoff: tuple[str, str] | None = None) -> int:
+    def _finish(
+        self, job: Job, backoff: tuple[str, str] | None = None, *, recovered: bool = False
+    ) -> int:
         """Save a job that just became terminal, with its settlement, the buyer's hold and the
         capacity it held on its offer, all in one save. ``backoff`` (offer id, reason) also
-        puts that offer into backoff in the same save."""
+        puts that offer into backoff in the same save; ``recovered`` ends the backoff of the
+        offer that just accepted the job."""
         buyer_cost, seller_cost = job.charge
         settlement = self._get(Settlement, settlement_id(job.id))
         if settlement.resolved:
@@ -426,6 +429,8 @@ class Commands:
                 offer = self._get(Offer, UUID(offer_id))
                 if offer_id == slot:
                     offer.release_slot(job.id)
+                    if recovered:
+                        offer.succeeded()
                 if backoff is not None and offer_id == backoff[0]:
                     offer.refused(backoff[1], now=self.clock(), deactivate=False)
                 aggregates.append(offer)
@@ -503,6 +508,13 @@ class Commands:
         def attempt() -> None:
             job = self._get(Job, job_id)
             job.dispatched(queue_id, sealed)
+            if job.cancel_requested:
+                # The cancel came during the queue call: end the job in this same save, so no
+                # reader ever sees it "submitted" after its cancel was answered. The worker's
+                # next look finds it terminal and deletes the provider's copy.
+                job.cancel(now=int(self.clock()))
+                self._finish(job, recovered=True)
+                return
             slot = job.slot_offer_id
             if slot is None:
                 self.app.save(job)

@@ -41,6 +41,13 @@ def market() -> Iterator[tuple[Commands, Commands]]:
 
 
 def dispatched_job(commands: Commands) -> tuple[UUID, UUID]:
+    job_id, buyer_id = dispatching_job(commands)
+    commands.dispatched(job_id, "q-1")
+    return job_id, buyer_id
+
+
+def dispatching_job(commands: Commands) -> tuple[UUID, UUID]:
+    """A job whose queue call is in flight: its dispatch is recorded, the answer is not."""
     buyer_id, _, _ = commands.create_buyer("b")
     commands.deposit(buyer_id, 10 * HOLD)
     seller_id, _, _ = commands.create_seller("s")
@@ -80,7 +87,6 @@ def dispatched_job(commands: Commands) -> tuple[UUID, UUID]:
         "buyer_cost": COST,
     }
     assert commands.start_dispatch(submitted.job_id, attempt) is None
-    commands.dispatched(submitted.job_id, "q-1")
     return submitted.job_id, buyer_id
 
 
@@ -160,6 +166,30 @@ def test_cancelling_a_finished_job_answers_at_the_current_position(
     assert api.job(job_id).status == "succeeded"
 
 
+# The queue call's answer reads the job, then the offer, before it saves; the cancel lands
+# before it or after either read (then the save conflicts and the retry sees the cancel).
+@pytest.mark.parametrize("at_read", [0, 1, 2])
+def test_a_cancel_during_the_queue_call_ends_the_job_with_its_answer(
+    market: tuple[Commands, Commands], at_read: int
+) -> None:
+    api, worker = market
+    job_id, buyer_id = dispatching_job(api)
+    if at_read == 0:
+        api.cancel(job_id)
+    else:
+        interleave(worker, at_read, lambda: api.cancel(job_id))
+
+    worker.dispatched(job_id, "q-1")
+
+    # Never "submitted" once the cancel was answered: the acceptance and the cancel are one
+    # save, billed as a cancel after dispatch (SPEC 1), with the offer's slot given back.
+    job = api.job(job_id)
+    assert job.status == "canceled" and job.dispatch is not None
+    check_resolved_once(api, job_id, buyer_id, charged=COST)
+    offer = api.app.repository.get(UUID(job.dispatch["offer_id"]))
+    assert offer.in_flight == set()
+
+
 def test_a_cancel_without_a_job_is_not_found(market: tuple[Commands, Commands]) -> None:
     from services.commands import NotFound
 
@@ -197,5 +227,5 @@ def test_cancels_racing_completions_through_the_api(make_server: Any) -> None:
             assert final == reported, (reported, final)
         else:
             # A queue call was in flight: the cancel is recorded, the worker ends the job.
-            assert reported == "queued", reported
+            assert (reported, final) == ("queued", "canceled")
     assert_money_invariants(c, buyer_key, 10_000_000)
