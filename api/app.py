@@ -45,7 +45,7 @@ async def metrics(request: web.Request) -> web.Response:
         f"mediamarket_projection_position {engine.runner.position}",
         "# HELP mediamarket_worker_active_jobs Jobs this process is driving now.",
         "# TYPE mediamarket_worker_active_jobs gauge",
-        f"mediamarket_worker_active_jobs {len(engine.worker._active) if engine.worker else 0}",
+        f"mediamarket_worker_active_jobs {engine.worker.active_jobs if engine.worker else 0}",
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 

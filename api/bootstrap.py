@@ -7,7 +7,9 @@ import heapq
 import os
 import secrets as pysecrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,11 +29,26 @@ from projections.views import VIEWS_NAME, Views, open_views
 from services.commands import Commands
 from services.market import Market
 from services.routing import OfferHealth, Providers, Router
-from services.worker import Blocking, Worker
+from services.worker import Worker
 
 log = structlog.get_logger("engine")
 T = TypeVar("T")
 PROVIDERS = ("venice",)
+
+
+class Blocking:
+    """The process's one bounded thread pool for every eventsourcing and view call: the library
+    has no asyncio API, and the bound keeps its connection pool from being outrun."""
+
+    def __init__(self, max_workers: int = 16) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="es")
+
+    async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, partial(fn, *args, **kwargs))
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _persisted_secret(path: Path, make: str) -> str:

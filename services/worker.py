@@ -12,10 +12,9 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from operator import methodcaller
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 import structlog
@@ -47,18 +46,11 @@ T = TypeVar("T")
 LEASE_SECONDS = 60.0
 
 
-class Blocking:
-    """The bounded thread pool for every eventsourcing and view call."""
+class RunsBlocking(Protocol):
+    """The composition root's bounded thread pool, where every eventsourcing and view call runs
+    (the library has no asyncio API)."""
 
-    def __init__(self, max_workers: int = 16) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="es")
-
-    async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, partial(fn, *args, **kwargs))
-
-    def shutdown(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
 
 
 class Worker:
@@ -69,7 +61,7 @@ class Worker:
         views: Views,
         router: Router,
         store: LocalArtifactStore,
-        blocking: Blocking,
+        blocking: RunsBlocking,
         worker_id: str,
         artifact_ttl_seconds: int,
         concurrency: int = 64,
@@ -89,6 +81,11 @@ class Worker:
         self._active: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
+
+    @property
+    def active_jobs(self) -> int:
+        """How many jobs this worker is driving now (a gauge for /metrics)."""
+        return len(self._active)
 
     def wake(self) -> None:
         self._wake.set()
