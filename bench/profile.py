@@ -23,16 +23,11 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from bench.run import (
-    POSTGRES_URL,
-    Load,
-    Processes,
-    postgres_database,
-    run_load,
-    running_engine,
-)
+from bench.common import ROOT
+from bench.databases import POSTGRES_URL, postgres_database, sqlite_url
+from bench.measure import Load, Processes, run_load
+from bench.servers import running_engine
 
-ROOT = Path(__file__).resolve().parent.parent
 PROJECT_DIRS = ("api/", "domain/", "services/", "adapters/", "projections/")
 
 
@@ -115,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm_profile_")))
             if args.backend == "sqlite":
-                url = f"sqlite:///{tmp / 'data'}"
+                url = sqlite_url(tmp / "data")
             else:
                 url = stack.enter_context(postgres_database(args.postgres_url))
             engine = stack.enter_context(

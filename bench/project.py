@@ -1,0 +1,75 @@
+"""Every name the replay bench takes from the project's own packages, imported here and nowhere
+else in ``bench/``: when the project moves or renames one, this file is the one to change.
+
+(The HTTP bench, ``bench.run`` and ``bench.profile``, imports no project code: it drives
+``mediamarket serve`` as a separate process through the public API.)
+
+Beside the plain re-exports, a few helpers wrap what reaches into the project's internals or
+combines several of its names, so their callers do not depend on how that is done.
+"""
+
+from __future__ import annotations
+
+from adapters.crypto import Secrets
+from adapters.eventstore import MarketApp, open_market, store_env
+from adapters.settings import Settings
+from adapters.simulator import CATALOG, catalog_entry, parse_video_request
+from domain.aggregates import Offer, settlement_id
+from domain.catalog import Catalog, VideoRequest, parse_venice_models, validate_video_request
+from domain.money import FeeSchedule, parse_multiplier, price_offer, usd_to_micros
+from domain.routing import Candidate, RoutingError, choose
+from projections.runner import CATCH_UP_BATCH_SIZE
+from projections.views import VIEWS_NAME, Views, scratch_views
+from services.commands import Commands
+from services.replay import LogSource, rebuild
+from services.routing import MAX_ROUTE_OFFERS, Route
+from services.worker import LEASE_SECONDS
+
+__all__ = [
+    "CATCH_UP_BATCH_SIZE",
+    "JOB_TTL_SECONDS",
+    "LEASE_SECONDS",
+    "MAX_ROUTE_OFFERS",
+    "VIEWS_NAME",
+    "Candidate",
+    "Commands",
+    "FeeSchedule",
+    "LogSource",
+    "MarketApp",
+    "Offer",
+    "Route",
+    "RoutingError",
+    "Secrets",
+    "VideoRequest",
+    "choose",
+    "job_view_count",
+    "open_market",
+    "parse_multiplier",
+    "price_offer",
+    "rebuild",
+    "scratch_views",
+    "settlement_id",
+    "simulator_catalog",
+    "simulator_list_price",
+    "store_env",
+    "validate_video_request",
+]
+
+# The engine's default job lifetime, as a running engine would set it.
+JOB_TTL_SECONDS = int(Settings.model_fields["JOB_TTL_SECONDS"].default)
+
+
+def simulator_catalog() -> Catalog:
+    """The catalog a running engine loads from the embedded simulator's ``/models``."""
+    return Catalog(parse_venice_models("venice", [catalog_entry(m) for m in CATALOG]))
+
+
+def simulator_list_price(request: VideoRequest) -> int:
+    """What the embedded simulator quotes for ``request``, in microdollars."""
+    return usd_to_micros(parse_video_request(request.provider_params()).quote())
+
+
+def job_view_count(views: Views) -> int:
+    """Rows in the job views of ``views`` (a replay must leave one per job of the log)."""
+    rows = views._all("SELECT COUNT(*) AS n FROM mm_job_views", ())
+    return int(rows[0]["n"])

@@ -1,0 +1,402 @@
+"""The replay bench's market log: a small discrete-event simulation of a busy market that
+drives the real command side (``services.commands.Commands`` over the real aggregates), so the
+events have exactly the shapes and the interleaving a running engine writes (see
+``bench.replay`` for the whole story; ``bench.replaystore`` keeps the logs it writes).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from operator import methodcaller
+from statistics import median
+from typing import Any, cast
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError
+
+from bench.common import MODEL
+from bench.project import (
+    JOB_TTL_SECONDS,
+    LEASE_SECONDS,
+    MAX_ROUTE_OFFERS,
+    Candidate,
+    Commands,
+    FeeSchedule,
+    MarketApp,
+    Offer,
+    Route,
+    RoutingError,
+    Secrets,
+    VideoRequest,
+    choose,
+    parse_multiplier,
+    price_offer,
+    settlement_id,
+    simulator_catalog,
+    simulator_list_price,
+    validate_video_request,
+)
+
+# Bump whenever the generator writes a different log: cached logs of another version are
+# generated again.
+VERSION = 1
+SECRET_KEY = "bench-replay-secret-key-0123456789abcdef"
+BUYERS = 100
+OFFER_MULTIPLIERS = ("0.80", "0.85", "0.90")
+WORKER_ID = "bench-replay-worker"
+FEES = FeeSchedule()
+FLUSH_EVENTS = 10_000  # events per MarketApp.save while generating
+
+# What becomes of the jobs, by share. Refused-then-failover jobs are refused by the first
+# offer they are dispatched to, which backs it off (later jobs route around it or skip it).
+OUTCOMES: tuple[tuple[str, float], ...] = (
+    ("succeeded", 0.85),
+    ("failed", 0.04),  # accepted by the provider, then inference failed or content policy
+    ("canceled_queued", 0.03),  # canceled through the API before dispatch: free
+    ("canceled_running", 0.02),  # canceled while rendering: billed
+    ("expired_queued", 0.01),  # claimed, never dispatched, expired at the TTL
+    ("expired_running", 0.01),  # dispatched, the provider never finished
+    ("refused_failover", 0.04),  # first offer refused before accepting; the next one succeeds
+)
+
+
+class BufferedMarket:
+    """Stands in for ``MarketApp`` under ``Commands``: each save's events are kept in order and
+    many saves are written by one ``MarketApp.save``. Aggregates live in memory (every one was
+    created here), so a command reads what the previous one saved without a database read."""
+
+    def __init__(self, app: MarketApp, flush_events: int = FLUSH_EVENTS) -> None:
+        self.app = app
+        self.recorder = app.recorder
+        self.repository = self
+        self.flush_events = flush_events
+        self.live: dict[UUID, Any] = {}
+        self.pending: list[Any] = []
+        self.touched: dict[UUID, Any] = {}
+        self.emitted = 0
+        self.topics: Counter[str] = Counter()
+
+    def get(self, aggregate_id: UUID, **_: Any) -> Any:
+        try:
+            return self.live[aggregate_id]
+        except KeyError:
+            raise AggregateNotFoundError(aggregate_id) from None
+
+    def save(self, *aggregates: Any) -> list[Any]:
+        for aggregate in aggregates:
+            self.live[aggregate.id] = aggregate
+            self.touched[aggregate.id] = aggregate
+            for e in aggregate.collect_events():
+                self.pending.append(e)
+                self.topics[type(e).__qualname__] += 1
+        self.emitted = self.topics.total()
+        if len(self.pending) >= self.flush_events:
+            self.flush()
+        return []
+
+    def forget(self, *aggregate_ids: UUID) -> None:
+        for aggregate_id in aggregate_ids:
+            self.live.pop(aggregate_id, None)
+
+    def flush(self) -> None:
+        if self.pending:
+            # The aggregates after their events: they carry no events of their own any more,
+            # but let the application take its snapshots (buyer accounts) as a real save would.
+            self.app.save(*self.pending, *self.touched.values())
+            self.pending = []
+            self.touched = {}
+
+
+@dataclass
+class Simulation:
+    """Discrete-event time: processes are generators that yield how long they wait."""
+
+    now: float
+    queue: list[tuple[float, int, Iterator[float]]] = field(default_factory=list)
+    seq: int = 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def start(self, process: Iterator[float], delay: float = 0.0) -> None:
+        self.seq += 1
+        heapq.heappush(self.queue, (self.now + delay, self.seq, process))
+
+    def run(self) -> None:
+        while self.queue:
+            at, _, process = heapq.heappop(self.queue)
+            self.now = max(self.now, at)
+            delay = next(process, None)
+            if delay is not None:
+                self.start(process, delay)
+
+
+PROMPT_TEXT = (
+    "a slow dolly shot through a neon-lit market at night, rain on the cobblestones, "
+    "a red fox crossing a snowy field at dawn, cinematic lighting, shallow depth of field, "
+    "aerial view of a coastline with waves breaking on black sand, golden hour, 35mm film, "
+    "a robot barista pouring latte art in a sunlit cafe, handheld camera, soft focus"
+)
+PROMPT_WORDS = PROMPT_TEXT.split()
+
+
+class LogGenerator:
+    def __init__(self, app: MarketApp, jobs: int, rate: float, seed: int) -> None:
+        self.jobs = jobs
+        self.rate = rate
+        self.rng = random.Random(seed)
+        self.market = BufferedMarket(app)
+        # Ends about now: the jobs' times read like a recent busy stretch.
+        self.sim = Simulation(now=time.time() - jobs / rate - JOB_TTL_SECONDS)
+        self.secrets = Secrets(SECRET_KEY)
+        self.commands = Commands(cast(MarketApp, self.market), self.secrets, self.sim.clock)
+        self.catalog = simulator_catalog()
+        self.buyers: list[UUID] = []
+        self.offers: list[Offer] = []
+        self.submitted = 0
+        self.rejected = 0  # submits routing turned away (every offer backed off)
+        self.outcomes: Counter[str] = Counter()
+        self.started_at: dict[UUID, int] = {}
+        self.spans: list[int] = []
+
+    def generate(self) -> dict[str, Any]:
+        c = self.commands
+        for n in range(BUYERS):
+            buyer_id, _, _ = c.create_buyer(f"bench buyer {n}")
+            c.deposit(buyer_id, 10**12)
+            self.buyers.append(buyer_id)
+        seller_id, _, _ = c.create_seller("bench seller")
+        for n, multiplier in enumerate(OFFER_MULTIPLIERS):
+            offer_id, _ = c.create_offer(
+                seller_id=seller_id,
+                model=MODEL,
+                provider="venice",
+                base_url=None,
+                api_key=f"sim_ok_replay_{n}",
+                cost_multiplier=multiplier,
+                max_concurrent_jobs=None,
+            )
+            self.offers.append(self.market.live[offer_id])
+        self.sim.start(self._arrivals())
+        self.sim.run()
+        self.market.flush()
+        return {
+            "jobs": self.submitted,
+            "rejected_submits": self.rejected,
+            "outcomes": dict(self.outcomes),
+            "events": dict(sorted(self.market.topics.items())),
+            "job_span_median": median(self.spans) if self.spans else 0,
+            "job_span_p90": sorted(self.spans)[int(len(self.spans) * 0.9)] if self.spans else 0,
+            "rate": self.rate,
+        }
+
+    # -- the API side: submits (and top-ups)
+
+    def _arrivals(self) -> Iterator[float]:
+        names = [name for name, _ in OUTCOMES]
+        weights = [share for _, share in OUTCOMES]
+        while self.submitted < self.jobs:
+            yield self.rng.expovariate(self.rate)
+            request = self._request()
+            try:
+                route = self._route(request)
+            except RoutingError:
+                self.rejected += 1
+                continue
+            buyer_id = self.buyers[self.submitted % BUYERS]
+            submitted = self.commands.submit(
+                buyer_id=buyer_id,
+                request=request,
+                route=route.as_event_data(),
+                routing=route.decision(),
+                estimated_cost=route.best.price.buyer_cost,
+                hold=route.hold(),
+                ttl_seconds=JOB_TTL_SECONDS,
+                min_discount=None,
+                idempotency_key=None,
+            )
+            self.submitted += 1
+            self.started_at[submitted.job_id] = self.market.emitted - 3
+            outcome = self.rng.choices(names, weights)[0]
+            self.outcomes[outcome] += 1
+            self.sim.start(self._job(submitted.job_id, outcome), self.rng.uniform(0.05, 0.5))
+            if self.submitted % 1000 == 0:
+                self.commands.deposit(self.rng.choice(self.buyers), 10**9)
+
+    def _request(self) -> VideoRequest:
+        rng = self.rng
+        words = rng.randint(8, 60)
+        body: dict[str, Any] = {
+            "model": MODEL,
+            "prompt": " ".join(rng.choice(PROMPT_WORDS) for _ in range(words)),
+            "duration_seconds": rng.choice((4, 6, 8, 12)),
+            "resolution": rng.choices(("480p", "720p", "1080p"), (5, 3, 2))[0],
+        }
+        if rng.random() < 0.3:
+            body["aspect_ratio"] = rng.choice(("9:16", "1:1", "4:3"))
+        if rng.random() < 0.2:
+            body["audio"] = True
+        if rng.random() < 0.3:
+            body["metadata"] = {"user": f"u{rng.randint(1, 5000)}", "campaign": "spring"}
+        if rng.random() < 0.1:
+            body["webhook_url"] = f"https://hooks.example.com/mm/{rng.randint(1, 100)}"
+        return validate_video_request(
+            body, self.catalog, allow_http_webhooks=False, allow_private_webhooks=False
+        )
+
+    def _route(self, request: VideoRequest) -> Route:
+        """What ``Router.route_params`` decides, with the simulator's price for the request."""
+        list_price = simulator_list_price(request)
+        now = self.sim.now
+        skipped: list[dict[str, str]] = []
+        candidates: list[Candidate] = []
+        for seq, offer in enumerate(self.offers, start=1):
+            reason = offer.unavailable_because(now)
+            if reason is not None:
+                skipped.append({"offer_id": str(offer.id), "reason": reason})
+                continue
+            multiplier = parse_multiplier(offer.cost_multiplier)
+            candidates.append(
+                Candidate(
+                    offer_id=str(offer.id),
+                    seller_id=offer.seller_id,
+                    multiplier=multiplier,
+                    created_seq=seq,
+                    price=price_offer(list_price, multiplier, FEES),
+                )
+            )
+        ranking = choose(len(self.offers), candidates, None)
+        return Route(ranking.eligible[:MAX_ROUTE_OFFERS], len(self.offers), skipped)
+
+    # -- the worker side: one job, as ``services.worker.Worker.drive`` takes it
+
+    def _job(self, job_id: UUID, outcome: str) -> Iterator[float]:
+        c, rng = self.commands, self.rng
+        if outcome == "canceled_queued":
+            c.cancel(job_id)
+            self._done(job_id)
+            return
+        c.claim(job_id, WORKER_ID, LEASE_SECONDS)
+        lease = [self.sim.now]
+        expires_at = c.job(job_id).expires_at
+        if outcome == "expired_queued":
+            yield from self._wait(job_id, lease, expires_at + rng.uniform(0, 1))
+            c.expire_due(job_id)
+            self._done(job_id)
+            return
+        refuse = outcome == "refused_failover"
+        dispatched = price_changed = False
+        job = c.job(job_id)
+        for entry in job.route:
+            offer: Any = self.market.live[UUID(entry["offer_id"])]
+            if entry["buyer_cost"] > job.max_cost:
+                # The worker's check of a fresh quote against the hold (here the routed price:
+                # only a failover beyond the one the hold covers costs more).
+                price_changed = True
+                c.update_job(job_id, methodcaller("skipped", entry["offer_id"], "price_changed"))
+                continue
+            attempt = {
+                "offer_id": entry["offer_id"],
+                "seller_id": entry["seller_id"],
+                "provider": offer.provider,
+                "key_sha256": offer.key_sha256,
+                "list_price": entry["list_price"],
+                "seller_cost": entry["seller_cost"],
+                "buyer_cost": entry["buyer_cost"],
+            }
+            if c.start_dispatch(job_id, attempt) is not None:
+                continue  # skipped (recorded on the job): the offer backed off since routing
+            yield rng.uniform(0.2, 1.5)  # the queue call
+            if refuse:
+                refuse = False
+                status = rng.choice((429, 503))
+                c.queue_refused(job_id, entry["offer_id"], status, "busy", deactivate=False)
+                continue
+            c.dispatched(job_id, str(uuid.UUID(int=rng.getrandbits(128), version=4)))
+            dispatched = True
+            break
+        if not dispatched:
+            code, message = (
+                ("price_changed", "every offer now costs more than the amount held for this job")
+                if price_changed
+                else ("no_sellers_available", "no seller could accept the job")
+            )
+            now = int(self.sim.now)
+            c.terminate(job_id, methodcaller("fail", code, message, retryable=True, now=now))
+            self._done(job_id)
+            return
+        render = rng.uniform(10, 50)
+        if outcome == "expired_running":
+            render = expires_at - self.sim.now + 1
+        done_at = self.sim.now + render
+        steps = rng.randint(1, 3)
+        if outcome in ("failed", "canceled_running"):
+            done_at = self.sim.now + render * rng.uniform(0.2, 0.9)
+        for step in range(steps):
+            yield from self._wait(job_id, lease, self.sim.now + render / (steps + 1))
+            if self.sim.now >= min(done_at, expires_at):
+                break
+            progress = (step + 1) / (steps + 1)
+            c.update_job(job_id, methodcaller("progressed", progress))
+        yield from self._wait(job_id, lease, min(done_at, expires_at))
+        now = int(self.sim.now)
+        if self.sim.now >= expires_at:
+            c.expire_due(job_id)
+        elif outcome == "failed":
+            code, message = rng.choice(
+                (
+                    ("inference_failed", "the provider failed to render the video"),
+                    ("content_policy", "the prompt was rejected by the provider's policy"),
+                )
+            )
+            retryable = code == "inference_failed"
+            c.terminate(job_id, methodcaller("fail", code, message, retryable=retryable, now=now))
+        elif outcome == "canceled_running":
+            c.cancel(job_id)
+        else:
+            request = c.job(job_id).request
+            width, height = {"480p": (854, 480), "720p": (1280, 720), "1080p": (1920, 1080)}[
+                request["resolution"]
+            ]
+            artifact = {
+                "index": 0,
+                "path": f"data/artifacts/{job_id}/0.mp4",
+                "content_type": "video/mp4",
+                "width": width,
+                "height": height,
+                "duration_seconds": float(request["duration_seconds"]),
+                "bytes": rng.randint(500_000, 8_000_000),
+                "stored_at": now,
+            }
+
+            def succeed(job: Any) -> None:
+                job.artifact_stored(artifact)
+                job.succeed(now)
+
+            c.terminate(job_id, succeed)
+        # The worker then deletes the provider's copy of a dispatched job.
+        yield rng.uniform(0.1, 0.5)
+        c.update_job(job_id, methodcaller("upstream_media_deleted"))
+        self._done(job_id)
+
+    def _wait(self, job_id: UUID, lease: list[float], until: float) -> Iterator[float]:
+        """Wait until ``until``, renewing the job's lease as the worker's drive loop does."""
+        while self.sim.now < until:
+            renew_at = lease[0] + LEASE_SECONDS / 2
+            if renew_at >= until:
+                yield until - self.sim.now
+                return
+            if renew_at > self.sim.now:
+                yield renew_at - self.sim.now
+            self.commands.claim(job_id, WORKER_ID, LEASE_SECONDS)
+            lease[0] = self.sim.now
+
+    def _done(self, job_id: UUID) -> None:
+        self.spans.append(self.market.emitted - self.started_at.pop(job_id))
+        self.market.forget(job_id, settlement_id(job_id))

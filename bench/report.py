@@ -1,0 +1,332 @@
+"""The report of a ``make bench`` run: its rows, the markdown table and notes rendered from
+them, the goals, and the README block between the bench markers."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.common import MODEL
+from bench.measure import Cpu, Load
+
+START_MARK = "<!-- bench:start -->"
+END_MARK = "<!-- bench:end -->"
+QUOTE_CACHE_SECONDS = 5.0  # the engine's quote cache lifetime (services.routing), for the note
+POLL_GOAL = 0.60  # of bare aiohttp's GET rate
+SUBMIT_GOAL = 500.0  # jobs/s on SQLite
+REPLAY_GOAL = 50_000.0  # events/s rebuilding the projections on SQLite
+
+
+# ---------------------------------------------------------------------- rows
+
+
+@dataclass
+class Row:
+    backend: str
+    workload: str
+    result: dict[str, Any] | None
+    baseline: dict[str, Any] | None = None
+    cpu: Cpu | None = None
+    note: str = ""
+    offers: int | None = None  # the offer count of a "submit, N offers" row
+
+    @property
+    def rps(self) -> float:
+        return 0.0 if self.result is None else float(self.result["ok_rps"])
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline is None or not self.baseline["ok_rps"]:
+            return None
+        return self.rps / float(self.baseline["ok_rps"])
+
+    @property
+    def cpu_ms(self) -> float | None:
+        """Server CPU per successful response: robust to other load on the machine."""
+        if self.cpu is None or not self.rps:
+            return None
+        return self.cpu.server / self.rps * 1000
+
+
+@dataclass
+class ReplayRow:
+    """One ``bench.replay`` measurement (its JSON), or why there is none."""
+
+    backend: str
+    jobs: int
+    result: dict[str, Any] | None
+    note: str = ""
+
+    @property
+    def workload(self) -> str:
+        return f"replay, {jobs_label(self.jobs)} jobs"
+
+    @property
+    def events_per_s(self) -> float:
+        return 0.0 if self.result is None else float(self.result["events_per_s"])
+
+
+def jobs_label(jobs: int) -> str:
+    return f"{jobs // 1000}k" if jobs >= 1000 and jobs % 1000 == 0 else f"{jobs:,}"
+
+
+# ---------------------------------------------------------------------- the report
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return re.sub(r"\s+", " ", line.split(":", 1)[1]).strip()
+    return platform.processor() or platform.machine()
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def render(
+    rows: list[Row],
+    load: Load,
+    buyers: int,
+    quick: bool,
+    pg_version: str | None,
+    skipped: list[str],
+    replays: list[ReplayRow] | None = None,
+) -> str:
+    replays = replays or []
+    lines = [
+        f"Measured {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} by `make bench` on "
+        f"{os.cpu_count()} cores ({cpu_model()}), Linux {platform.release()}, "
+        f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}"
+        + (f", PostgreSQL {pg_version}" if pg_version else "")
+        + ".",
+        "",
+    ]
+    if quick:
+        lines += ["**Quick smoke run (`--quick`): too short to be representative.**", ""]
+    lines += [
+        "| backend | workload | req/s | p50 ms | p99 ms | baseline req/s | % of baseline "
+        "| errors | server CPU ms/req | CPU server / db / loadgen / other |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        r = row.result
+        if r is None:
+            lines.append(f"| {row.backend} | {row.workload} | {row.note} | | | | | | | |")
+            continue
+        errors = str(r["errors"])
+        if r["errors"]:
+            bad = sorted(r["error_statuses"].items())
+            errors += " (" + ", ".join(f"{s}: {n}" for s, n in bad) + ")"
+        ratio = row.ratio
+        cpu = "-"
+        if row.cpu is not None:
+            c = row.cpu
+            db = "-" if c.db is None else f"{c.db:.0%}"
+            cpu = f"{c.server:.0%} / {db} / {c.loadgen:.0%} / {c.other:.0%}"
+        lines.append(
+            f"| {row.backend} | {row.workload} | {fmt(row.rps, 0)} | {fmt(r['p50_ms'], 2)} "
+            f"| {fmt(r['p99_ms'], 2)} "
+            f"| {fmt(row.baseline['ok_rps'] if row.baseline else None, 0)} "
+            f"| {'-' if ratio is None else f'{ratio:.0%}'} | {errors} | {fmt(row.cpu_ms, 2)} "
+            f"| {cpu} |"
+        )
+    lines += [
+        "",
+        f"Load: {load.concurrency} concurrent keep-alive connections from a separate aiohttp "
+        f"client process, {load.warmup:g} s warm-up then {load.duration:g} s measured per row, "
+        "loopback; one server process at a time. req/s counts successful responses only "
+        "(200/202 for polls, 202 for submits); p50/p99 are over every measured response. "
+        "The engine runs as `mediamarket serve --no-worker` (API, projection runner and "
+        "embedded simulator; no worker, so the queued jobs are never dispatched and polls "
+        "answer 202) with `LOG_LEVEL=info` (failed and slow requests are logged as JSON to a "
+        "file; the others at debug, so not). "
+        "Setup goes through the real API: "
+        f"{buyers} buyers funded by admin deposits, one seller offer for the model, one job. Poll "
+        "reads that job with its buyer's key; submit posts "
+        f'`{{"model": "{MODEL}", "prompt": "bench"}}` round-robin over the buyers; '
+        "poll runs first, then submit. Server CPU ms/req is the server process's CPU time "
+        "(all threads) per successful response: unlike req/s it hardly depends on what else "
+        "the machine is doing, so it is the fairer engine-versus-bare comparison on a busy "
+        "machine. The last column is in cores (100% = one core busy for the whole row): the "
+        "server process, the PostgreSQL backends of its database, the load generator, and "
+        "everything else on the machine meanwhile. To see where the engine's time goes: "
+        "`.venv/bin/pip install py-spy && .venv/bin/python -m bench.profile poll` (or "
+        "`submit`, `--backend postgres`).",
+    ]
+    if any(row.offers is not None for row in rows):
+        lines += ["", offers_note(load)]
+    if replays:
+        lines += ["", *replay_table(replays)]
+    noisy = max((row.cpu.other for row in rows if row.cpu is not None), default=0.0)
+    noisy = max([noisy, *(float(r.result["cpu_other"]) for r in replays if r.result)])
+    if noisy > 0.25:
+        lines += [
+            "",
+            f"**Warning:** other processes used up to {noisy:.0%} of a core during this run, "
+            "competing for the same cores: absolute numbers are depressed; rerun on an idle "
+            "machine for a clean baseline.",
+        ]
+    for reason in skipped:
+        lines += ["", reason]
+    lines += ["", "Goals (from the issue; reported, not asserted):", ""]
+    polls = [r for r in rows if r.workload == "poll" and r.result is not None]
+    for row in polls:
+        ratio = row.ratio or 0.0
+        met = "met" if ratio >= POLL_GOAL else "**not met**"
+        cost = ""
+        bare = next((r for r in rows if r.result is row.baseline), None)
+        if bare is not None and bare.cpu_ms and row.cpu_ms:
+            cost = f" (a poll costs {row.cpu_ms / bare.cpu_ms:.1f}x the server CPU of a bare GET)"
+        lines.append(
+            f"- poll ≥ {POLL_GOAL:.0%} of bare aiohttp on {row.backend}: {ratio:.0%}{cost} — {met}"
+        )
+    sqlite_submit = [r for r in rows if r.backend == "SQLite" and r.workload == "submit"]
+    for row in sqlite_submit:
+        met = "met" if row.rps >= SUBMIT_GOAL else "**not met**"
+        cost = ""
+        if row.cpu_ms:
+            cost = (
+                f" ({row.cpu_ms:.1f} ms of server CPU per job, so about "
+                f"{1000 / row.cpu_ms:,.0f} jobs/s per fully busy core)"
+            )
+        lines.append(
+            f"- submit ≥ {SUBMIT_GOAL:.0f} jobs/s on SQLite: {row.rps:,.0f} jobs/s{cost} — {met}"
+        )
+    for replay in replays:
+        if replay.backend != "SQLite" or replay.result is None:
+            continue
+        met = "met" if replay.events_per_s >= REPLAY_GOAL else "**not met**"
+        per_core = 1e6 / float(replay.result["cpu_us_per_event"])
+        lines.append(
+            f"- replay ≥ {REPLAY_GOAL:,.0f} events/s on SQLite ({replay.workload}): "
+            f"{replay.events_per_s:,.0f} events/s ({per_core:,.0f} events/s per fully busy core) "
+            f"— {met}"
+        )
+    lines += offers_scaling(rows)
+    return "\n".join(lines) + "\n"
+
+
+def replay_table(rows: list[ReplayRow]) -> list[str]:
+    lines = [
+        "| backend | workload | events | replay s | events/s | jobs/s | baseline events/s "
+        "| % of baseline | CPU µs/event replay / db | CPU replay / db / other |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        r = row.result
+        if r is None:
+            lines.append(f"| {row.backend} | {row.workload} | {row.note} | | | | | | | |")
+            continue
+        db_us = "-" if r["db_us_per_event"] is None else f"{r['db_us_per_event']:.1f}"
+        db = "-" if r["cpu_db"] is None else f"{r['cpu_db']:.0%}"
+        lines.append(
+            f"| {row.backend} | {row.workload} | {r['notifications']:,} "
+            f"| {r['replay_seconds']:.1f} | {r['events_per_s']:,.0f} | {r['jobs_per_s']:,.0f} "
+            f"| {r['baseline_events_per_s']:,.0f} | {r['ratio']:.0%} "
+            f"| {r['cpu_us_per_event']:.1f} / {db_us} "
+            f"| {r['cpu_process']:.0%} / {db} / {r['cpu_other']:.0%} |"
+        )
+    log = next((r.result["log"] for r in rows if r.result is not None), None)
+    if log is not None:
+        lines += ["", replay_note(log, int(rows[0].result["batch_size"]) if rows[0].result else 0)]
+    return lines
+
+
+def replay_note(log: dict[str, Any], batch_size: int) -> str:
+    outcomes = sorted(log["outcomes"].items(), key=lambda kv: -kv[1])
+    mix = ", ".join(f"{name.replace('_', ' ')} {n / log['jobs']:.0%}" for name, n in outcomes)
+    return (
+        "Replay rows (`python -m bench.replay`): every projection rebuilt from a log of "
+        f"{log['jobs']:,} jobs ({log['notifications']:,} events, "
+        f"{log['notifications'] / log['jobs']:.1f} per job), generated in-process through the "
+        "real command side (`services.commands.Commands` over the real aggregates) by a "
+        f"simulation of a busy market: 100 funded buyers, one seller with three offers, jobs "
+        f"arriving at {log['rate']:g} per simulated second and driven as the worker drives them "
+        f"(outcomes: {mix}), so one job's events are spread over a median of "
+        f"{log['job_span_median']:,.0f} notifications, interleaved with other jobs' as a running "
+        "engine writes them. The SQLite log is cached in `bench/.cache/`; the PostgreSQL one is "
+        "a copy of it, event for event, kept in the database `mm_bench_replay`. Each row: "
+        "fresh views in the storage `mediamarket replay --verify` rebuilds into (a temporary "
+        "SQLite file written without fsyncs, or a temporary PostgreSQL schema), then that "
+        "command's rebuild timed (`services.replay.rebuild`, batches of "
+        f"{batch_size}: with two cores, the job views and the order book are folded in the "
+        "bench process while a second process folds the ledger into scratch storage of its own, "
+        "copied in at the end); events/s is notifications applied per second, jobs/s the log's "
+        "jobs per second. The baseline is the event-store library's own read of the same log "
+        "in the same batches, deserialising every event (`select_notifications` + "
+        "`mapper.to_domain_event`) and projecting nothing; the runner reads through "
+        "`adapters.logreader`, which does that work faster, and the rebuild uses two cores, so "
+        "a replay can come close to it. CPU µs/event is the replay processes' (and the "
+        "PostgreSQL backends') CPU time per event, which, like server CPU "
+        "ms/req above, hardly depends on other load; the last column is in cores, as above. "
+        "To see where a replay's time goes: `.venv/bin/python -m bench.replay --backend sqlite "
+        "--profile`."
+    )
+
+
+def offers_note(load: Load) -> str:
+    refreshes = load.duration / QUOTE_CACHE_SECONDS
+    how_often = "at most once" if refreshes < 1.5 else f"about {refreshes:.0f} times"
+    return (
+        "Submit, N offers: a fresh engine per row, set up as above except that N sellers "
+        "each put one offer on the model, each with its own simulator key (`sim_ok_bench_<n>`) "
+        "and a cost multiplier spread over 0.50..0.95 in a fixed shuffled order (one offer: "
+        "0.80); then only the submit load, the same as the submit row's. Routing prices every "
+        "available offer on each submit, but the engine caches each quote per (seller key, "
+        f"parameters) for {QUOTE_CACHE_SECONDS:g} s and every submit here has the same "
+        "parameters, so after warm-up most submits hit the cache: the cached quotes expire "
+        f"and are fetched again from the embedded simulator {how_often} in a "
+        f"{load.duration:g} s measured window. These rows therefore mostly show what N offers "
+        "cost a submit inside the engine, not N quote round trips. Their baseline is bare "
+        "aiohttp's `POST /json`, like the submit row's; the list after the goals compares them "
+        "with the 1-offer row of the same backend."
+    )
+
+
+def offers_scaling(rows: list[Row]) -> list[str]:
+    """One line per backend: each offer count's rate, CPU and p99 relative to 1 offer."""
+    lines: list[str] = []
+    backends = dict.fromkeys(r.backend for r in rows if r.offers is not None)
+    for backend in backends:
+        mine = [r for r in rows if r.backend == backend and r.offers is not None and r.result]
+        one = next((r for r in mine if r.offers == 1), None)
+        if one is None or one.result is None or not one.rps:
+            continue
+        parts = []
+        for row in mine:
+            if row is one or row.result is None:
+                continue
+            part = f"{row.offers} offers: {row.rps / one.rps:.0%} of the 1-offer rate"
+            if row.cpu_ms and one.cpu_ms:
+                part += f", {row.cpu_ms / one.cpu_ms:.1f}x its server CPU per job"
+            if row.result["p99_ms"] and one.result["p99_ms"]:
+                part += f", {row.result['p99_ms'] / one.result['p99_ms']:.1f}x its p99"
+            parts.append(part)
+        if parts:
+            lines.append(f"- {backend}: " + "; ".join(parts) + ".")
+    if not lines:
+        return []
+    return ["", "Submit with more offers on the model, against 1 offer (same backend):", "", *lines]
+
+
+def update_readme(path: Path, report: str) -> None:
+    block = f"{START_MARK}\n{report}{END_MARK}"
+    text = path.read_text() if path.exists() else ""
+    start, end = text.find(START_MARK), text.find(END_MARK)
+    if start != -1 and end > start:
+        text = text[:start] + block + text[end + len(END_MARK) :]
+    else:
+        if text and not text.endswith("\n"):
+            text += "\n"
+        text += ("\n" if text else "") + f"## Performance\n\n{block}\n"
+    path.write_text(text)
