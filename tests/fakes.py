@@ -320,11 +320,13 @@ class _Waiter:
 @dataclass
 class InProcessEngine:
     directory: Path
+    # SQLite in ``directory`` unless given (a PostgreSQL database, say).
+    database_url: str | None = None
     clock: FakeClock = field(default_factory=FakeClock)
     fees: FeeSchedule = FEES
 
     def __post_init__(self) -> None:
-        url = f"sqlite:///{self.directory}/data"
+        url = self.database_url or f"sqlite:///{self.directory}/data"
         self.market: MarketApp = open_market(url)
         self.saves: list[Saved] = []
         self._waiters: list[_Waiter] = []
@@ -579,8 +581,8 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 @asynccontextmanager
-async def in_process_engine(directory: Path) -> Any:
-    engine = InProcessEngine(directory)
+async def in_process_engine(directory: Path, database_url: str | None = None) -> Any:
+    engine = InProcessEngine(directory, database_url)
     try:
         yield engine
     finally:

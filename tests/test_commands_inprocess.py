@@ -42,6 +42,15 @@ async def engine(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
         yield e
 
 
+@pytest.fixture
+async def engine_on_each_backend(
+    tmp_path: Any, database_url: str
+) -> AsyncIterator[InProcessEngine]:
+    """Contention is where the backends differ (SQLite's one writer, PostgreSQL's conflicts)."""
+    async with in_process_engine(tmp_path, database_url) as e:
+        yield e
+
+
 def other_process(engine: InProcessEngine) -> Commands:
     """A second command service on the same store: its locks don't serialise with ours, so
     contention between the two goes through the store's optimistic concurrency."""
@@ -118,7 +127,10 @@ async def test_an_idempotency_key_replays_its_job_and_refuses_another_body(
         engine.commands.find_idempotent(buyer, "order-1", fingerprint)
 
 
-def test_concurrent_duplicates_create_one_job_and_one_hold(engine: InProcessEngine) -> None:
+def test_concurrent_duplicates_create_one_job_and_one_hold(
+    engine_on_each_backend: InProcessEngine,
+) -> None:
+    engine = engine_on_each_backend
     buyer = engine.buyer()
     hold = 140_800
     submit = submitter(engine, hold)
@@ -139,7 +151,8 @@ def test_concurrent_duplicates_create_one_job_and_one_hold(engine: InProcessEngi
     assert account.held == hold and account.jobs == 1
 
 
-def test_concurrent_submits_never_overdraw(engine: InProcessEngine) -> None:
+def test_concurrent_submits_never_overdraw(engine_on_each_backend: InProcessEngine) -> None:
+    engine = engine_on_each_backend
     hold = 140_800
     buyer = engine.buyer(deposit=10 * hold + hold - 1)
     submit = submitter(engine, hold)
