@@ -1,0 +1,269 @@
+"""The command side in one process (tests/fakes.py): the paths the real-process tests covered
+through HTTP alone. Idempotent submits, holds under contention from two "processes" (two
+command services on one store), deposits retried, and offer health from quotes and from the
+seller's own changes. What stays with real processes is the HTTP surface (headers, status
+codes, error bodies) and several processes' views of one database.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from adapters.venice import ProviderRefused, QuoteFailed
+from domain.aggregates import DepositConflict, InsufficientBalance
+from domain.catalog import validate_video_request
+from services.commands import (
+    IDEMPOTENCY_WINDOW_SECONDS,
+    Commands,
+    IdempotencyMismatch,
+    Submitted,
+)
+from tests.fakes import (
+    LIST_PRICE,
+    SEEDANCE,
+    InProcessEngine,
+    charged_for,
+    in_process_engine,
+    skip_worker_waits,
+)
+from tests.test_ledger import CATALOG
+
+
+@pytest.fixture
+async def engine(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[InProcessEngine]:
+    skip_worker_waits(monkeypatch)
+    async with in_process_engine(tmp_path) as e:
+        yield e
+
+
+@pytest.fixture
+async def engine_on_each_backend(
+    tmp_path: Any, database_url: str
+) -> AsyncIterator[InProcessEngine]:
+    """Contention is where the backends differ (SQLite's one writer, PostgreSQL's conflicts)."""
+    async with in_process_engine(tmp_path, database_url) as e:
+        yield e
+
+
+def other_process(engine: InProcessEngine) -> Commands:
+    """A second command service on the same store: its locks don't serialise with ours, so
+    contention between the two goes through the store's optimistic concurrency."""
+    return Commands(engine.market, engine.secrets, clock=engine.clock)
+
+
+def submitter(engine: InProcessEngine, hold: int) -> Callable[..., Submitted]:
+    """A plain submit from any thread, with a fixed route and hold (as routing decided them)."""
+
+    def submit(
+        commands: Commands, buyer_id: UUID, prompt: str = "a cat", key: str | None = None
+    ) -> Submitted:
+        request = validate_video_request(
+            {"model": SEEDANCE, "prompt": prompt},
+            CATALOG,
+            allow_http_webhooks=False,
+            allow_private_webhooks=False,
+        )
+        return commands.submit(
+            buyer_id=buyer_id,
+            request=request,
+            route=[],
+            routing={},
+            estimated_cost=hold,
+            hold=hold,
+            ttl_seconds=60,
+            min_discount=None,
+            idempotency_key=key,
+        )
+
+    return submit
+
+
+# --------------------------------------------------------------------------- idempotency
+
+
+async def test_an_idempotency_key_replays_its_job_and_refuses_another_body(
+    engine: InProcessEngine,
+) -> None:
+    buyer = engine.buyer()
+    engine.offer("key-a")
+    first = await engine.submit_for(buyer, idempotency_key="order-1")
+    assert not first.replayed
+    hold = engine.job(first.job_id).max_cost
+
+    for _ in range(2):
+        again = await engine.submit_for(buyer, idempotency_key="order-1")
+        assert again.replayed
+        assert (again.job_id, again.job_token) == (first.job_id, first.job_token)
+    # Same key, another body: refused, and nothing more is held.
+    for changed in ({"prompt": "a dog"}, {"metadata": {"a": "1"}}):
+        with pytest.raises(IdempotencyMismatch):
+            await engine.submit_for(buyer, idempotency_key="order-1", **changed)
+    assert engine.account(buyer).held == hold
+    fingerprint = engine.job(first.job_id).fingerprint
+    found = engine.commands.find_idempotent(buyer, "order-1", fingerprint)
+    assert found is not None and found.job_id == first.job_id
+    assert engine.commands.find_idempotent(buyer, "order-2", fingerprint) is None
+
+    # Keys are per buyer: another buyer's "order-1" is a job of its own.
+    other = engine.buyer()
+    theirs = await engine.submit_for(other, idempotency_key="order-1")
+    assert theirs.job_id != first.job_id and not theirs.replayed
+
+    # Past its window the key is free again: a new job, and a new hold.
+    engine.clock.advance(IDEMPOTENCY_WINDOW_SECONDS)
+    later = await engine.submit_for(buyer, idempotency_key="order-1", prompt="a dog")
+    assert later.job_id != first.job_id and not later.replayed
+    assert engine.account(buyer).held == 2 * hold
+    # And it now names the new job, for this body only.
+    found = engine.commands.find_idempotent(buyer, "order-1", engine.job(later.job_id).fingerprint)
+    assert found is not None and found.job_id == later.job_id
+    with pytest.raises(IdempotencyMismatch):
+        engine.commands.find_idempotent(buyer, "order-1", fingerprint)
+
+
+def test_concurrent_duplicates_create_one_job_and_one_hold(
+    engine_on_each_backend: InProcessEngine,
+) -> None:
+    engine = engine_on_each_backend
+    buyer = engine.buyer()
+    hold = 140_800
+    submit = submitter(engine, hold)
+    services = [engine.commands, other_process(engine)]
+    start = threading.Barrier(20)
+
+    def race(n: int) -> Submitted:
+        start.wait()
+        return submit(services[n % 2], buyer, key="race")
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(race, range(20)))
+
+    assert len({a.job_id for a in answers}) == 1
+    assert len({a.job_token for a in answers}) == 1
+    assert sum(not a.replayed for a in answers) == 1
+    account = engine.account(buyer)
+    assert account.held == hold and account.jobs == 1
+
+
+def test_concurrent_submits_never_overdraw(engine_on_each_backend: InProcessEngine) -> None:
+    engine = engine_on_each_backend
+    hold = 140_800
+    buyer = engine.buyer(deposit=10 * hold + hold - 1)
+    submit = submitter(engine, hold)
+    services = [engine.commands, other_process(engine)]
+    start = threading.Barrier(30)
+
+    def one(n: int) -> Submitted | InsufficientBalance:
+        start.wait()
+        try:
+            return submit(services[n % 2], buyer, prompt=f"submit {n}")
+        except InsufficientBalance as e:
+            return e
+
+    with ThreadPoolExecutor(30) as pool:
+        outcomes = list(pool.map(one, range(30)))
+
+    accepted = [o for o in outcomes if isinstance(o, Submitted)]
+    assert len(accepted) == 10
+    assert all(isinstance(o, InsufficientBalance) for o in outcomes if o not in accepted)
+    account = engine.account(buyer)
+    assert account.held == 10 * hold and account.available == hold - 1 and account.jobs == 10
+    # Each accepted job holds its own hold; cancelled before dispatch, every hold comes back.
+    for submitted in accepted:
+        engine.commands.cancel(submitted.job_id)
+    account = engine.account(buyer)
+    assert (account.held, account.spent) == (0, 0)
+
+
+def test_a_deposit_retried_with_its_id_is_credited_once(engine: InProcessEngine) -> None:
+    buyer = engine.buyer(deposit=1)
+    written = engine.commands.deposit(buyer, 1_000_000, "wire-001")
+    assert written.position > 0
+    # The retry writes nothing: nothing to wait for.
+    assert engine.commands.deposit(buyer, 1_000_000, "wire-001").position == 0
+    assert other_process(engine).deposit(buyer, 1_000_000, "wire-001").position == 0
+    with pytest.raises(DepositConflict):
+        engine.commands.deposit(buyer, 2_000_000, "wire-001")
+    engine.commands.deposit(buyer, 2_000_000, "wire-002")
+    assert engine.account(buyer).deposited == 1 + 3_000_000
+
+
+# --------------------------------------------------------------------------- offer health
+
+
+async def test_a_failed_quote_backs_the_offer_off_and_a_refused_key_switches_it_off(
+    engine: InProcessEngine,
+) -> None:
+    buyer = engine.buyer()
+    flaky = engine.offer("key-a", "0.70")
+    revoked = engine.offer("key-b", "0.75")
+    fine = engine.offer("key-c", "0.80")
+    engine.provider.script("quote", "key-a", QuoteFailed(503, "busy"))
+    engine.provider.script("quote", "key-b", QuoteFailed(401, "bad key"))
+
+    job_id = await engine.submit(buyer)
+    # Passive health is reported off the submit's path; wait for both reports.
+    await engine.until(
+        lambda: (
+            engine.offer_state(flaky).failures == 1 and engine.offer_state(revoked).failures == 1
+        )
+    )
+
+    # The submit itself went to the offer that could quote.
+    assert engine.job(job_id).route[0]["offer_id"] == str(fine)
+    assert engine.job(job_id).estimated_cost == charged_for(LIST_PRICE, "0.80")[0]
+    assert engine.offer_state(flaky).deactivated_reason is None
+    assert engine.offer_state(flaky).backoff_until > engine.clock()
+    assert "401" in (engine.offer_state(revoked).deactivated_reason or "")
+    assert engine.offer_state(fine).failures == 0
+    skipped = {s["offer_id"]: s["reason"] for s in engine.job(job_id).routing["skipped"]}
+    assert skipped == {str(flaky): "quote_failed", str(revoked): "quote_failed"}
+
+
+async def test_a_quote_refused_for_the_request_does_not_count_against_the_offer(
+    engine: InProcessEngine,
+) -> None:
+    buyer = engine.buyer()
+    picky = engine.offer("key-a", "0.70")
+    engine.offer("key-b", "0.80")
+    engine.provider.script("quote", "key-a", QuoteFailed(400, "invalid request"))
+
+    await engine.submit(buyer)
+    await engine.drain()
+
+    assert engine.offer_state(picky).failures == 0
+
+
+async def test_a_switched_off_offer_stays_off_until_the_seller_gives_a_new_key(
+    engine: InProcessEngine,
+) -> None:
+    buyer = engine.buyer()
+    seller = engine.seller()
+    offer = engine.offer("key-a", seller_id=seller)
+    engine.provider.script("queue", "key-a", ProviderRefused(401, "bad key"))
+    job_id = await engine.submit(buyer)
+    await engine.drive(job_id)
+    assert engine.job(job_id).status == "failed"
+    assert engine.offer_state(offer).deactivated_reason is not None
+
+    # Pausing and resuming is not a new key: it stays switched off.
+    for paused, state in ((True, "paused"), (False, "deactivated")):
+        engine.commands.update_offer(seller, offer, {"paused": paused})
+        assert engine.views.offer(str(offer)).state == state
+
+    engine.commands.update_offer(seller, offer, {"api_key": "key-a2"})
+    healed = engine.offer_state(offer)
+    assert healed.deactivated_reason is None and healed.failures == 0
+    assert engine.views.offer(str(offer)).state == "active"
+    # The new key is the one the next job is sent with.
+    again = await engine.submit(buyer)
+    await engine.drive(again)
+    assert engine.job(again).status == "succeeded"
+    assert engine.provider.billed("key-a2") == 1
+    engine.assert_money_invariants(buyer)
