@@ -21,6 +21,10 @@ class LocalArtifactStore:
         """A download target outside the served tree, so half a file is never served."""
         return self.incoming / f"{job_id}.mp4"
 
+    def discard_scratch(self, job_id: str) -> None:
+        """Drop a download that will not be kept (not a video, or the job ended meanwhile)."""
+        self.scratch(job_id).unlink(missing_ok=True)
+
     def put(self, job_id: str, index: int, source: Path) -> Path:
         target = self.path(job_id, index)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -362,20 +362,24 @@ class Worker:
         if average and elapsed is not None:
             progress = elapsed / average
             if progress - job.progress >= 0.05 or job.status != "running":
-                await self._update(job.id, methodcaller("progressed", progress))
+                # A cancel or expiry may have ended the job during the call: the drive loop's
+                # next look finds it terminal and deletes the provider's copy.
+                await self._update(job.id, methodcaller("progressed", progress), terminal_ok=True)
             # Often enough for the progress a buyer sees to move (an eighth of the provider's
             # expected run), never past when it expects to be done, never hammering it.
             return max(0.25, min((average - elapsed) / 1000, average / 8000, 5.0))
         if job.status != "running":
-            await self._update(job.id, methodcaller("progressed", 0.0))
+            await self._update(job.id, methodcaller("progressed", 0.0), terminal_ok=True)
         return min(max(delay * 1.5, 0.25), 5.0)
 
     async def _store(self, job: Job, downloaded: Any) -> None:
         try:
             info = await self.blocking(probe_mp4, downloaded)
         except MediaError as e:
+            await self.blocking(self.store.discard_scratch, str(job.id))
+            # What the probe says names the scratch file's path on this server: log it only.
             await self._fail(
-                job.id, "inference_failed", f"the provider returned no video: {e}", True
+                job.id, "inference_failed", "the provider returned no video", True, str(e)
             )
             return
         path = await self.blocking(self.store.put, str(job.id), 0, downloaded)

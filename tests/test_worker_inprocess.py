@@ -352,21 +352,11 @@ async def no_video_job(engine: InProcessEngine) -> UUID:
     return job_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/worker.py _store: a download that is no video is left in the store's "
-    ".incoming folder, where nothing ever removes it",
-)
 async def test_a_body_that_is_no_video_leaves_no_scratch_file(engine: InProcessEngine) -> None:
     job_id = await no_video_job(engine)
     assert not engine.store.scratch(str(job_id)).exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/worker.py _store: the buyer's error message quotes the probe's error, "
-    "which names the file's path on the server",
-)
 async def test_a_failure_the_buyer_sees_names_no_server_path(engine: InProcessEngine) -> None:
     job_id = await no_video_job(engine)
     assert str(engine.store.root) not in engine.job(job_id).error["message"]
@@ -509,11 +499,6 @@ async def test_a_cancel_while_running_is_billed_and_not_written_over(
     engine.assert_money_invariants(buyer)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/worker.py _poll: the progress update after the cancel raises "
-    "IllegalTransition, so the drive ends before it deletes the provider's copy",
-)
 async def test_a_cancel_while_running_deletes_the_provider_copy(engine: InProcessEngine) -> None:
     buyer = engine.buyer()
     engine.offer("key-a")
