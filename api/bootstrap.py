@@ -19,8 +19,8 @@ from adapters.crypto import SecretError, Secrets
 from adapters.eventstore import MarketApp, open_market, store_env
 from adapters.outbound import Outbound, OutboundPolicy, parse_allowed_hosts
 from adapters.settings import ConfigError, Settings
-from adapters.venice import ProviderError
-from domain.catalog import Catalog, parse_venice_models
+from adapters.venice import ProviderError, parse_venice_models
+from domain.catalog import Catalog
 from domain.money import FeeSchedule, MoneyError
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, Views, open_views

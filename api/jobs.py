@@ -19,8 +19,9 @@ from api.http import (
     min_discount_of,
     require,
 )
+from api.validation import validate_video_request
 from domain.aggregates import PENDING, TERMINAL, InsufficientBalance
-from domain.catalog import RequestError, VideoRequest, validate_video_request
+from domain.catalog import VideoRequest
 from domain.routing import CeilingBelowEstimate, RoutingError
 from projections.jobdoc import JobDoc
 from services.audit import as_json, job_history
@@ -71,16 +72,12 @@ async def submit(request: web.Request) -> web.Response:
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
         raise invalid("Idempotency-Key must be 1 to 255 characters", "Idempotency-Key")
     body = await json_body(request)
-    try:
-        video = validate_video_request(
-            body,
-            catalog_of(request),
-            allow_http_webhooks=engine.settings.WEBHOOK_ALLOW_HTTP,
-            allow_private_webhooks=engine.settings.WEBHOOK_ALLOW_PRIVATE,
-        )
-    except RequestError as e:
-        status = 404 if e.code == "model_not_found" else 400
-        raise ApiError(status, e.code, e.message, e.param) from None
+    video = validate_video_request(
+        body,
+        catalog_of(request),
+        allow_http_webhooks=engine.settings.WEBHOOK_ALLOW_HTTP,
+        allow_private_webhooks=engine.settings.WEBHOOK_ALLOW_PRIVATE,
+    )
 
     if idempotency_key is not None:
         replay = await _find_replay(request, buyer_id, idempotency_key, video)

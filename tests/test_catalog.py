@@ -9,15 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.simulator import CREATED, models_payload
-from domain.catalog import (
-    ALIASES,
-    Catalog,
-    ModelSpec,
-    RequestError,
-    VideoRequest,
-    parse_venice_models,
-    validate_video_request,
-)
+from adapters.venice import parse_venice_models
+from api.validation import RequestError, validate_video_request
+from domain.catalog import ALIASES, Catalog, ModelSpec, VideoRequest
+from services.routing import request_data, video_params
 
 
 def venice_model(
@@ -96,6 +91,15 @@ def catalog() -> Catalog:
 def validate(catalog: Catalog, body: object, **flags: bool) -> VideoRequest:
     options = {"allow_http_webhooks": False, "allow_private_webhooks": False, **flags}
     return validate_video_request(body, catalog, **options)
+
+
+def provider_params(request: VideoRequest) -> dict[str, Any]:
+    """What the provider's ``/video/quote`` gets for the request (the adapter's wire body)."""
+    return video_params(request_data(request)).body()
+
+
+def queue_params(request: VideoRequest) -> dict[str, Any]:
+    return video_params(request_data(request)).queue_body(request.prompt, request.image_url)
 
 
 def parse_one(item: object) -> ModelSpec | None:
@@ -531,7 +535,7 @@ def test_parse_never_raises_and_every_model_it_keeps_can_be_ordered(payload: Any
         if model.image_input:
             body["image_url"] = "https://img.example.com/a.png"
         request = validate(catalog, body)
-        params = request.provider_params()
+        params = provider_params(request)
         assert ("resolution" in params) == bool(model.resolutions)
         assert ("aspect_ratio" in params) == bool(model.aspect_ratios)
         assert ("audio" in params) == model.audio
@@ -677,8 +681,8 @@ def test_a_model_without_resolutions_or_aspect_ratios(catalog: Catalog) -> None:
     assert (request.resolution, request.aspect_ratio) == (None, None)
     nulls = {"model": BARE, "prompt": "p", "resolution": None, "aspect_ratio": None}
     assert validate(catalog, nulls) == request
-    assert request.provider_params() == {"model": "bare-t2v", "duration": "5s"}
-    assert request.queue_params() == {"model": "bare-t2v", "duration": "5s", "prompt": "p"}
+    assert provider_params(request) == {"model": "bare-t2v", "duration": "5s"}
+    assert queue_params(request) == {"model": "bare-t2v", "duration": "5s", "prompt": "p"}
     for field, value in (("resolution", "720p"), ("aspect_ratio", "16:9")):
         with pytest.raises(RequestError) as excinfo:
             validate(catalog, {"model": BARE, "prompt": "p", field: value})
@@ -691,7 +695,7 @@ def test_a_model_that_always_generates_audio(catalog: Catalog) -> None:
     assert request.audio is True
     explicit = validate(catalog, {"model": LOUD, "prompt": "p", "audio": True})
     assert explicit == request and explicit.fingerprint() == request.fingerprint()
-    assert request.provider_params() == {
+    assert provider_params(request) == {
         "model": "loud-t2v",
         "duration": "5s",
         "resolution": "720p",
@@ -1008,14 +1012,14 @@ def test_the_limits_themselves_are_accepted(catalog: Catalog) -> None:
 
 def test_provider_params(catalog: Catalog) -> None:
     runway = validate(catalog, base(duration_seconds=10, resolution="1080p"))
-    assert runway.provider_params() == {
+    assert provider_params(runway) == {
         "model": "runway-gen4-5-text",
         "duration": "10s",
         "resolution": "1080p",
         "aspect_ratio": "16:9",
     }
     seedance = validate(catalog, {"model": "venice-video-gen", "prompt": "p"})
-    assert seedance.provider_params() == {
+    assert provider_params(seedance) == {
         "model": "seedance-2-fast-t2v",
         "duration": "4s",
         "resolution": "480p",
@@ -1023,16 +1027,16 @@ def test_provider_params(catalog: Catalog) -> None:
         "audio": False,
     }
     loud_seedance = validate(catalog, {"model": SEEDANCE, "prompt": "p", "audio": True})
-    assert loud_seedance.provider_params()["audio"] is True
+    assert provider_params(loud_seedance)["audio"] is True
     wan = validate(catalog, {"model": WAN, "prompt": "p", "image_url": "https://x.example/a.png"})
-    assert wan.queue_params() == {
-        **wan.provider_params(),
+    assert queue_params(wan) == {
+        **provider_params(wan),
         "prompt": "p",
         "image_url": "https://x.example/a.png",
     }
     # The buyer's ceiling is the market's business, never the provider's.
     capped = validate(catalog, base(max_cost_usdc="250000"))
-    assert capped.queue_params() == validate(catalog, base()).queue_params()
+    assert queue_params(capped) == queue_params(validate(catalog, base()))
 
 
 def test_fingerprint_is_stable_and_normalised(catalog: Catalog) -> None:
