@@ -17,6 +17,7 @@ import structlog
 from adapters.artifacts import LocalArtifactStore
 from adapters.crypto import SecretError, Secrets
 from adapters.eventstore import MarketApp, open_market, store_env
+from adapters.logs import mask_in_logs
 from adapters.outbound import Outbound, OutboundPolicy, parse_allowed_hosts
 from adapters.settings import ConfigError, Settings
 from adapters.venice import ProviderError, parse_venice_models
@@ -59,6 +60,7 @@ def resolve_secrets(settings: Settings) -> tuple[Secrets, str]:
         admin = _persisted_secret(
             settings.data_dir / "admin.token", "mm_admin_" + pysecrets.token_urlsafe(24)
         )
+    mask_in_logs(admin, master)
     try:
         return Secrets(master), admin
     except SecretError as e:
