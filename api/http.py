@@ -180,15 +180,13 @@ async def job_access(request: web.Request, job_id: str) -> JobRow:
     if token is None:
         buyer_id = await require(request, "buyer")
     row = await engine.read(engine.views.get_job, str(job_uuid))
-    if row is None:
-        raise not_found("job")
-    if token is not None and not _token_opens(token, row.token_hash):
+    if token is not None and (row is None or not _token_opens(token, row.token_hash)):
         if bearer(request) is None:
-            # The same answer as for an unknown id: a guessed token must not tell a job that
-            # exists (someone else's) from one that does not (SPEC 4.5).
-            raise not_found("job")
+            # A token that opens no job is a wrong credential, answered alike whether the id
+            # names a job (someone else's) or none: no oracle of which ids exist (SPEC 4.5).
+            raise unauthenticated("invalid job token")
         buyer_id = await require(request, "buyer")
-    if buyer_id is not None and row.buyer_id != buyer_id:
+    if row is None or (buyer_id is not None and row.buyer_id != buyer_id):
         raise not_found("job")
     return row
 

@@ -52,10 +52,10 @@ class DepositBody(RequestBody):
         "deposit_id": "deposit_id must be a string of 1 to 255 characters",
     }
 
-    amount_usdc: (
-        Annotated[StrictStr, Field(pattern=r"^([1-9][0-9]{0,14}|1000000000000000)$")]
-        | Annotated[StrictInt, Field(ge=1, le=10**15)]
-    ) = Field(description="Microdollars, as a decimal string", examples=["2500000"])
+    # SPEC 1: amounts travel as decimal strings, never as JSON numbers.
+    amount_usdc: Annotated[StrictStr, Field(pattern=r"^([1-9][0-9]{0,14}|1000000000000000)$")] = (
+        Field(description="Microdollars, 1 to 10^15, as a decimal string", examples=["2500000"])
+    )
     deposit_id: StrictStr | None = Field(
         default=None,
         min_length=1,

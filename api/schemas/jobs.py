@@ -110,9 +110,7 @@ class ListJobsQuery(Query):
         "after": "after must be a job id",
     }
 
-    limit: Annotated[QueryInt, Field(ge=1, le=100)] = Field(
-        default=20, description="Page size, 1 to 100"
-    )
+    limit: QueryInt = Field(default=20, ge=1, le=100, description="Page size, 1 to 100")
     after: Annotated[str, AfterValidator(canonical_uuid)] | None = Field(
         default=None,
         description="The last job id of the previous page",
