@@ -20,7 +20,7 @@ from api.http import (
     reply,
     require,
 )
-from api.routes import IDEMPOTENCY_KEY, Reply, Route
+from api.routes import IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_PATTERN, Reply, Route
 from api.schemas.jobs import JobHistory, JobList, JobView, ListJobsQuery, SubmittedJob
 from api.validation import SubmitBody, validate_video_request
 from domain.aggregates import PENDING, TERMINAL, InsufficientBalance
@@ -32,7 +32,7 @@ from services.commands import IdempotencyMismatch, NotFound, Submitted
 from services.routing import Route as Routing
 
 ROUTING_STATUS = {"no_sellers_for_model": 404}
-IDEMPOTENCY_KEY_FORM = re.compile(str(IDEMPOTENCY_KEY.schema["pattern"]).strip("^$"), re.ASCII)
+IDEMPOTENCY_KEY_FORM = re.compile(IDEMPOTENCY_KEY_PATTERN, re.ASCII)
 SIGNED_URL_SECONDS = 3600
 
 

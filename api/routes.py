@@ -47,12 +47,18 @@ class Header:
     required: bool = False
 
 
+# Visible ASCII, no surrounding blanks (HTTP strips them): what a client can send back intact.
+IDEMPOTENCY_KEY_PATTERN = r"[!-~]([ -~]*[!-~])?"
 IDEMPOTENCY_KEY = Header(
     "Idempotency-Key",
     "Makes the submit safe to retry for 24 hours: the same key and body return the original "
     "job (with Idempotent-Replayed: true); the same key with another body is a 422",
-    # Visible ASCII, no surrounding blanks (a server may strip them).
-    {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]([ -~]*[!-~])?$"},
+    {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        "pattern": f"^{IDEMPOTENCY_KEY_PATTERN}$",
+    },
 )
 RANGE = Header(
     "Range",
