@@ -12,6 +12,23 @@ import structlog
 
 SECRET_FIELD = re.compile(r"(api_?key|token|authorization|secret|password|sealed)", re.I)
 SECRET_VALUE = re.compile(r"\b(mm_(buyer|seller)_[A-Za-z0-9_-]+|mjt_[A-Za-z0-9_-]+|sim_\w+)")
+# Secrets of no recognisable shape (the operator chooses the admin token): masked as given.
+_LITERALS: set[str] = set()
+# Shorter values would mask ordinary words; no secret worth the name is that short.
+MIN_LITERAL_CHARS = 8
+
+
+def mask_in_logs(*secrets: str | None) -> None:
+    """Mask these exact values wherever they appear in a log line from now on."""
+    _LITERALS.update(s for s in secrets if s and len(s) >= MIN_LITERAL_CHARS)
+
+
+def _redact(value: str) -> str:
+    value = SECRET_VALUE.sub("[redacted]", value)
+    for literal in _LITERALS:
+        if literal in value:
+            value = value.replace(literal, "[redacted]")
+    return value
 
 
 def _mask(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -19,7 +36,7 @@ def _mask(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[st
         if SECRET_FIELD.search(key):
             event[key] = "[redacted]"
         elif isinstance(value, str):
-            event[key] = SECRET_VALUE.sub("[redacted]", value)
+            event[key] = _redact(value)
     return event
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from adapters.outbound import Outbound, OutboundRefused
+from domain.catalog import ModelSpec
 from domain.money import MoneyError, usd_to_micros
 
 _T = TypeVar("_T")
@@ -122,6 +125,114 @@ class VideoParams:
         if self.audio is not None:
             body["audio"] = self.audio
         return body
+
+    def queue_body(self, prompt: str, image_url: str | None) -> dict[str, Any]:
+        """The body of ``/video/queue``: the quote's parameters plus the content."""
+        body = self.body()
+        body["prompt"] = prompt
+        if image_url is not None:
+            body["image_url"] = image_url
+        return body
+
+
+# ---------------------------------------------------------------------- GET /models?type=video
+
+# Venice's prompt limit for a video model that states none (its /models documentation).
+VENICE_PROMPT_LIMIT = 2500
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)
+_DURATION = re.compile(r"([1-9][0-9]{0,3})s", re.ASCII)
+
+
+def _parse_durations(raw: object) -> tuple[int, ...] | None:
+    """Venice lists durations as ``"5s"`` strings; entries that are no fixed length (``"auto"``,
+    ``"-1"``, ``"1 gen"``) are left out, and a model left with none cannot be priced."""
+    if not isinstance(raw, list):
+        return None
+    durations: set[int] = set()
+    for item in raw:
+        if isinstance(item, str) and (match := _DURATION.fullmatch(item)):
+            durations.add(int(match.group(1)))
+    return tuple(sorted(durations)) or None
+
+
+def _parse_labels(raw: object) -> tuple[str, ...] | None:
+    """A list of option labels; empty means the model takes no such parameter. A lone string is
+    read as a list of one, as Venice's own model browser does."""
+    if isinstance(raw, str) and raw:
+        return (raw,)
+    if not isinstance(raw, list):
+        return None
+    if not all(isinstance(item, str) and item for item in raw):
+        return None
+    return tuple(dict.fromkeys(raw))
+
+
+def _prompt_limit(raw: object) -> int:
+    # JSON that Python reads may hold Infinity or NaN (1e400 is one): no limit to convert.
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+        return VENICE_PROMPT_LIMIT
+    return int(raw) if raw >= 1 else VENICE_PROMPT_LIMIT
+
+
+def _parse_venice_model(provider: str, item: object) -> ModelSpec | None:
+    """One entry of Venice's ``GET /models?type=video`` (``ModelResponse`` with the video
+    constraints: ``durations``, ``resolutions``, ``aspect_ratios``, ``model_type``, ``audio``,
+    ``audio_configurable``, ``prompt_character_limit``); None for one the market can't sell."""
+    if not isinstance(item, dict) or item.get("type") != "video":
+        return None
+    provider_model = item.get("id")
+    if not isinstance(provider_model, str) or not _MODEL_ID.fullmatch(provider_model):
+        return None
+    spec = item.get("model_spec")
+    if not isinstance(spec, dict) or spec.get("offline") is True:
+        return None
+    constraints = spec.get("constraints")
+    if not isinstance(constraints, dict):
+        return None
+    # Video-to-video models need a source video, which the market's requests cannot carry.
+    model_type = constraints.get("model_type")
+    if model_type not in ("text-to-video", "image-to-video"):
+        return None
+    durations = _parse_durations(constraints.get("durations"))
+    resolutions = _parse_labels(constraints.get("resolutions"))
+    aspect_ratios = _parse_labels(constraints.get("aspect_ratios"))
+    if durations is None or resolutions is None or aspect_ratios is None:
+        return None
+    audio = constraints.get("audio")
+    configurable = constraints.get("audio_configurable")
+    if not isinstance(audio, bool) or not isinstance(configurable, bool):
+        return None
+    name = spec.get("name")
+    return ModelSpec.offered(
+        provider=provider,
+        provider_model=provider_model,
+        name=name if isinstance(name, str) and name else provider_model,
+        image_input=model_type == "image-to-video",
+        durations=durations,
+        resolutions=resolutions,
+        aspect_ratios=aspect_ratios,
+        audio=audio,
+        audio_configurable=configurable,
+        prompt_character_limit=_prompt_limit(
+            constraints.get("prompt_character_limit", VENICE_PROMPT_LIMIT)
+        ),
+    )
+
+
+def parse_venice_models(provider: str, payload: list[dict[str, Any]]) -> list[ModelSpec]:
+    """The video models of a provider's ``GET /models?type=video`` ``data`` list.
+
+    One odd entry must not take the whole catalog down, so malformed entries are skipped; the
+    first of two entries with the same id wins.
+    """
+    if not isinstance(payload, list):
+        return []
+    models: dict[str, ModelSpec] = {}
+    for item in payload:
+        model = _parse_venice_model(provider, item)
+        if model is not None and model.id not in models:
+            models[model.id] = model
+    return list(models.values())
 
 
 @dataclass(frozen=True)
@@ -359,10 +470,7 @@ class VeniceClient:
         self, api_key: str, params: VideoParams, prompt: str, image_url: str | None
     ) -> Queued:
         """Submit a job; the provider bills the seller when this returns a queue id."""
-        body = params.body()
-        body["prompt"] = prompt
-        if image_url is not None:
-            body["image_url"] = image_url
+        body = params.queue_body(prompt, image_url)
         try:
             async with self._post(
                 "/video/queue", api_key, body, self._queue_timeout, fresh=True

@@ -2,29 +2,33 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
-from typing import Any
 
 from aiohttp import web
 
 from adapters.settings import Settings
 from adapters.simulator import create_simulator_app
-from api import accounts, finance, jobs, market
+from api import accounts, docs, finance, jobs, market, sellers
+from api.artifacts import ARTIFACT_ROUTES
+from api.body import MAX_BODY_BYTES
 from api.bootstrap import Engine
-from api.http import ENGINE, MAX_BODY_BYTES, METRICS, PRINCIPALS, engine_of, request_context
+from api.http import ENGINE, METRICS, PRINCIPALS, engine_of, reply, request_context
+from api.openapi import openapi_document
+from api.routes import Reply, Route, register
+from api.schemas.system import Health
 
-PUBLIC_ROUTES: list[tuple[str, str, Any, str]] = []
+VERSION = "0.1.0"
 
 
 async def healthz(request: web.Request) -> web.Response:
     engine = engine_of(request)
-    return web.json_response(
+    return reply(
+        Health,
         {
             "status": "ok",
             "catalog": engine.catalog is not None,
             "projection_position": engine.runner.position,
-        }
+        },
     )
 
 
@@ -50,104 +54,56 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
 
-def operation_id(method: str, path: str) -> str:
-    return f"{method.lower()}_{re.sub(r'[^a-z0-9]+', '_', path.lower()).strip('_')}"
-
-
-def openapi_document() -> dict[str, Any]:
-    error = {"$ref": "#/components/schemas/Error"}
-    paths: dict[str, dict[str, Any]] = {}
-    routes = [
-        *jobs.MEDIA_ROUTES,
-        *accounts.ACCOUNT_ROUTES,
-        *market.MARKET_ROUTES,
-        *finance.FINANCE_ROUTES,
-        *PUBLIC_ROUTES,
-    ]
-    for method, path, _, summary in routes:
-        params = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in re.findall(r"{(\w+)}", path)
-        ]
-        operation: dict[str, Any] = {
-            "summary": summary,
-            "operationId": operation_id(method, path),
-            "parameters": params,
-            "responses": {
-                "200": {"description": "OK"},
-                "default": {
-                    "description": "Error",
-                    "content": {"application/json": {"schema": error}},
-                },
-            },
-        }
-        if method in ("POST", "PATCH"):
-            operation["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": {"type": "object"}}},
-            }
-        paths.setdefault(path, {})[method.lower()] = operation
-        if path.startswith("/v1/") and path in {p for _, p, _, _ in jobs.MEDIA_ROUTES}:
-            prefixed = "/min{min_discount}" + path
-            op = {
-                **operation,
-                "operationId": operation["operationId"] + "_min",
-                "parameters": [
-                    {
-                        "name": "min_discount",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "integer", "minimum": 0, "maximum": 100},
-                    },
-                    *params,
-                ],
-            }
-            paths.setdefault(prefixed, {})[method.lower()] = op
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "mediamarket",
-            "version": "0.1.0",
-            "description": "Event-sourced marketplace for asynchronous AI video generation",
-        },
-        "components": {
-            "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer"},
-                "jobToken": {"type": "apiKey", "in": "header", "name": "X-Job-Token"},
-            },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "properties": {
-                                k: {"type": ["string", "null"]}
-                                for k in ("message", "type", "code", "param")
-                            },
-                            "required": ["message", "type", "code"],
-                        }
-                    },
-                    "required": ["error"],
-                }
-            },
-        },
-        "security": [{"bearer": []}, {"jobToken": []}],
-        "paths": paths,
-    }
-
-
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return web.json_response(OPENAPI)
 
 
-PUBLIC_ROUTES.extend(
-    [
-        ("GET", "/healthz", healthz, "Liveness and readiness"),
-        ("GET", "/metrics", metrics, "Prometheus metrics"),
-        ("GET", "/openapi.json", openapi, "This document"),
-    ]
-)
+PUBLIC_ROUTES: list[Route] = [
+    Route(
+        "GET",
+        "/healthz",
+        healthz,
+        name="get_health",
+        summary="Liveness and readiness",
+        tag="meta",
+        replies={200: Reply("The engine's state", Health)},
+    ),
+    Route(
+        "GET",
+        "/metrics",
+        metrics,
+        name="get_metrics",
+        summary="Prometheus metrics",
+        tag="meta",
+        replies={
+            200: Reply(
+                "The Prometheus text format", media_type="text/plain", schema={"type": "string"}
+            )
+        },
+    ),
+    Route(
+        "GET",
+        "/openapi.json",
+        openapi,
+        name="get_openapi",
+        summary="This document: OpenAPI 3.1",
+        tag="meta",
+        replies={200: Reply("The document", schema={"type": "object"})},
+    ),
+]
+
+# Every route the app serves, in the order the document lists them.
+ROUTES: list[Route] = [
+    *jobs.MEDIA_ROUTES,
+    *ARTIFACT_ROUTES,
+    *accounts.ACCOUNT_ROUTES,
+    *sellers.SELLER_ROUTES,
+    *market.MARKET_ROUTES,
+    *finance.FINANCE_ROUTES,
+    *PUBLIC_ROUTES,
+    *docs.DOCS_ROUTES,
+]
+OPENAPI = openapi_document(ROUTES, version=VERSION)
 
 
 def create_app(engine: Engine, *, mount_simulator: bool = False) -> web.Application:
@@ -155,12 +111,7 @@ def create_app(engine: Engine, *, mount_simulator: bool = False) -> web.Applicat
     app[ENGINE] = engine
     app[METRICS] = Counter()
     app[PRINCIPALS] = {}
-    jobs.register(app)
-    accounts.register(app)
-    market.register(app)
-    finance.register(app)
-    for method, path, handler, _ in PUBLIC_ROUTES:
-        app.router.add_route(method, path, handler)
+    register(app, ROUTES)
     if mount_simulator:
         app.add_subapp(
             "/sim",

@@ -19,10 +19,11 @@ import structlog
 from adapters.artifacts import LocalArtifactStore
 from adapters.crypto import SecretError, Secrets
 from adapters.eventstore import MarketApp, open_market, store_env
+from adapters.logs import mask_in_logs
 from adapters.outbound import Outbound, OutboundPolicy, parse_allowed_hosts
 from adapters.settings import ConfigError, Settings
-from adapters.venice import ProviderError
-from domain.catalog import Catalog, parse_venice_models
+from adapters.venice import ProviderError, parse_venice_models
+from domain.catalog import Catalog
 from domain.money import FeeSchedule, MoneyError
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, Views, open_views
@@ -76,6 +77,7 @@ def resolve_secrets(settings: Settings) -> tuple[Secrets, str]:
         admin = _persisted_secret(
             settings.data_dir / "admin.token", "mm_admin_" + pysecrets.token_urlsafe(24)
         )
+    mask_in_logs(admin, master)
     try:
         return Secrets(master), admin
     except SecretError as e:

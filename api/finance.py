@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from aiohttp import web
+from pydantic import Field
 
 from adapters.simulator import BillingUnavailable, read_billing
+from api.body import parse_query
 from api.bootstrap import Engine
 from api.errors import invalid
-from api.http import day_param, engine_of, require, require_admin
+from api.http import engine_of, reply, require, require_admin
+from api.routes import CSV, Reply, Route
+from api.schemas.accounts import QueryDay
+from api.schemas.common import Query
+from api.schemas.system import Reconciliation, TrialBalance
 from services import exports, finance
 
 READ_YOUR_WRITES_SECONDS = 30.0
@@ -51,11 +57,21 @@ def _csv_response(columns: list[str], rows: list[list[Any]], filename: str) -> w
     )
 
 
+class ExportRange(Query):
+    problems: ClassVar[dict[str, str]] = {
+        "format": "format must be csv",
+        "from": "from must be a date as YYYY-MM-DD",
+        "to": "to must be a date as YYYY-MM-DD",
+    }
+
+    format: Literal["csv"] = Field(default="csv", description="Only CSV")
+    from_: QueryDay | None = Field(default=None, alias="from", description="First UTC day")
+    to: QueryDay | None = Field(default=None, description="Last UTC day")
+
+
 def _range(request: web.Request) -> tuple[str | None, str | None]:
-    fmt = request.query.get("format", "csv")
-    if fmt != "csv":
-        raise invalid("format must be csv", "format")
-    first, last = day_param(request, "from"), day_param(request, "to")
+    query = parse_query(request, ExportRange)
+    first, last = query.from_, query.to
     if first is not None and last is not None and first > last:
         raise invalid("from must not be after to", "from")
     return first, last
@@ -70,13 +86,13 @@ async def trial_balance(request: web.Request) -> web.Response:
     engine = engine_of(request)
     await caught_up_with_log(engine)
     balance = await engine.blocking(finance.trial_balance, engine.views, engine.market.name)
-    return web.json_response(balance.as_json())
+    return reply(TrialBalance, balance.as_json())
 
 
 async def reconciliation(request: web.Request) -> web.Response:
     require_admin(request)
     report = await reconcile(engine_of(request))
-    return web.json_response(report.as_json())
+    return reply(Reconciliation, report.as_json())
 
 
 async def _ledger_export(
@@ -111,20 +127,58 @@ async def usage_export(request: web.Request) -> web.Response:
     return _csv_response(exports.USAGE_COLUMNS, rows, _filename("usage", first, last))
 
 
-FINANCE_ROUTES: list[tuple[str, str, Any, str]] = [
-    ("GET", "/admin/ledger/trial-balance", trial_balance, "Trial balance of the ledger (admin)"),
-    ("GET", "/admin/ledger/reconciliation", reconciliation, "Check every money invariant (admin)"),
-    ("GET", "/admin/ledger/journal", journal_export, "Journal CSV, from/to by posting day (admin)"),
-    (
+FINANCE_ROUTES: list[Route] = [
+    Route(
+        "GET",
+        "/admin/ledger/trial-balance",
+        trial_balance,
+        name="get_trial_balance",
+        summary="Trial balance of the ledger (admin)",
+        tag="finance",
+        auth=("admin",),
+        replies={200: Reply("Every account's debits, credits and balance", TrialBalance)},
+    ),
+    Route(
+        "GET",
+        "/admin/ledger/reconciliation",
+        reconciliation,
+        name="get_reconciliation",
+        summary="Check every money invariant (admin)",
+        tag="finance",
+        auth=("admin",),
+        replies={200: Reply("Each check's outcome and every break found", Reconciliation)},
+    ),
+    Route(
+        "GET",
+        "/admin/ledger/journal",
+        journal_export,
+        name="export_journal",
+        summary="Journal CSV, from/to by posting day (admin)",
+        tag="finance",
+        auth=("admin",),
+        query=ExportRange,
+        replies={200: CSV},
+    ),
+    Route(
         "GET",
         "/admin/ledger/settlements",
         settlements_export,
-        "Per-job settlement CSV, from/to by creation day (admin)",
+        name="export_settlements",
+        summary="Per-job settlement CSV, from/to by creation day (admin)",
+        tag="finance",
+        auth=("admin",),
+        query=ExportRange,
+        replies={200: CSV},
     ),
-    ("GET", "/v1/buyer/usage/export", usage_export, "Your jobs as CSV, from/to by creation day"),
+    Route(
+        "GET",
+        "/v1/buyer/usage/export",
+        usage_export,
+        name="export_usage",
+        summary="Your jobs as CSV, from/to by creation day",
+        tag="buyers",
+        auth=("buyer",),
+        query=ExportRange,
+        replies={200: CSV},
+    ),
 ]
-
-
-def register(app: web.Application) -> None:
-    for method, path, handler, _ in FINANCE_ROUTES:
-        app.router.add_route(method, path, handler)

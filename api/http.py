@@ -4,35 +4,37 @@ from __future__ import annotations
 
 import hmac
 import itertools
-import json
+import re
 import secrets
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from adapters.crypto import sha256_hex
+from api.body import MAX_BODY_BYTES
 from api.bootstrap import Engine
-from api.errors import ApiError, invalid, not_found
+from api.errors import ApiError, not_found
+from api.routes import Handler
 from domain.catalog import Catalog, ModelSpec
 from domain.routing import MinimumDiscountError, parse_min_prefix
 from projections.views import JobRow
-from services.exports import parse_day
 
 ENGINE = web.AppKey("engine", Engine)
 # Keys are never reassigned, so a positive lookup can be remembered for the process lifetime.
 PRINCIPALS = web.AppKey("principals", dict)
-M = TypeVar("M", bound=BaseModel)
 METRICS = web.AppKey("metrics", Counter)
 log = structlog.get_logger("http")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-MAX_BODY_BYTES = 4 * 1024 * 1024
 READ_YOUR_WRITES_TIMEOUT = 5.0
+# Credentials, job tokens and request ids are printable ASCII (RFC 6750's b64token and then
+# some); anything else, such as raw non-UTF-8 bytes, is no credential at all.
+_TOKEN = re.compile(r"[!-~]{1,1000}", re.ASCII)
+_REQUEST_ID = re.compile(r"[!-~]{1,200}", re.ASCII)
 SLOW_REQUEST_MS = 1000.0
 # Unique across processes by the random prefix, and far cheaper than a uuid4 per request.
 REQUEST_ID_PREFIX = secrets.token_hex(6)
@@ -47,7 +49,7 @@ def engine_of(request: web.Request) -> Engine:
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request ids, the error shape of SPEC 4 for every failure, and one access-log line."""
     request_id = request.headers.get("X-Request-Id")
-    if not request_id or len(request_id) > 200:
+    if request_id is None or not _REQUEST_ID.fullmatch(request_id):
         request_id = f"req_{REQUEST_ID_PREFIX}{next(REQUEST_COUNTER):010x}"
     started = time.perf_counter()
     structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -86,45 +88,32 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         structlog.contextvars.clear_contextvars()
 
 
-# ---------------------------------------------------------------------- body parsing
+# ---------------------------------------------------------------------- answers
 
 
-async def json_body(request: web.Request) -> Any:
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, request.content_length)
-    raw = await request.read()
-    if not raw:
-        raise invalid("request body must be a JSON object")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise invalid("request body is not valid JSON") from None
-
-
-def parse_model(model: type[M], body: Any) -> M:
-    if not isinstance(body, dict):
-        raise invalid("request body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        # The top-level field: pydantic appends the member type for a union ("amount_usdc.str").
-        param = str(first["loc"][0]) if first["loc"] else None
-        message = first["msg"]
-        if first["type"] == "extra_forbidden":
-            message = f"unknown field {param}"
-        elif first["type"] == "missing":
-            message = f"{param} is required"
-        raise invalid(
-            f"{param}: {message}" if param and param not in message else message, param
-        ) from None
+def reply(
+    model: type[BaseModel],
+    data: Mapping[str, Any],
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """A JSON answer shaped by its documented model: what is served is what is documented."""
+    document = model.model_validate(data).model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return web.json_response(document, status=status, headers=headers)
 
 
 def min_discount_of(request: web.Request) -> int | None:
     """The ``/min{N}`` prefix of a media path (SPEC 3), validated; None when absent."""
-    if "min_prefix" not in request.match_info:
+    prefix = request.match_info.get("min_prefix")
+    if prefix is None:
         return None
     try:
+        if not prefix.startswith("min"):
+            # The prefix is spelt in lower case, as SPEC 3 writes it; /MIN30 is no /min30.
+            raise MinimumDiscountError(
+                f"invalid minimum discount {prefix[:20]!a}: use /min{{N}}/ in lower case, "
+                "with N a whole number from 0 to 100, such as /min30/"
+            )
         discount, _ = parse_min_prefix(request.path)
     except MinimumDiscountError as e:
         raise ApiError(400, "invalid_minimum_discount", str(e)) from None
@@ -137,9 +126,10 @@ def min_discount_of(request: web.Request) -> int | None:
 def bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not _TOKEN.fullmatch(token):
         return None
-    return token.strip()
+    return token
 
 
 async def principal(request: web.Request) -> tuple[str, str] | None:
@@ -190,15 +180,19 @@ async def job_access(request: web.Request, job_id: str) -> JobRow:
     if token is None:
         buyer_id = await require(request, "buyer")
     row = await engine.read(engine.views.get_job, str(job_uuid))
-    if row is None:
-        raise not_found("job")
-    if token is not None and not hmac.compare_digest(sha256_hex(token), row.token_hash):
+    if token is not None and (row is None or not _token_opens(token, row.token_hash)):
         if bearer(request) is None:
+            # A token that opens no job is a wrong credential, answered alike whether the id
+            # names a job (someone else's) or none: no oracle of which ids exist (SPEC 4.5).
             raise unauthenticated("invalid job token")
         buyer_id = await require(request, "buyer")
-    if buyer_id is not None and row.buyer_id != buyer_id:
+    if row is None or (buyer_id is not None and row.buyer_id != buyer_id):
         raise not_found("job")
     return row
+
+
+def _token_opens(token: str, token_hash: str) -> bool:
+    return bool(_TOKEN.fullmatch(token)) and hmac.compare_digest(sha256_hex(token), token_hash)
 
 
 async def caught_up(request: web.Request, position: int) -> None:
@@ -224,14 +218,3 @@ def resolve_model(request: web.Request, name: str) -> ModelSpec:
     if spec is None:
         raise ApiError(404, "model_not_found", f"unknown model {name}", "model")
     return spec
-
-
-def day_param(request: web.Request, name: str) -> str | None:
-    """An optional ``YYYY-MM-DD`` (UTC day) query parameter."""
-    value = request.query.get(name)
-    if value is None:
-        return None
-    try:
-        return parse_day(value)
-    except ValueError:
-        raise invalid(f"{name} must be a date as YYYY-MM-DD", name) from None

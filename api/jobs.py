@@ -2,32 +2,37 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from api.body import parse_query, read_json
 from api.errors import ApiError, invalid, not_found
 from api.http import (
     catalog_of,
     caught_up,
     engine_of,
     job_access,
-    json_body,
     min_discount_of,
+    reply,
     require,
 )
+from api.routes import IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_PATTERN, Reply, Route
+from api.schemas.jobs import JobHistory, JobList, JobView, ListJobsQuery, SubmittedJob
+from api.validation import SubmitBody, validate_video_request
 from domain.aggregates import PENDING, TERMINAL, InsufficientBalance
-from domain.catalog import RequestError, VideoRequest, validate_video_request
+from domain.catalog import VideoRequest
 from domain.routing import CeilingBelowEstimate, RoutingError
 from projections.jobdoc import JobDoc
 from services.audit import as_json, job_history
 from services.commands import IdempotencyMismatch, NotFound, Submitted
-from services.routing import Route
+from services.routing import Route as Routing
 
 ROUTING_STATUS = {"no_sellers_for_model": 404}
+IDEMPOTENCY_KEY_FORM = re.compile(IDEMPOTENCY_KEY_PATTERN, re.ASCII)
 SIGNED_URL_SECONDS = 3600
 
 
@@ -55,6 +60,9 @@ def served_doc(request: web.Request, doc: JobDoc) -> JobDoc:
 def job_response(
     request: web.Request, doc: JobDoc, status: int | None = None, **extra: Any
 ) -> web.Response:
+    """A job view (``JobView``, or ``SubmittedJob`` with its token). The document is the one
+    the projection stored pre-rendered, served without a second validation on this hot path:
+    the contract tests hold it to the model (tests/test_schemathesis.py, test_api_openapi.py)."""
     pending = doc["status"] in PENDING
     body = {**served_doc(request, doc), **extra}
     response = web.json_response(body, status=status or (202 if pending else 200))
@@ -63,24 +71,27 @@ def job_response(
     return response
 
 
+def idempotency_key_of(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (len(key) <= 255 and IDEMPOTENCY_KEY_FORM.fullmatch(key)):
+        raise invalid(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters", "Idempotency-Key"
+        )
+    return key
+
+
 async def submit(request: web.Request) -> web.Response:
     engine = engine_of(request)
     min_discount = min_discount_of(request)
     buyer_id = await require(request, "buyer")
-    idempotency_key = request.headers.get("Idempotency-Key")
-    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
-        raise invalid("Idempotency-Key must be 1 to 255 characters", "Idempotency-Key")
-    body = await json_body(request)
-    try:
-        video = validate_video_request(
-            body,
-            catalog_of(request),
-            allow_http_webhooks=engine.settings.WEBHOOK_ALLOW_HTTP,
-            allow_private_webhooks=engine.settings.WEBHOOK_ALLOW_PRIVATE,
-        )
-    except RequestError as e:
-        status = 404 if e.code == "model_not_found" else 400
-        raise ApiError(status, e.code, e.message, e.param) from None
+    idempotency_key = idempotency_key_of(request)
+    body = await read_json(request)
+    video = validate_video_request(
+        body,
+        catalog_of(request),
+        allow_http_webhooks=engine.settings.WEBHOOK_ALLOW_HTTP,
+        allow_private_webhooks=engine.settings.WEBHOOK_ALLOW_PRIVATE,
+    )
 
     if idempotency_key is not None:
         replay = await _find_replay(request, buyer_id, idempotency_key, video)
@@ -90,7 +101,7 @@ async def submit(request: web.Request) -> web.Response:
     offers = await engine.read(engine.views.offers, model=video.model.id)
     own_keys = await engine.read(engine.views.buyer_providers, buyer_id, video.model.id)
     try:
-        route: Route = await engine.router.route(video, offers, min_discount, own_keys)
+        route: Routing = await engine.router.route(video, offers, min_discount, own_keys)
     except RoutingError as e:
         raise ApiError(ROUTING_STATUS.get(e.code, 503), e.code, str(e)) from None
     try:
@@ -189,26 +200,9 @@ async def list_jobs(request: web.Request) -> web.Response:
     min_discount_of(request)
     engine = engine_of(request)
     buyer_id = await require(request, "buyer")
-    query = request.query
-    unknown = set(query) - {"limit", "after", "status"}
-    if unknown:
-        raise invalid(f"unknown query parameter {sorted(unknown)[0]}", sorted(unknown)[0])
-    try:
-        limit = int(query.get("limit", "20"))
-    except ValueError:
-        raise invalid("limit must be an integer from 1 to 100", "limit") from None
-    if not 1 <= limit <= 100:
-        raise invalid("limit must be an integer from 1 to 100", "limit")
-    status = query.get("status")
-    if status is not None and status not in PENDING | TERMINAL:
-        raise invalid(f"status must be one of {', '.join(sorted(PENDING | TERMINAL))}", "status")
-    after = query.get("after")
-    if after is not None:
-        try:
-            after = str(uuid.UUID(after))
-        except ValueError:
-            raise invalid("after must be a job id", "after") from None
-    docs = await engine.read(engine.views.list_jobs, buyer_id, limit + 1, after, status)
+    query = parse_query(request, ListJobsQuery)
+    limit = query.limit
+    docs = await engine.read(engine.views.list_jobs, buyer_id, limit + 1, query.after, query.status)
     if docs is None:
         raise invalid("after names no job of yours", "after")
     page = docs[:limit]
@@ -236,63 +230,90 @@ async def events(request: web.Request) -> web.Response:
     history = await engine.blocking(job_history, engine.market, job_id)
     if history is None or history.buyer_id != buyer_id:
         raise not_found("job")
-    return web.json_response(as_json(history, for_buyer=True))
+    return reply(JobHistory, as_json(history, for_buyer=True))
 
 
-async def artifact(request: web.Request) -> web.StreamResponse:
-    min_discount_of(request)
-    engine = engine_of(request)
-    job_id = request.match_info["job_id"]
-    try:
-        index = int(request.match_info["index"])
-    except ValueError:
-        raise not_found("artifact") from None
-    if "sig" in request.query:
-        row = await _signed_access(request, job_id)
-    else:
-        row = await job_access(request, job_id)
-    results = [r for r in row.doc["results"] if r["artifact_index"] == index]
-    if not results:
-        raise not_found("artifact")
-    path = engine.store.path(row.job_id, index)
-    if results[0].get("expired") or not path.is_file():
-        raise ApiError(410, "artifact_expired", "this artifact is past its retention period")
-    return _file_response(path, results[0]["content_type"])
+JOB_ERRORS = {404: "not_found: no such job, or not yours"}
+VIEW_REPLIES = {
+    200: Reply("The job, in a terminal state", JobView),
+    202: Reply("The job, still pending", JobView, headers=("Retry-After",)),
+}
 
-
-async def _signed_access(request: web.Request, job_id: str) -> Any:
-    engine = engine_of(request)
-    try:
-        expires = int(request.query.get("expires", ""))
-    except ValueError:
-        raise ApiError(401, "invalid_api_key", "invalid signed URL") from None
-    if expires < time.time() or not engine.secrets.verify_url(
-        request.path, expires, request.query.get("sig", "")
-    ):
-        raise ApiError(401, "invalid_api_key", "the signed URL is invalid or has expired")
-    row = await engine.read(engine.views.get_job, job_id)
-    if row is None:
-        raise not_found("job")
-    return row
-
-
-def _file_response(path: Path, content_type: str) -> web.FileResponse:
-    response = web.FileResponse(path, headers={"Content-Type": content_type})
-    return response
-
-
-MEDIA_ROUTES: list[tuple[str, str, Any, str]] = [
-    ("POST", "/v1/video/generations", submit, "Submit a video generation job"),
-    ("GET", "/v1/video/generations", list_jobs, "List your jobs, newest first"),
-    ("GET", "/v1/video/generations/{job_id}", poll, "Poll a job"),
-    ("DELETE", "/v1/video/generations/{job_id}", cancel, "Cancel a job"),
-    ("GET", "/v1/video/generations/{job_id}/events", events, "A job's event history"),
-    ("GET", "/v1/media/artifacts/{job_id}/{index}", artifact, "Download a finished video"),
+MEDIA_ROUTES: list[Route] = [
+    Route(
+        "POST",
+        "/v1/video/generations",
+        submit,
+        name="submit_video",
+        summary="Submit a video generation job",
+        tag="jobs",
+        auth=("buyer",),
+        body=SubmitBody,
+        headers=(IDEMPOTENCY_KEY,),
+        replies={
+            202: Reply(
+                "Accepted: priced, funds held, queued",
+                SubmittedJob,
+                headers=("Retry-After", "Idempotent-Replayed"),
+            )
+        },
+        errors={
+            400: "invalid_request, prompt_too_long, unsupported_parameter, "
+            "invalid_minimum_discount",
+            402: "insufficient_balance: the hold exceeds your available balance",
+            404: "model_not_found, no_sellers_for_model",
+            422: "idempotency_key_reused: the key was used with another body",
+            503: "no_healthy_sellers, minimum_discount_not_met, catalog_unavailable, "
+            "projection_lagging",
+        },
+        min_prefix=True,
+    ),
+    Route(
+        "GET",
+        "/v1/video/generations",
+        list_jobs,
+        name="list_jobs",
+        summary="List your jobs, newest first",
+        tag="jobs",
+        auth=("buyer",),
+        query=ListJobsQuery,
+        replies={200: Reply("A page of your jobs", JobList)},
+        min_prefix=True,
+    ),
+    Route(
+        "GET",
+        "/v1/video/generations/{job_id}",
+        poll,
+        name="get_job",
+        summary="Poll a job",
+        tag="jobs",
+        auth=("buyer", "job_token"),
+        replies=VIEW_REPLIES,
+        errors=JOB_ERRORS,
+        min_prefix=True,
+    ),
+    Route(
+        "DELETE",
+        "/v1/video/generations/{job_id}",
+        cancel,
+        name="cancel_job",
+        summary="Cancel a job (best effort; a no-op on a finished one)",
+        tag="jobs",
+        auth=("buyer", "job_token"),
+        replies={200: Reply("The job after the cancel", JobView)},
+        errors={**JOB_ERRORS, 503: "projection_lagging: saved, not yet visible; retry"},
+        min_prefix=True,
+    ),
+    Route(
+        "GET",
+        "/v1/video/generations/{job_id}/events",
+        events,
+        name="get_job_events",
+        summary="A job's event history, from the log",
+        tag="jobs",
+        auth=("buyer",),
+        replies={200: Reply("Every event of the job and its settlement", JobHistory)},
+        errors=JOB_ERRORS,
+        min_prefix=True,
+    ),
 ]
-
-
-def register(app: web.Application) -> None:
-    for method, path, handler, _ in MEDIA_ROUTES:
-        app.router.add_route(method, path, handler)
-        # SPEC 3: any media path may carry the /min{N} prefix; the handler validates N.
-        app.router.add_route(method, "/{min_prefix:min[^/]*}" + path, handler)

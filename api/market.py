@@ -6,7 +6,9 @@ from typing import Any
 
 from aiohttp import web
 
-from api.http import catalog_of, engine_of, resolve_model
+from api.http import catalog_of, engine_of, reply, resolve_model
+from api.routes import Reply, Route
+from api.schemas.market import CatalogList, MarketList, OrderBook
 from domain.catalog import ModelSpec
 from domain.money import format_discount, to_json
 from domain.routing import Candidate
@@ -78,7 +80,7 @@ def book_entry(entry: BookEntry, now: float) -> dict[str, Any]:
 async def list_markets(request: web.Request) -> web.Response:
     engine = engine_of(request)
     summaries = await engine.market_data.summaries(catalog_of(request).models())
-    return web.json_response({"object": "list", "data": [market_document(s) for s in summaries]})
+    return reply(MarketList, {"object": "list", "data": [market_document(s) for s in summaries]})
 
 
 async def order_book(request: web.Request) -> web.Response:
@@ -86,19 +88,20 @@ async def order_book(request: web.Request) -> web.Response:
     spec = resolve_model(request, request.match_info["model"])
     [summary] = await engine.market_data.summaries([spec])
     now = engine.router.wall_clock()
-    return web.json_response(
+    return reply(
+        OrderBook,
         {
             **market_document(summary),
             "object": "order_book",
             "offers": [book_entry(e, now) for e in summary.book],
-        }
+        },
     )
 
 
 async def models(request: web.Request) -> web.Response:
     engine = engine_of(request)
     if engine.catalog is None:
-        return web.json_response({"object": "list", "data": []})
+        return reply(CatalogList, {"object": "list", "data": []})
     specs = engine.catalog.models()
     summaries = await engine.market_data.summaries(specs)
     data = [
@@ -121,16 +124,40 @@ async def models(request: web.Request) -> web.Response:
         }
         for spec, summary in zip(specs, summaries, strict=True)
     ]
-    return web.json_response({"object": "list", "data": data})
+    return reply(CatalogList, {"object": "list", "data": data})
 
 
-MARKET_ROUTES: list[tuple[str, str, Any, str]] = [
-    ("GET", "/v1/models", models, "The model catalog with current best prices"),
-    ("GET", "/api/markets", list_markets, "Per model: best price, sellers, jobs and volume"),
-    ("GET", "/api/markets/{model}", order_book, "The order book of one model, cheapest first"),
+MARKET_ROUTES: list[Route] = [
+    Route(
+        "GET",
+        "/v1/models",
+        models,
+        name="list_models",
+        summary="The model catalog with current best prices",
+        tag="market",
+        replies={200: Reply("Every model on sale; empty while the catalog loads", CatalogList)},
+    ),
+    Route(
+        "GET",
+        "/api/markets",
+        list_markets,
+        name="list_markets",
+        summary="Per model: best price, sellers, jobs and volume",
+        tag="market",
+        replies={200: Reply("One market per model", MarketList)},
+        errors={503: "catalog_unavailable: the model catalog is loading"},
+    ),
+    Route(
+        "GET",
+        "/api/markets/{model}",
+        order_book,
+        name="get_order_book",
+        summary="The order book of one model, cheapest first",
+        tag="market",
+        replies={200: Reply("The market and every active offer", OrderBook)},
+        errors={
+            404: "model_not_found",
+            503: "catalog_unavailable: the model catalog is loading",
+        },
+    ),
 ]
-
-
-def register(app: web.Application) -> None:
-    for method, path, handler, _ in MARKET_ROUTES:
-        app.router.add_route(method, path, handler)

@@ -19,8 +19,8 @@ import pytest
 
 from adapters.crypto import Secrets
 from adapters.eventstore import open_market
+from api.validation import validate_video_request
 from domain.aggregates import Job, Settlement, settlement_id
-from domain.catalog import validate_video_request
 from services.commands import Commands
 from tests.test_ledger import ARTIFACT, CATALOG
 

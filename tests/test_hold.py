@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from adapters.crypto import Secrets
 from adapters.eventstore import open_market
+from api.validation import validate_video_request
 from domain.aggregates import IllegalTransition, InsufficientBalance, Job
-from domain.catalog import validate_video_request
 from domain.money import FeeSchedule, price_buyer_owned, price_offer, settle
 from domain.routing import (
     Candidate,

@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 
 from adapters.crypto import Secrets
 from adapters.eventstore import MarketApp, open_market, store_env
+from adapters.venice import parse_venice_models
+from api.validation import validate_video_request
 from domain.aggregates import InsufficientBalance, Job
-from domain.catalog import Catalog, parse_venice_models, validate_video_request
+from domain.catalog import Catalog
 from projections.ledger import LedgerBatch
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, Views, open_views

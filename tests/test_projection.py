@@ -10,7 +10,9 @@ from eventsourcing.persistence import IntegrityError, Tracking
 
 from adapters.crypto import Secrets, sha256_hex
 from adapters.eventstore import open_market, store_env
-from domain.catalog import Catalog, parse_venice_models, validate_video_request
+from adapters.venice import parse_venice_models
+from api.validation import validate_video_request
+from domain.catalog import Catalog
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, open_views
 from services.commands import Commands

@@ -33,8 +33,10 @@ from adapters.venice import (
     ProviderTransient,
     VeniceClient,
     VideoParams,
+    parse_venice_models,
 )
-from domain.catalog import Catalog, parse_venice_models, validate_video_request
+from api.validation import validate_video_request
+from domain.catalog import Catalog
 from services.routing import request_data, video_params
 from tests.venice_schema import DOCUMENTED, validate_request, validate_response
 

@@ -1,0 +1,160 @@
+"""``GET /v1/media/artifacts/{job_id}/{index}``: the video bytes, with byte ranges (SPEC 4.4).
+
+Access by buyer key, job token, or a short-lived signed URL (``expires`` and ``sig``). Ranges
+follow RFC 9110: one well-formed range is served (206), or answered 416 when it starts past the
+end; a Range header that does not parse, or asks for several ranges, is ignored (200, the whole
+file), as section 14.2 lets a server do.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from api.errors import ApiError, not_found
+from api.http import engine_of, job_access, min_discount_of
+from api.routes import RANGE, Reply, Route
+
+# Artifact indexes as written by the engine: int() would also take "-0", " 0" or "\u0660".
+_INDEX = re.compile(r"0|[1-9][0-9]{0,5}", re.ASCII)
+_RANGE = re.compile(r"bytes=(?:([0-9]{1,18})-([0-9]{0,18})|-([0-9]{1,18}))", re.ASCII)
+_SIGNATURE = re.compile(r"[A-Za-z0-9_-]{1,100}={0,2}", re.ASCII)
+_EXPIRES = re.compile(r"[1-9][0-9]{0,11}", re.ASCII)
+
+
+class RangeNotSatisfiable(ValueError):
+    pass
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``(first, last)`` to serve, or None to serve everything; ``RangeNotSatisfiable``."""
+    if header is None:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None:
+        return None
+    first, last, suffix = match.groups()
+    if suffix is not None:
+        length = int(suffix)
+        if length == 0 or size == 0:
+            raise RangeNotSatisfiable
+        return max(size - length, 0), size - 1
+    start = int(first)
+    if last and int(last) < start:
+        # RFC 9110 14.1.1: an invalid range-spec makes the whole header invalid: ignored.
+        return None
+    if start >= size:
+        raise RangeNotSatisfiable
+    return start, (min(int(last), size - 1) if last else size - 1)
+
+
+async def artifact(request: web.Request) -> web.StreamResponse:
+    min_discount_of(request)
+    engine = engine_of(request)
+    job_id = request.match_info["job_id"]
+    text = request.match_info["index"]
+    if not _INDEX.fullmatch(text):
+        raise not_found("artifact")
+    index = int(text)
+    if "sig" in request.query or "expires" in request.query:
+        row = await _signed_access(request, job_id)
+    else:
+        row = await job_access(request, job_id)
+    results = [r for r in row.doc["results"] if r["artifact_index"] == index]
+    if not results:
+        raise not_found("artifact")
+    path = engine.store.path(row.job_id, index)
+    if results[0].get("expired") or not path.is_file():
+        raise ApiError(410, "artifact_expired", "this artifact is past its retention period")
+    return _file_response(request, path, results[0]["content_type"])
+
+
+async def _signed_access(request: web.Request, job_id: str) -> Any:
+    engine = engine_of(request)
+    expires_text = request.query.get("expires", "")
+    signature = request.query.get("sig", "")
+    if not _EXPIRES.fullmatch(expires_text) or not _SIGNATURE.fullmatch(signature):
+        raise ApiError(401, "invalid_api_key", "the signed URL is invalid or has expired")
+    expires = int(expires_text)
+    if expires < time.time() or not engine.secrets.verify_url(request.path, expires, signature):
+        raise ApiError(401, "invalid_api_key", "the signed URL is invalid or has expired")
+    row = await engine.read(engine.views.get_job, job_id)
+    if row is None:
+        raise not_found("job")
+    return row
+
+
+def _file_response(request: web.Request, path: Path, content_type: str) -> web.StreamResponse:
+    size = path.stat().st_size
+    try:
+        wanted = parse_range(request.headers.get("Range"), size)
+    except RangeNotSatisfiable:
+        error = ApiError(
+            416,
+            "range_not_satisfiable",
+            f"the range starts past the end of the file ({size} bytes)",
+            "Range",
+        ).response()
+        error.headers["Content-Range"] = f"bytes */{size}"
+        return error
+    return _FileResponse(path, content_type, wanted)
+
+
+class _FileResponse(web.FileResponse):
+    """aiohttp reads the Range header itself, more loosely (``int()`` takes Unicode digits):
+    it is shown only the range parsed here, or none."""
+
+    def __init__(self, path: Path, content_type: str, wanted: tuple[int, int] | None) -> None:
+        super().__init__(path, headers={"Content-Type": content_type, "Accept-Ranges": "bytes"})
+        self._wanted = wanted
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        headers = CIMultiDict(request.headers)
+        headers.popall("Range", None)
+        headers.popall("If-Range", None)
+        if self._wanted is not None:
+            headers["Range"] = f"bytes={self._wanted[0]}-{self._wanted[1]}"
+        return await super().prepare(request.clone(headers=headers))
+
+
+ARTIFACT_ROUTES: list[Route] = [
+    Route(
+        "GET",
+        "/v1/media/artifacts/{job_id}/{index}",
+        artifact,
+        name="download_artifact",
+        summary="Download a finished video",
+        tag="jobs",
+        auth=("buyer", "job_token"),
+        headers=(RANGE,),
+        replies={
+            200: Reply(
+                "The whole video",
+                media_type="video/mp4",
+                schema={"type": "string", "format": "binary"},
+                headers=("Accept-Ranges",),
+            ),
+            206: Reply(
+                "The requested byte range",
+                media_type="video/mp4",
+                schema={"type": "string", "format": "binary"},
+                headers=("Accept-Ranges", "Content-Range"),
+            ),
+        },
+        errors={
+            401: "invalid_api_key: no valid key or token, or a signed URL that is invalid or "
+            "expired",
+            404: "not_found: no such job or artifact, or not yours",
+            410: "artifact_expired: past its retention period",
+            416: "range_not_satisfiable: the range starts past the end of the file",
+        },
+        min_prefix=True,
+        description="Also served with `?expires=...&sig=...` (the `url` of a result) and no "
+        "credentials, until it expires.",
+    ),
+]

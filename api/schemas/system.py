@@ -1,0 +1,63 @@
+"""Operations and finance documents: health, the trial balance, the reconciliation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict
+
+from api.schemas.common import Document, SignedMicros
+
+
+class Health(Document):
+    # Readiness details may grow (projection lag, stopped projections): readers must not break.
+    model_config = ConfigDict(extra="allow")
+
+    status: str
+    catalog: bool
+    projection_position: int
+
+
+class Totals(Document):
+    debits_usdc: SignedMicros
+    credits_usdc: SignedMicros
+
+
+class AccountLine(Document):
+    account: str
+    normal_side: Literal["debit", "credit"]
+    debits_usdc: SignedMicros
+    credits_usdc: SignedMicros
+    balance_usdc: SignedMicros
+
+
+class TrialBalance(Document):
+    object: Literal["ledger.trial_balance"]
+    position: int
+    balanced: bool
+    accounts: list[AccountLine]
+    totals: Totals
+
+
+class Check(Document):
+    name: str
+    description: str
+    status: Literal["ok", "failed", "skipped"]
+    checked: int
+    breaks: int
+    reason: str | None = None
+
+
+class Break(Document):
+    check: str
+    subject: str
+    detail: str
+
+
+class Reconciliation(Document):
+    object: Literal["ledger.reconciliation"]
+    ok: bool
+    position: int
+    checks: list[Check]
+    breaks: list[Break]
+    totals: dict[str, str | int]
