@@ -14,15 +14,17 @@ from adapters.crypto import Secrets
 from adapters.eventstore import MarketApp, open_market, store_env
 from adapters.settings import Settings
 from adapters.simulator import CATALOG, catalog_entry, parse_video_request
+from adapters.venice import parse_venice_models
+from api.validation import validate_video_request
 from domain.aggregates import Offer, settlement_id
-from domain.catalog import Catalog, VideoRequest, parse_venice_models, validate_video_request
+from domain.catalog import Catalog, VideoRequest
 from domain.money import FeeSchedule, parse_multiplier, price_offer, usd_to_micros
 from domain.routing import Candidate, RoutingError, choose
 from projections.runner import CATCH_UP_BATCH_SIZE
 from projections.views import VIEWS_NAME, Views, scratch_views
 from services.commands import Commands
 from services.replay import LogSource, rebuild
-from services.routing import MAX_ROUTE_OFFERS, Route
+from services.routing import MAX_ROUTE_OFFERS, Route, request_data, video_params
 from services.worker import LEASE_SECONDS
 
 __all__ = [
@@ -66,7 +68,7 @@ def simulator_catalog() -> Catalog:
 
 def simulator_list_price(request: VideoRequest) -> int:
     """What the embedded simulator quotes for ``request``, in microdollars."""
-    return usd_to_micros(parse_video_request(request.provider_params()).quote())
+    return usd_to_micros(parse_video_request(video_params(request_data(request)).body()).quote())
 
 
 def job_view_count(views: Views) -> int:

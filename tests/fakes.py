@@ -31,8 +31,8 @@ from adapters.crypto import Secrets
 from adapters.eventstore import MarketApp, open_market, store_env
 from adapters.media import render_mp4
 from adapters.venice import Completed, ProviderLost, Queued, VideoParams
+from api.validation import validate_video_request
 from domain.aggregates import BuyerAccount, Job, Offer, Settlement, settlement_id
-from domain.catalog import validate_video_request
 from domain.money import FeeSchedule, price_offer
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, Views, open_views

@@ -16,8 +16,8 @@ from uuid import UUID
 import pytest
 
 from adapters.venice import ProviderRefused, QuoteFailed
+from api.validation import validate_video_request
 from domain.aggregates import DepositConflict, InsufficientBalance
-from domain.catalog import validate_video_request
 from services.commands import (
     IDEMPOTENCY_WINDOW_SECONDS,
     Commands,
