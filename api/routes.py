@@ -62,7 +62,8 @@ IDEMPOTENCY_KEY = Header(
 )
 RANGE = Header(
     "Range",
-    "One byte range (RFC 9110), such as bytes=0-1023; a malformed one is ignored",
+    "One byte range (RFC 9110), such as bytes=0-1023; several ranges get the whole file, "
+    "a malformed one is refused 416",
 )
 REQUEST_ID = Header(
     "X-Request-Id",
@@ -114,7 +115,7 @@ ERROR_STATUSES: dict[int, str] = {
     410: "artifact_expired: past its retention period",
     413: "request_too_large: a body over 4 MiB",
     415: "unsupported_media_type: a body that is not application/json",
-    416: "range_not_satisfiable: the range starts past the end of the file",
+    416: "range_not_satisfiable: a malformed range, or one past the end of the file",
     422: "idempotency_key_reused: the key was used with another body",
     500: "internal_error: a bug; the request id finds it in the logs",
     503: "the engine cannot answer now; retry",
