@@ -1,0 +1,124 @@
+"""What every command shares: retrying optimistic-concurrency conflicts, serialising the
+writers of one hot aggregate within this process, loading, and the answers commands give.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
+
+from adapters.crypto import Secrets
+from adapters.eventstore import MarketApp
+
+T = TypeVar("T")
+IDEMPOTENCY_WINDOW_SECONDS = 24 * 3600
+MAX_ATTEMPTS = 200
+
+
+class ConflictError(Exception):
+    """Optimistic-concurrency retries exhausted (practically unreachable)."""
+
+
+class Stale(Exception):
+    """What a command loaded was overtaken before it could save: another writer ended the job
+    (its settlement is resolved, its hold gone). The save would conflict anyway; this says so
+    before a rule refuses the stale decision, and the command retries on fresh state."""
+
+
+class IdempotencyMismatch(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+class NotFound(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a command wrote: the log position to wait for before answering the caller."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: UUID
+    job_token: str
+    position: int
+    replayed: bool
+
+
+def position_of(recordings: list[Any]) -> int:
+    return max((r.notification.id for r in recordings), default=0)
+
+
+def idempotent_job_id(buyer_id: str, key: str, generation: int) -> UUID:
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"/mediamarket/idempotency/{buyer_id}/{generation}/{key}")
+
+
+class CommandBase:
+    def __init__(self, app: MarketApp, secrets: Secrets, clock: Callable[[], float] = time.time):
+        self.app = app
+        self.secrets = secrets
+        self.clock = clock
+        self._open_keys: dict[tuple[str, str], str] = {}
+        self._locks: weakref.WeakValueDictionary[str, threading.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._locks_guard = threading.Lock()
+
+    @contextmanager
+    def _serialised(self, *names: str) -> Iterator[None]:
+        """Serialise this process's writes to hot aggregates (a buyer's account, an offer).
+
+        Concurrent writers would otherwise load the same version and all but one would redo
+        their work after a conflict; other processes still conflict and retry, which stays
+        correct, just slower. Locks are taken in sorted order, so two commands that need the
+        same pair can never deadlock.
+        """
+        with self._locks_guard:
+            locks = []
+            for name in sorted(set(names)):
+                lock = self._locks.get(name)
+                if lock is None:
+                    lock = threading.Lock()
+                    self._locks[name] = lock
+                locks.append(lock)
+        with contextlib.ExitStack() as stack:
+            for lock in locks:
+                stack.enter_context(lock)
+            yield
+
+    def _account(self, buyer_id: UUID | str) -> contextlib.AbstractContextManager[None]:
+        return self._serialised(f"buyer:{buyer_id}")
+
+    def _retrying(self, attempt: Callable[[], T]) -> T:
+        for n in range(MAX_ATTEMPTS):
+            try:
+                return attempt()
+            except (IntegrityError, Stale):
+                # Contention on a hot aggregate (a busy buyer's account): back off a little,
+                # with jitter so the losers don't collide again in lockstep.
+                time.sleep(random.uniform(0, min(0.001 * (n + 1), 0.02)))
+        raise ConflictError("too much contention; try again")
+
+    def _get(self, cls: type[T], aggregate_id: UUID) -> T:
+        try:
+            aggregate: Any = self.app.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            raise NotFound(str(aggregate_id)) from None
+        if not isinstance(aggregate, cls):
+            raise NotFound(str(aggregate_id))
+        return aggregate
