@@ -4,6 +4,10 @@ Every step is recorded before the next one starts, so a worker that dies anywher
 by one that reads the job's events and carries on. The one unknowable step (a queue call sent
 with no answer) is recorded as ``DispatchStarted`` without ``Dispatched`` and ends the job as
 ``upstream_unknown`` with nothing charged.
+
+(Over 400 lines on purpose: dispatch, polling, storing and ending are the steps of one drive
+loop over one lease, each reading what the previous recorded; split apart they would pass that
+state around instead of sharing it.)
 """
 
 from __future__ import annotations
