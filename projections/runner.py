@@ -75,6 +75,7 @@ class ProjectionRunner:
         self.on_advance: list[Callable[[int], None]] = []
         # Set once, when the views fail on an event: the runner has stopped for good.
         self.failure: Failure | None = None
+        self.failed = threading.Event()
 
     def run_once(self, until: int | None = None, limit: int | None = None) -> int:
         """Apply the next batch, if any, up to ``until``; returns how many it covered.
@@ -131,6 +132,7 @@ class ProjectionRunner:
     def _record_failure(self, position: int, error: Exception) -> None:
         failure = Failure(position, f"{type(error).__name__}: {error}", time.time())
         self.failure = failure
+        self.failed.set()
         log.error(
             "projection_failed",
             position=failure.position,
@@ -200,6 +202,11 @@ class ProjectionRunner:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        """Wait for the runner's thread to end (it ends by itself only when it failed)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def wait_for(self, position: int, timeout: float) -> bool:
         """Block until the views include ``position`` (read-your-writes for a command)."""
