@@ -169,32 +169,21 @@ def _transfer(debit_account: str, credit_account: str, amount: int) -> tuple[Pos
 
 
 def _new_settlement(job_id: str, seq: int, buyer_id: str) -> dict[str, Any]:
-    return {
-        "job_id": job_id,
-        "seq": seq,
-        "buyer_id": buyer_id,
-        "model": None,
-        "seconds": None,
-        "resolution": None,
-        "created_at": None,
-        "day": None,
-        "hold": 0,
-        "charged": 0,
-        "seller_cost": 0,
-        "platform_fee": 0,
-        "released": 0,
-        "status": settlement_status(False, 0),
-        "outcome": None,
-        "resolved_at": None,
-        "resolutions": 0,
-        "seller_id": None,
-        "offer_id": None,
-        "dispatch_offer_id": None,
-        "dispatch_seller_id": None,
-        "key_sha256": None,
-        "list_price": None,
-        "dispatch_state": "none",
-    }
+    row: dict[str, Any] = dict.fromkeys(SETTLEMENT_COLUMNS)
+    row.update(
+        job_id=job_id,
+        seq=seq,
+        buyer_id=buyer_id,
+        hold=0,
+        charged=0,
+        seller_cost=0,
+        platform_fee=0,
+        released=0,
+        status=settlement_status(False, 0),
+        resolutions=0,
+        dispatch_state="none",
+    )
+    return row
 
 
 class LedgerBatch:

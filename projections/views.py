@@ -10,11 +10,12 @@ handler) and the query functions over its tables:
 - ``projections.trades``: settled marketplace jobs, for volume and seller earnings;
 - ``projections.ledger`` (fold) and ``projections.ledger_read`` (queries): the journal.
 
-``projections.store`` holds them in one database (dialects, exactly-once batches, schema
-version, digests, scratch storage). ``Views`` is that store plus the query methods the API and
-the worker have always called (``views.get_job``, ``views.offer``, ``views.principal``, ...),
-each a one-line delegation to its read model's query function; new code may call those
-functions directly with the views (or a snapshot) as the reader.
+``projections.store`` holds them in one database (exactly-once batches, schema version,
+digests; ``projections.dialects``: SQLite or PostgreSQL, scratch storage). ``Views`` is that
+store plus the query methods the API and the worker have always called (``views.get_job``,
+``views.offer``, ``views.principal``, ...), each a one-line delegation to its read model's
+query function; new code may call those functions directly with the views (or a snapshot) as
+the reader.
 """
 
 from __future__ import annotations
@@ -26,18 +27,11 @@ from eventsourcing.utils import resolve_topic
 
 from projections import accounts, jobviews, ledger, orderbook, trades
 from projections.accounts import BuyerProviderRow
+from projections.dialects import PostgresStore, SQLiteStore, open_store, scratch_env
 from projections.jobdoc import JobDoc
 from projections.jobviews import JobRow
 from projections.orderbook import OfferRow
-from projections.store import (
-    PostgresStore,
-    Projection,
-    Snapshot,
-    SQLiteStore,
-    Store,
-    open_store,
-    scratch_env,
-)
+from projections.store import Projection, Snapshot, Store
 
 VIEWS_NAME = "views"
 # In fold order: trades reads the order book's fold of the same batch.

@@ -1,5 +1,10 @@
 """The reconciliation of SPEC 1's invariants across one snapshot of the views and the buyers'
-account aggregates (see ``services.finance`` for how the snapshot is read)."""
+account aggregates (see ``services.finance`` for how the snapshot is read).
+
+About 400 lines, and kept whole on purpose: it is ``CHECKS`` (``services.finance_report``) in
+order, one short function per check, and a reader checking one invariant wants the others in
+view; the types and the reading are elsewhere already.
+"""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ from adapters.esinternals import EventDecoder, notification_rows, open_tracking
 from adapters.eventstore import open_market, store_env
 from bench.replay import LogGenerator
 from domain.aggregates import Seller
-from projections.store import scratch_env
+from projections.dialects import scratch_env
 
 
 def positional(function: Any) -> list[str]:
