@@ -19,7 +19,16 @@ from eventsourcing.application import Application
 
 from adapters.esinternals import EventDecoder, notification_rows
 
-__all__ = ["EventDecoder", "LogBatch", "LogReader"]
+__all__ = ["EventDecoder", "LogBatch", "LogReader", "UnreadableEvent"]
+
+
+class UnreadableEvent(Exception):
+    """A stored event that can't be decoded (a corrupt row, a topic this code doesn't know):
+    reading again gives the same error."""
+
+    def __init__(self, position: int, cause: Exception) -> None:
+        super().__init__(f"notification {position} cannot be decoded: {cause!r}")
+        self.position = position
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,22 @@ class LogReader:
         skipped, decode = self._skipped, self.decode
         for topic in {row[3] for row in rows}.difference(skipped):
             skipped[topic] = self._skip_topic(topic)
-        items = [
-            (row[0], decode(row[1], row[2], row[3], row[4])) for row in rows if not skipped[row[3]]
-        ]
+        try:
+            items = [
+                (row[0], decode(row[1], row[2], row[3], row[4]))
+                for row in rows
+                if not skipped[row[3]]
+            ]
+        except Exception:
+            self._find_unreadable(rows)
+            raise
         return LogBatch(rows[-1][0], len(rows), items)
+
+    def _find_unreadable(self, rows: list[Any]) -> None:
+        """Raise ``UnreadableEvent`` naming the first row of ``rows`` that fails to decode."""
+        for row in rows:
+            if not self._skipped[row[3]]:
+                try:
+                    self.decode(row[1], row[2], row[3], row[4])
+                except Exception as e:
+                    raise UnreadableEvent(row[0], e) from e

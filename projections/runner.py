@@ -7,9 +7,10 @@ position is read from the database before every batch, so several runners (one p
 and a rebuild can share one view safely: a loser of a race gets ``LostRace`` and re-reads.
 
 Only that race is retried (and a locked or unreachable database, on the next tick). Any other
-error is the views' own (a constraint a row violates, a bug in a fold) and would fail the same way
-on every retry: the runner finds the event it fails on, applies everything before it, records the
-failure (position, error, time) and stops; ``/healthz`` and ``/metrics`` show it.
+error is the views' own (a constraint a row violates, a bug in a fold) or an event that can't be
+decoded, and would fail the same way on every retry: the runner finds the event it fails on,
+applies everything before it, records the failure (position, error, time) and stops;
+``/healthz`` and ``/metrics`` show it.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import structlog
 from eventsourcing.persistence import OperationalError, Tracking
 
 from adapters.eventstore import MarketApp
-from adapters.logreader import LogBatch, LogReader
+from adapters.logreader import LogBatch, LogReader, UnreadableEvent
 from projections.store import LostRace
 from projections.views import ALL, Part, Views, skips
 
@@ -86,7 +88,10 @@ class ProjectionRunner:
         start = self.views.position(self.app.name)
         if until is not None and start >= until:
             return 0
-        batch = self.reader.read(start, limit or self.batch_size, until)
+        try:
+            batch = self.reader.read(start, limit or self.batch_size, until)
+        except UnreadableEvent as e:
+            self._record_failure(e.position, e)
         if batch.last is None:
             self._advance(start)
             return 0
@@ -129,7 +134,7 @@ class ProjectionRunner:
             # Only notifications no view reads are left: move tracking past them.
             self.views.apply_batch([], Tracking(self.app.name, batch.last), start, self.part)
 
-    def _record_failure(self, position: int, error: Exception) -> None:
+    def _record_failure(self, position: int, error: Exception) -> NoReturn:
         failure = Failure(position, f"{type(error).__name__}: {error}", time.time())
         self.failure = failure
         self.failed.set()

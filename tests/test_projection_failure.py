@@ -130,3 +130,35 @@ def test_a_stopped_projection_shows_in_healthz_and_metrics_and_the_api_still_ans
     # Logged once, with the event's position: the runner is not retrying.
     failures = [line for line in server.logs().splitlines() if "projection_failed" in line]
     assert len(failures) == 1 and str(next_position) in failures[0], failures
+
+
+def test_an_event_that_cannot_be_decoded_stops_the_projection_at_its_position(
+    database_url: str,
+) -> None:
+    market = open_market(database_url)
+    views = open_views(store_env(database_url, role=VIEWS_NAME))
+    try:
+        views.ensure_schema(market.name)
+        commands = Commands(market, Secrets("x" * 32))
+        buyer_id, _, _ = commands.create_buyer("b")
+        broken = commands.deposit(buyer_id, 1).position
+        commands.deposit(buyer_id, 2)
+        recorder: Any = market.recorder
+        sqlite = database_url.startswith("sqlite")
+        key = "rowid" if sqlite else "notification_id"
+        with recorder.datastore.transaction(commit=True) as c:
+            c.execute(
+                f"UPDATE {recorder.events_table_name} SET state = {'?' if sqlite else '%s'} "
+                f"WHERE {key} = {'?' if sqlite else '%s'}",
+                (b"not json", broken),
+            )
+        runner = ProjectionRunner(market, views)
+        with pytest.raises(ProjectionFailed):
+            runner.catch_up()
+        assert runner.failure is not None and runner.failure.position == broken
+        assert views.position(market.name) == 0  # the batch it was in is not applied
+        with pytest.raises(ProjectionFailed):
+            runner.run_once()
+    finally:
+        views.datastore.close()
+        market.close()
