@@ -210,7 +210,8 @@ class EventDecoder:
     scanner inside ``json.loads`` and one ``fromisoformat``, skipping the library's ``object_hook``
     call per dict. Anything else (another transcoded value, an event class that upcasts, a
     cipher or a compressor, bytes that aren't JSON) goes through the library's own mapper, so
-    the result is always exactly the event the library would give, or its error.
+    the result is always exactly the event the library would give, or its error (which
+    ``adapters.logreader`` wraps in ``UnreadableEvent`` to name the notification).
     """
 
     def __init__(self, app: Application[UUID]) -> None:
