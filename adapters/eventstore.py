@@ -29,11 +29,12 @@ class MarketApp(Application[UUID]):
         super().__init__(env=env)
         self.on_saved: list[Callable[[], None]] = []
 
-    def _notify(self, recordings: list[Recording[UUID]]) -> None:
+    def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
+        recordings = super().save(*objs, **kwargs)
         # Wakes this process's projection runner and worker at once, instead of on their timers.
-        super()._notify(recordings)
         for callback in self.on_saved:
             callback()
+        return recordings
 
 
 def store_env(database_url: str, *, role: str = "events") -> dict[str, str]:

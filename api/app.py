@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from aiohttp import web
 
@@ -22,18 +23,26 @@ VERSION = "0.1.0"
 
 async def healthz(request: web.Request) -> web.Response:
     engine = engine_of(request)
-    return reply(
-        Health,
-        {
-            "status": "ok",
-            "catalog": engine.catalog is not None,
-            "projection_position": engine.runner.position,
-        },
-    )
+    failure = engine.runner.failure
+    body: dict[str, Any] = {
+        # Degraded, not down: the views keep serving what they hold, but stopped following
+        # the log at an event they could not apply (SPEC 8: a stuck projection).
+        "status": "ok" if failure is None else "degraded",
+        "catalog": engine.catalog is not None,
+        "projection_position": engine.runner.position,
+    }
+    if failure is not None:
+        body["projection_failure"] = {
+            "position": failure.position,
+            "error": failure.error,
+            "failed_at": int(failure.at),
+        }
+    return reply(Health, body)
 
 
 async def metrics(request: web.Request) -> web.Response:
     engine = engine_of(request)
+    failure = engine.runner.failure
     lines = [
         "# HELP mediamarket_http_requests_total HTTP requests by route and status.",
         "# TYPE mediamarket_http_requests_total counter",
@@ -47,6 +56,14 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP mediamarket_projection_position Last log position applied to the views.",
         "# TYPE mediamarket_projection_position gauge",
         f"mediamarket_projection_position {engine.runner.position}",
+        "# HELP mediamarket_projection_failed 1 when the projection stopped on an event it could"
+        " not apply (see /healthz), else 0.",
+        "# TYPE mediamarket_projection_failed gauge",
+        f"mediamarket_projection_failed {0 if failure is None else 1}",
+        "# HELP mediamarket_projection_failed_position Log position of the event the projection"
+        " stopped on (0 while it runs).",
+        "# TYPE mediamarket_projection_failed_position gauge",
+        f"mediamarket_projection_failed_position {0 if failure is None else failure.position}",
         "# HELP mediamarket_worker_active_jobs Jobs this process is driving now.",
         "# TYPE mediamarket_worker_active_jobs gauge",
         f"mediamarket_worker_active_jobs {engine.worker.active_jobs if engine.worker else 0}",

@@ -15,6 +15,7 @@ from eventsourcing.domain import Snapshot as LibrarySnapshot
 from eventsourcing.utils import register_topic
 
 from domain import money
+from domain.rules import offer_unavailable_because
 
 QUEUED = "queued"
 SUBMITTED = "submitted"
@@ -183,17 +184,15 @@ class Offer(Aggregate):
 
     def unavailable_because(self, now: float) -> str | None:
         """Why a new job may not start on this offer now, or None when it may."""
-        if self.deleted:
-            return "deleted"
-        if self.paused:
-            return "paused"
-        if self.deactivated_reason is not None:
-            return "deactivated"
-        if self.backoff_until > now:
-            return "backoff"
-        if self.max_concurrent_jobs is not None and len(self.in_flight) >= self.max_concurrent_jobs:
-            return "at_capacity"
-        return None
+        return offer_unavailable_because(
+            deleted=self.deleted,
+            paused=self.paused,
+            deactivated=self.deactivated_reason is not None,
+            backoff_until=self.backoff_until,
+            in_flight=len(self.in_flight),
+            max_concurrent_jobs=self.max_concurrent_jobs,
+            now=now,
+        )
 
     def take_slot(self, job_id: UUID, now: float) -> str | None:
         """Reserve capacity for a dispatch; returns why not when the offer can't take it."""

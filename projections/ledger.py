@@ -13,6 +13,8 @@ Beside the journal the projection keeps one row per job (``mm_settlements``: wha
 charged and released, and the provider dispatch the charge rests on) and, per buyer, the version
 of the account aggregate it has seen, so a reconciliation can compare the journal with the
 aggregate at exactly the same point of the log.
+
+The queries that read these tables are in ``projections.ledger_read`` (this module is the fold).
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from domain.aggregates import BuyerAccount, Job, Settlement
+from domain.rules import settlement_status
 from projections.ids import id_text
+from projections.store import Batch, Projection, chunks, placeholders
 
 # Generated event classes (see projections.jobdoc).
 JobEvent: Any = Job
 SettlementEvent: Any = Settlement
 BuyerEvent: Any = BuyerAccount
 
+NAME = "ledger"
 EXTERNAL_DEPOSITS = "external:deposits"
 PLATFORM_FEES = "platform:fees"
 
@@ -42,6 +47,12 @@ def buyer_held(buyer_id: str) -> str:
 
 def seller_payable(seller_id: str) -> str:
     return f"seller:{seller_id}:payable"
+
+
+def payable_seller(account: str) -> str | None:
+    """The seller whose payable account this is, or None for any other account."""
+    kind, _, rest = account.partition(":")
+    return rest.rsplit(":", 1)[0] if kind == "seller" else None
 
 
 def is_debit_normal(account: str) -> bool:
@@ -158,32 +169,21 @@ def _transfer(debit_account: str, credit_account: str, amount: int) -> tuple[Pos
 
 
 def _new_settlement(job_id: str, seq: int, buyer_id: str) -> dict[str, Any]:
-    return {
-        "job_id": job_id,
-        "seq": seq,
-        "buyer_id": buyer_id,
-        "model": None,
-        "seconds": None,
-        "resolution": None,
-        "created_at": None,
-        "day": None,
-        "hold": 0,
-        "charged": 0,
-        "seller_cost": 0,
-        "platform_fee": 0,
-        "released": 0,
-        "status": "pending",
-        "outcome": None,
-        "resolved_at": None,
-        "resolutions": 0,
-        "seller_id": None,
-        "offer_id": None,
-        "dispatch_offer_id": None,
-        "dispatch_seller_id": None,
-        "key_sha256": None,
-        "list_price": None,
-        "dispatch_state": "none",
-    }
+    row: dict[str, Any] = dict.fromkeys(SETTLEMENT_COLUMNS)
+    row.update(
+        job_id=job_id,
+        seq=seq,
+        buyer_id=buyer_id,
+        hold=0,
+        charged=0,
+        seller_cost=0,
+        platform_fee=0,
+        released=0,
+        status=settlement_status(False, 0),
+        resolutions=0,
+        dispatch_state="none",
+    )
+    return row
 
 
 class LedgerBatch:
@@ -197,22 +197,23 @@ class LedgerBatch:
 
     def project(self, items: Sequence[tuple[int, Any]]) -> None:
         # Most of a log is job events the ledger has no use for: pick its own by exact type.
-        ours = [(seq, e, HANDLERS[type(e)]) for seq, e in items if type(e) in HANDLERS]
-        wanted = {
-            e.job_id if handler is _SETTLEMENT else id_text(e.originator_id)
-            for _, e, handler in ours
-            if handler is not _BUYER
-        }
-        self.settlements = self._load(wanted)
+        handlers = HANDLERS
+        ours = [(seq, e, h) for seq, e in items if (h := handlers.get(type(e))) is not None]
+        settlement = LedgerBatch._settlement
+        self.settlements = self._load(
+            {
+                e.job_id if handler is settlement else id_text(e.originator_id)
+                for _, e, handler in ours
+                if handler is not LedgerBatch._buyer
+            }
+        )
         for seq, e, handler in ours:
-            if handler is _BUYER:
-                self.buyer_versions[id_text(e.originator_id)] = e.originator_version
-                if isinstance(e, BuyerEvent.Deposited):
-                    self._deposit(seq, e)
-            elif handler is _SETTLEMENT:
-                self._settlement(seq, e)
-            else:
-                self._job(seq, e)
+            handler(self, seq, e)
+
+    def _buyer(self, seq: int, e: Any) -> None:
+        self.buyer_versions[id_text(e.originator_id)] = e.originator_version
+        if type(e) is BuyerEvent.Deposited:
+            self._deposit(seq, e)
 
     def _post(
         self,
@@ -261,7 +262,7 @@ class LedgerBatch:
                 platform_fee=e.platform_fee,
                 seller_id=e.seller_id,
                 offer_id=e.offer_id,
-                status="confirmed",
+                status=settlement_status(True, e.charged),
             )
             capture = [Posting(buyer_held(buyer), debit=e.charged)]
             if e.seller_id is not None or e.seller_cost:
@@ -271,7 +272,7 @@ class LedgerBatch:
             if not e.released:
                 return
         else:
-            row["status"] = "released"
+            row["status"] = settlement_status(True, 0)
         postings = _transfer(buyer_held(buyer), buyer_available(buyer), e.released)
         self._post(seq, e, at, "release", buyer, job_id, None, postings)
 
@@ -361,13 +362,12 @@ class LedgerBatch:
             )
 
 
-_BUYER, _SETTLEMENT, _JOB = "buyer", "settlement", "job"
 # Every event the ledger reads, by exact class. Every account event counts (the version the
 # ledger has seen of each buyer), the settlement's, and the four job events that say which
 # provider dispatch a charge rests on.
-HANDLERS: dict[type, str] = {
+HANDLERS: dict[type, Callable[[LedgerBatch, int, Any], None]] = {
     **{
-        cls: _BUYER
+        cls: LedgerBatch._buyer
         for cls in (
             BuyerEvent.Created,
             BuyerEvent.Deposited,
@@ -376,11 +376,11 @@ HANDLERS: dict[type, str] = {
         )
     },
     **{
-        cls: _SETTLEMENT
+        cls: LedgerBatch._settlement
         for cls in (SettlementEvent.Created, SettlementEvent.Settled, SettlementEvent.Released)
     },
     **{
-        cls: _JOB
+        cls: LedgerBatch._job
         for cls in (
             JobEvent.Created,
             JobEvent.DispatchStarted,
@@ -389,3 +389,29 @@ HANDLERS: dict[type, str] = {
         )
     },
 }
+
+
+def _fold(batch: Batch) -> LedgerBatch:
+    def load(job_ids: set[str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for chunk in chunks(sorted(job_ids)):
+            for r in batch.all(
+                f"SELECT {', '.join(SETTLEMENT_COLUMNS)} FROM mm_settlements "
+                f"WHERE job_id IN ({placeholders(chunk)})",
+                chunk,
+            ):
+                found[r["job_id"]] = {k: r[k] for k in SETTLEMENT_COLUMNS}
+        return found
+
+    return LedgerBatch(load)
+
+
+PROJECTION = Projection(
+    name=NAME,
+    tables=LEDGER_TABLES,
+    indexes=LEDGER_INDEXES,
+    digest_order=LEDGER_DIGEST_ORDER,
+    handles=frozenset(HANDLERS),
+    fold=_fold,
+    without_rowid=WITHOUT_ROWID,
+)

@@ -4,7 +4,13 @@ Works the same on SQLite (which has no subscriptions) and PostgreSQL: read a bat
 tracked position, apply it in one transaction with the tracking row, repeat. It is woken at once
 by saves in this process and polls on a short timer for saves made by other processes. The
 position is read from the database before every batch, so several runners (one per API process)
-and a rebuild can share one view safely: a loser of a race gets ``IntegrityError`` and re-reads.
+and a rebuild can share one view safely: a loser of a race gets ``LostRace`` and re-reads.
+
+Only that race is retried (and a locked or unreachable database, on the next tick). Any other
+error is the views' own (a constraint a row violates, a bug in a fold) or an event that can't be
+decoded, and would fail the same way on every retry: the runner finds the event it fails on,
+applies everything before it, records the failure (position, error, time) and stops;
+``/healthz`` and ``/metrics`` show it.
 """
 
 from __future__ import annotations
@@ -12,18 +18,37 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn
 
 import structlog
-from eventsourcing.persistence import IntegrityError, OperationalError, Tracking
+from eventsourcing.persistence import OperationalError, Tracking
 
 from adapters.eventstore import MarketApp
-from adapters.logreader import LogReader
+from adapters.logreader import LogBatch, LogReader, UnreadableEvent
+from projections.store import LostRace
 from projections.views import ALL, Part, Views, skips
 
 log = structlog.get_logger("projections")
 # Catching up (a rebuild, a replay, a backlog at start) applies big batches: fewer commits and
 # fewer reloads of the same job rows. Tailing the live log applies whatever is new.
 CATCH_UP_BATCH_SIZE = 5000
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a projection stopped: the notification it could not apply, the error, and when
+    (Unix time)."""
+
+    position: int
+    error: str
+    at: float
+
+
+class ProjectionFailed(Exception):
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(f"the views failed at log position {failure.position}: {failure.error}")
+        self.failure = failure
 
 
 class ProjectionRunner:
@@ -50,25 +75,76 @@ class ProjectionRunner:
         self._thread: threading.Thread | None = None
         self._caught_up = threading.Condition()
         self.on_advance: list[Callable[[int], None]] = []
+        # Set once, when the views fail on an event: the runner has stopped for good.
+        self.failure: Failure | None = None
+        self.failed = threading.Event()
 
     def run_once(self, until: int | None = None, limit: int | None = None) -> int:
-        """Apply the next batch, if any, up to ``until``; returns how many it covered."""
+        """Apply the next batch, if any, up to ``until``; returns how many it covered.
+
+        Raises ``ProjectionFailed`` (and stays failed) when the views can't apply an event."""
+        if self.failure is not None:
+            raise ProjectionFailed(self.failure)
         start = self.views.position(self.app.name)
         if until is not None and start >= until:
             return 0
-        batch = self.reader.read(start, limit or self.batch_size, until)
+        try:
+            batch = self.reader.read(start, limit or self.batch_size, until)
+        except UnreadableEvent as e:
+            self._record_failure(e.position, e)
         if batch.last is None:
             self._advance(start)
             return 0
         try:
-            tracking = Tracking(self.app.name, batch.last)
-            self.views.apply_batch(batch.items, tracking, start, self.part)
-        except IntegrityError:
+            self.views.apply_batch(
+                batch.items, Tracking(self.app.name, batch.last), start, self.part
+            )
+        except LostRace:
             # Another runner applied (part of) this range first; start again from its position.
             self._advance(self.views.position(self.app.name))
             return 0
+        except OperationalError:
+            raise  # locked or unreachable: the loop tries again on its next tick
+        except Exception as e:
+            try:
+                self._apply_singly(start, batch, e)
+            except LostRace:
+                self._advance(self.views.position(self.app.name))
+                return 0
         self._advance(batch.last)
         return batch.count
+
+    def _apply_singly(self, start: int, batch: LogBatch, error: Exception) -> None:
+        """After a batch failed (and was rolled back): apply its events one notification at a
+        time, to find the one the views can't apply. Everything before it is applied; that one
+        is recorded as the failure and the runner stops (``ProjectionFailed``)."""
+        assert batch.last is not None
+        for seq, event in batch.items:
+            try:
+                self.views.apply_batch(
+                    [(seq, event)], Tracking(self.app.name, seq), start, self.part
+                )
+            except (LostRace, OperationalError):
+                raise
+            except Exception as e:
+                self._record_failure(seq, e)
+            start = seq
+            self._advance(seq)
+        if start != batch.last:
+            # Only notifications no view reads are left: move tracking past them.
+            self.views.apply_batch([], Tracking(self.app.name, batch.last), start, self.part)
+
+    def _record_failure(self, position: int, error: Exception) -> NoReturn:
+        failure = Failure(position, f"{type(error).__name__}: {error}", time.time())
+        self.failure = failure
+        self.failed.set()
+        log.error(
+            "projection_failed",
+            position=failure.position,
+            error=failure.error,
+            part=sorted(self.part),
+        )
+        raise ProjectionFailed(failure) from error
 
     def catch_up(self, until: int | None = None) -> int:
         """Apply the log up to its end (or up to ``until``); returns how many were applied."""
@@ -115,21 +191,33 @@ class ProjectionRunner:
                     # A full batch means a backlog (a start after a schema change, a burst):
                     # catch up in big batches, then go back to small ones for fresh writes.
                     limit = CATCH_UP_BATCH_SIZE if applied >= limit else self.batch_size
+            except ProjectionFailed:
+                return  # logged once, kept in self.failure; retrying would fail the same way
             except OperationalError as e:
                 # A locked SQLite file or a PostgreSQL hiccup: try again on the next tick.
                 log.warning("projection_batch_retry", error=str(e))
                 time.sleep(self.poll_interval)
             except Exception:
-                log.exception("projection_batch_failed")
+                # Reading the log failed (the views were not touched): try again shortly.
+                log.exception("projection_read_failed")
                 time.sleep(1.0)
             self._wake.wait(self.poll_interval)
             self._wake.clear()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        """Wait for the runner's thread to end (it ends by itself only when it failed)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def wait_for(self, position: int, timeout: float) -> bool:
         """Block until the views include ``position`` (read-your-writes for a command)."""
         deadline = time.monotonic() + timeout
         with self._caught_up:
-            while self.position < position:
+            while self.position < position and self.failure is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

@@ -16,6 +16,7 @@ from uuid import UUID
 from adapters.eventstore import MarketApp
 from domain.aggregates import Job, Settlement, settlement_id
 from domain.money import to_json
+from domain.rules import settlement_status
 
 # Event fields that hold money (int microdollars), at any depth: decimal strings in JSON (SPEC 1).
 MONEY_FIELDS = frozenset(
@@ -222,13 +223,7 @@ def _attempts(events: list[AuditEvent]) -> list[dict[str, Any]]:
 
 def _amounts(job: Any, settlement: Any) -> Amounts:
     if settlement is None:
-        return Amounts(job.estimated_cost, job.max_cost, 0, 0, 0, 0, "pending")
-    if not settlement.resolved:
-        status = "pending"
-    elif settlement.charged:
-        status = "confirmed"
-    else:
-        status = "released"
+        return Amounts(job.estimated_cost, job.max_cost, 0, 0, 0, 0, settlement_status(False, 0))
     return Amounts(
         estimated=job.estimated_cost,
         held=settlement.hold,
@@ -236,7 +231,7 @@ def _amounts(job: Any, settlement: Any) -> Amounts:
         seller_cost=settlement.seller_cost,
         platform_fee=settlement.platform_fee,
         released=settlement.released,
-        settlement_status=status,
+        settlement_status=settlement_status(settlement.resolved, settlement.charged),
     )
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Iterable
 from datetime import date
 from typing import Any
 
+from projections import jobviews, ledger_read
 from projections.views import Views
 
 JOURNAL_COLUMNS = [
@@ -64,29 +64,12 @@ def parse_day(text: str) -> str:
     return date.fromisoformat(text).isoformat()
 
 
-def _day_range(column: str, first: str | None, last: str | None) -> tuple[str, list[str]]:
-    clauses, params = [], []
-    if first is not None:
-        clauses.append(f"{column} >= ?")
-        params.append(first)
-    if last is not None:
-        clauses.append(f"{column} <= ?")
-        params.append(last)
-    return (" AND ".join(clauses) or "1 = 1"), params
-
-
 def journal_rows(
     views: Views, application_name: str, first: str | None, last: str | None
 ) -> list[list[Any]]:
     """Every posting of the entries posted between two UTC days (inclusive), in log order."""
-    where, params = _day_range("e.day", first, last)
     with views.snapshot(application_name) as s:
-        rows = s.all(
-            "SELECT e.posted_at, e.entry_id, e.kind, e.job_id, e.buyer_id, e.reference, p.line, "
-            "p.account, p.debit, p.credit FROM mm_ledger_entries e JOIN mm_ledger_postings p "
-            f"ON p.entry_no = e.entry_no WHERE {where} ORDER BY e.entry_no, p.line",
-            params,
-        )
+        rows = ledger_read.journal(s, first, last)
     return [
         [
             r["posted_at"],
@@ -108,9 +91,8 @@ def settlement_rows(
     views: Views, application_name: str, first: str | None, last: str | None
 ) -> list[list[Any]]:
     """One row per job created between two UTC days (inclusive), with its settlement."""
-    where, params = _day_range("day", first, last)
     with views.snapshot(application_name) as s:
-        rows = s.all(f"SELECT * FROM mm_settlements WHERE {where} ORDER BY seq", params)
+        rows = ledger_read.settlements_created(s, first, last)
     return [
         [
             r["job_id"],
@@ -138,14 +120,9 @@ def usage_rows(
     views: Views, application_name: str, buyer_id: str, first: str | None, last: str | None
 ) -> list[list[Any]]:
     """A buyer's jobs created between two UTC days (inclusive), oldest first."""
-    where, params = _day_range("s.day", first, last)
     with views.snapshot(application_name) as s:
-        rows = s.all(
-            "SELECT s.created_at, s.job_id, s.model, s.seconds, s.resolution, v.status, v.doc, "
-            "s.charged, s.status AS settlement_status FROM mm_settlements s JOIN mm_job_views v "
-            f"ON v.job_id = s.job_id WHERE s.buyer_id = ? AND {where} ORDER BY s.seq",
-            [buyer_id, *params],
-        )
+        rows = ledger_read.settlements_created(s, first, last, buyer_id=buyer_id)
+        jobs = jobviews.statuses_and_estimates(s, [r["job_id"] for r in rows])
     return [
         [
             r["created_at"],
@@ -153,12 +130,13 @@ def usage_rows(
             r["model"],
             r["seconds"] if r["seconds"] is not None else "",
             r["resolution"] or "",
-            r["status"],
-            json.loads(r["doc"])["estimated_cost_usdc"],
+            jobs[r["job_id"]][0],
+            jobs[r["job_id"]][1],
             r["charged"],
-            r["settlement_status"],
+            r["status"],
         ]
         for r in rows
+        if r["job_id"] in jobs  # a job's settlement row without its view is not the buyer's usage
     ]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from domain.catalog import ModelSpec
 from domain.routing import Candidate
+from domain.rules import BACKOFF
 from projections.views import OfferRow, Views
 from services.routing import Router, default_params
 
@@ -58,7 +59,7 @@ class MarketSummary:
 
     @property
     def healthy_sellers(self) -> int:
-        return len({e.offer.seller_id for e in self.book if e.unavailable != "backoff"})
+        return len({e.offer.seller_id for e in self.book if e.unavailable != BACKOFF})
 
 
 def _book_order(entry: BookEntry) -> tuple[int, int, Fraction, int, str]:

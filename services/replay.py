@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from adapters.eventstore import MarketApp, open_market
 from projections.runner import ProjectionRunner
 from projections.views import (
+    PROJECTIONS,
     REBUILD_PARTS,
     Part,
     Views,
@@ -20,18 +21,8 @@ from projections.views import (
     scratch_env,
 )
 
-# Which projection each table belongs to, for the report.
-PROJECTIONS = {
-    "mm_job_views": "job views",
-    "mm_principals": "accounts",
-    "mm_buyer_providers": "accounts",
-    "mm_offers": "order book",
-    "mm_trades": "order book",
-    "mm_ledger_entries": "ledger",
-    "mm_ledger_postings": "ledger",
-    "mm_settlements": "ledger",
-    "mm_ledger_buyers": "ledger",
-}
+# Which read model each table belongs to, for the report.
+PROJECTION_OF = {table: p.name for p in PROJECTIONS for table in p.tables}
 MAX_NAMED_ROWS = 10
 # Below this many events a second process costs more (its start-up, the merge) than it saves.
 PARALLEL_MIN_EVENTS = 100_000
@@ -134,7 +125,7 @@ class Verification:
             f"{'projection':<11} {'table':<20} {'live rows':>10} {'replayed':>10}  result",
         ]
         for t in self.tables:
-            projection = PROJECTIONS.get(t.table, "")
+            projection = PROJECTION_OF.get(t.table, "")
             result = "identical" if t.identical else f"DIFFERENT ({len(t.differing) + t.more} rows)"
             out.append(
                 f"{projection:<11} {t.table:<20} {t.live_rows:>10} {t.replayed_rows:>10}  {result}"

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
 from api.schemas.common import Document, SignedMicros
 
 
+class ProjectionFailure(Document):
+    position: int = Field(description="Log position of the event the views could not apply")
+    error: str
+    failed_at: int = Field(description="Unix seconds")
+
+
 class Health(Document):
-    # Readiness details may grow (projection lag, stopped projections): readers must not break.
+    # Readiness details may grow (projection lag, connections): readers must not break.
     model_config = ConfigDict(extra="allow")
 
-    status: str
+    status: Literal["ok", "degraded"] = Field(
+        description="degraded: the views stopped following the log and serve what they hold"
+    )
     catalog: bool
     projection_position: int
+    projection_failure: ProjectionFailure | None = None
 
 
 class Totals(Document):

@@ -1,0 +1,303 @@
+"""Every use of an eventsourcing internal, in one place (the library is pinned: 9.5.6).
+
+Nothing else in the project may touch a private name or an undocumented attribute of the
+library: it goes through here, and ``tests/test_eventsourcing_contract.py`` checks each use
+against the installed library (names, signatures, behaviour), so an upgrade that changes one
+fails there, loudly, before it fails anywhere else. What is used, and why:
+
+- **Tracking inside our own transactions.** A projection batch writes its rows and the
+  library's single-row tracking upsert in one transaction: ``_insert_tracking(cursor, tracking)``
+  and ``_max_tracking_id(name, cursor)`` are the cursor-level halves of the public
+  ``insert_tracking``/``max_tracking_id``, which open a transaction of their own.
+- **The views' tables created with the tracking table**: the SQLite recorder's
+  ``construct_create_table_statements`` and the PostgreSQL recorder's ``sql_create_statements``.
+- **A PostgreSQL schema per store**: the connection pool's ``kwargs`` (a scratch replay's views
+  live in a schema of their own, and our table names are unqualified).
+- **The SQLite file's name** (``pool.db_name``), for the event loop's own read connection.
+- **The log read without the library's per-row objects**: the events table's name and the
+  datastore's schema, and a decoder that repeats the mapper's work for the common case
+  (``JSONTranscoder``'s object hook, its registered ``names``, ``DatetimeAsISO``); anything else
+  goes through ``Mapper.to_domain_event`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from json.scanner import make_scanner
+from typing import Any, ClassVar
+from uuid import UUID
+
+from eventsourcing.application import Application
+from eventsourcing.persistence import (
+    DatetimeAsISO,
+    InfrastructureFactory,
+    JSONTranscoder,
+    StoredEvent,
+    Tracking,
+    TrackingRecorder,
+)
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresTrackingRecorder
+from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteTrackingRecorder
+from eventsourcing.utils import Environment, resolve_topic
+from psycopg.rows import tuple_row
+from psycopg.sql import SQL, Identifier
+
+# --------------------------------------------------------------------------- tracking
+
+
+class _SQLiteTracking(SQLiteTrackingRecorder):
+    extra_statements: ClassVar[list[str]] = []
+
+    def construct_create_table_statements(self) -> list[str]:
+        return [*super().construct_create_table_statements(), *self.extra_statements]
+
+
+class _PostgresTracking(PostgresTrackingRecorder):
+    extra_statements: ClassVar[list[str]] = []
+
+    def __init__(self, datastore: Any, **kwargs: Any) -> None:
+        super().__init__(datastore, **kwargs)
+        self.sql_create_statements.extend(SQL(s) for s in self.extra_statements)  # type: ignore[misc]
+
+
+class TrackingTable:
+    """The library's tracking recorder of one views store, used from inside the store's own
+    transactions; its datastore is the store's connection pool."""
+
+    def __init__(self, recorder: TrackingRecorder) -> None:
+        self._recorder: Any = recorder
+        self.datastore: Any = recorder.datastore  # type: ignore[attr-defined]
+        self.is_sqlite = isinstance(recorder, SQLiteTrackingRecorder)
+
+    def insert(self, cursor: Any, tracking: Tracking) -> None:
+        """The single-row upsert; IntegrityError when the row is at ``tracking``'s id or past."""
+        self._recorder._insert_tracking(cursor, tracking)
+
+    def position(self, application_name: str, cursor: Any = None) -> int:
+        if cursor is None:
+            return self._recorder.max_tracking_id(application_name) or 0
+        return self._recorder._max_tracking_id(application_name, cursor) or 0
+
+    def reset(self, cursor: Any, application_name: str) -> None:
+        """Back to the start of the log (no row: position 0)."""
+        if self.is_sqlite:
+            cursor.execute("DELETE FROM tracking WHERE application_name = ?", (application_name,))
+        else:
+            cursor.execute(
+                SQL("DELETE FROM {} WHERE application_name = %s").format(
+                    Identifier(self._recorder.tracking_table_name)
+                ),
+                (application_name,),
+            )
+
+    def lock_statement(self) -> str:
+        """SQLite: a write that takes the file's one write lock and changes nothing."""
+        return "DELETE FROM tracking WHERE 0"
+
+    @property
+    def sqlite_file(self) -> str:
+        return str(self.datastore.pool.db_name)
+
+
+def open_tracking(name: str, env: dict[str, str], create_statements: list[str]) -> TrackingTable:
+    """The tracking recorder of the store ``env`` opens, creating ``create_statements`` (our
+    tables, in the store's dialect) with its own table. With ``POSTGRES_SCHEMA`` in ``env``
+    every connection looks in that schema first."""
+    factory = InfrastructureFactory.construct(Environment(name, env))
+    schema = env.get("POSTGRES_SCHEMA")
+    if schema:
+        # Before the pool opens its first connection.
+        factory.datastore.pool.kwargs["options"] = f"-c search_path={schema}"  # type: ignore[attr-defined]
+    base: type[Any] = (
+        _SQLiteTracking
+        if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite"
+        else _PostgresTracking
+    )
+    cls = type(base.__name__, (base,), {"extra_statements": list(create_statements)})
+    return TrackingTable(factory.tracking_recorder(cls))
+
+
+# --------------------------------------------------------------------------- the log, raw
+
+
+def notification_rows(app: Application[UUID]) -> Callable[[int, int | None, int], list[Any]]:
+    """``rows(start, stop, limit)``: ``(notification id, originator id, version, topic,
+    state)`` tuples after ``start`` (up to ``stop``), in id order, exactly the rows the
+    library's ``select_notifications`` would give, without a ``Notification`` per row."""
+    recorder = app.recorder
+    if isinstance(recorder, SQLiteApplicationRecorder):
+        return _sqlite_rows(recorder)
+    if isinstance(recorder, PostgresApplicationRecorder):
+        return _postgres_rows(recorder)
+
+    def library_rows(start: int, stop: int | None, limit: int) -> list[Any]:
+        notifications = recorder.select_notifications(
+            start=start, limit=limit, stop=stop, inclusive_of_start=False
+        )
+        return [
+            (n.id, n.originator_id, n.originator_version, n.topic, n.state) for n in notifications
+        ]
+
+    return library_rows
+
+
+def _sqlite_rows(
+    recorder: SQLiteApplicationRecorder,
+) -> Callable[[int, int | None, int], list[Any]]:
+    table = recorder.events_table_name
+
+    def rows(start: int, stop: int | None, limit: int) -> list[Any]:
+        statement = (
+            f"SELECT rowid, originator_id, originator_version, topic, state FROM {table} "
+            "WHERE rowid>? "
+        )
+        params: list[int] = [start]
+        if stop is not None:
+            statement += "AND rowid<=? "
+            params.append(stop)
+        statement += "ORDER BY rowid LIMIT ?"
+        params.append(limit)
+        with recorder.datastore.transaction(commit=False) as c, c as cursor:
+            # Plain tuples: the library's connections make sqlite3.Row objects, which cost
+            # more than the query.
+            cursor.row_factory = None
+            cursor.execute(statement, params)
+            return cursor.fetchall()
+
+    return rows
+
+
+def _postgres_rows(
+    recorder: PostgresApplicationRecorder,
+) -> Callable[[int, int | None, int], list[Any]]:
+    table = SQL("{schema}.{table}").format(
+        schema=Identifier(recorder.datastore.schema),
+        table=Identifier(recorder.events_table_name),
+    )
+
+    def rows(start: int, stop: int | None, limit: int) -> list[Any]:
+        statement = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state "
+            "FROM {table} WHERE notification_id>%s"
+        ).format(table=table)
+        params: list[int] = [start]
+        if stop is not None:
+            statement += SQL(" AND notification_id<=%s")
+            params.append(stop)
+        statement += SQL(" ORDER BY notification_id LIMIT %s")
+        params.append(limit)
+        with recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as c:
+            c.execute(statement, params, prepare=True)
+            return c.fetchall()
+
+    return rows
+
+
+# --------------------------------------------------------------------------- decoding
+
+# How the library's JSON transcoder marks a value it transcoded; in the encoded bytes a key
+# spelled like this can't be part of a string (its quotes would be escaped).
+_TYPE_KEY = b'"_type_"'
+MAX_CACHED_UUIDS = 65_536
+
+
+class EventDecoder:
+    """Stored event fields to the domain event ``Mapper.to_domain_event`` would return.
+
+    An event whose only transcoded value is its timestamp (nearly all of them) is decoded by the
+    scanner inside ``json.loads`` and one ``fromisoformat``, skipping the library's ``object_hook``
+    call per dict. Anything else (another transcoded value, an event class that upcasts, a
+    cipher or a compressor, bytes that aren't JSON) goes through the library's own mapper, so
+    the result is always exactly the event the library would give, or its error (which
+    ``adapters.logreader`` wraps in ``UnreadableEvent`` to name the notification).
+    """
+
+    def __init__(self, app: Application[UUID]) -> None:
+        mapper = app.mapper
+        self._mapper = mapper
+        transcoder: Any = mapper.transcoder
+        self._fast = (
+            mapper.cipher is None
+            and mapper.compressor is None
+            and isinstance(transcoder, JSONTranscoder)
+            and type(transcoder)._decode_obj is JSONTranscoder._decode_obj
+            and "datetime_iso" in transcoder.names
+        )
+        datetime_iso = transcoder.names.get("datetime_iso") if self._fast else None
+        # The library's transcoding is fromisoformat behind an assert and a method call.
+        self._datetime: Callable[[str], Any] = (
+            datetime.fromisoformat
+            if type(datetime_iso) is DatetimeAsISO
+            else getattr(datetime_iso, "decode", datetime.fromisoformat)
+        )
+        # Per topic: the class, when it can take the fast path (None when it upcasts).
+        self._classes: dict[str, type | None] = {}
+        # What json.loads runs, without its wrappers (the library wrote no whitespace around).
+        self._scan: Callable[[str, int], tuple[Any, int]] = make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+        # A job's dozen events share one UUID object instead of parsing its id a dozen times.
+        self._uuids: dict[str, UUID] = {}
+        self.decode = self._decoder()
+
+    @property
+    def fast(self) -> bool:
+        """Whether the common case skips the library (no cipher, compressor or other codec)."""
+        return self._fast
+
+    def _decoder(self) -> Callable[[UUID | str, int, str, bytes], Any]:
+        # A closure over locals: this runs once per event of a replay, and attribute lookups
+        # on self were a good part of its time.
+        classes, fast_class, uuids = self._classes, self._fast_class, self._uuids
+        scan, parse_datetime, library = self._scan, self._datetime, self._mapper.to_domain_event
+        new, set_attribute = object.__new__, object.__setattr__
+
+        def decode(
+            originator_id: UUID | str, originator_version: int, topic: str, state: bytes
+        ) -> Any:
+            try:
+                cls = classes[topic]
+            except KeyError:
+                cls = classes[topic] = fast_class(topic)
+            if type(state) is not bytes:  # a driver's memoryview
+                state = bytes(state)
+            if cls is not None and state.count(_TYPE_KEY) == 1:
+                text = state.decode("utf8")
+                try:
+                    event_state, end = scan(text, 0)
+                except (ValueError, StopIteration):  # not JSON: the library says how
+                    event_state, end = None, -1
+                timestamp = event_state.get("timestamp") if type(event_state) is dict else None
+                if (
+                    end == len(text)
+                    and type(timestamp) is dict
+                    and len(timestamp) == 2
+                    and timestamp.get("_type_") == "datetime_iso"
+                    and "_data_" in timestamp
+                ):
+                    event_state["timestamp"] = parse_datetime(timestamp["_data_"])
+                    if type(originator_id) is str:
+                        uuid = uuids.get(originator_id)
+                        if uuid is None:
+                            if len(uuids) >= MAX_CACHED_UUIDS:
+                                uuids.clear()
+                            uuid = uuids[originator_id] = UUID(originator_id)
+                        event_state["originator_id"] = uuid
+                    else:
+                        event_state["originator_id"] = originator_id
+                    event_state["originator_version"] = originator_version
+                    event: Any = new(cls)
+                    set_attribute(event, "__dict__", event_state)
+                    return event
+            return library(StoredEvent(originator_id, originator_version, topic, state))
+
+        return decode
+
+    def _fast_class(self, topic: str) -> type | None:
+        if not self._fast:
+            return None
+        cls = resolve_topic(topic)
+        # A class that upcasts old versions needs the library's path for its stored versions.
+        if getattr(cls, "class_version", 1) != 1:
+            return None
+        return cls

@@ -1,0 +1,166 @@
+"""The two databases a store can live in, and fresh scratch storage beside either for a replay.
+
+SQLite: a file per store in WAL mode, point reads on the event loop's own connection, batches
+serialised by SQLite's one write lock. PostgreSQL: autocommit reads, batches and schema changes
+serialised by advisory locks per schema, so a replay's scratch schema never waits on the live one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.sql import SQL, Identifier
+
+from adapters.esinternals import open_tracking
+from projections.store import Projection, Store
+
+# Arbitrary constants, each with the views' schema the key of an advisory lock: the one that
+# serialises view schema changes on PostgreSQL...
+SCHEMA_LOCK_ID = 7_305_117
+# ...and the one that serialises projection batches, so each reads the position it builds on.
+BATCH_LOCK_ID = 7_305_118
+
+
+class SQLiteStore(Store):
+    # A primary-key read of a local WAL file takes microseconds, far less than a hand-off to
+    # the thread pool and back; the event loop gets its own autocommit connection for them.
+    inline_reads = True
+    _inline: tuple[int, sqlite3.Connection] | None = None
+    # Views are rebuilt from the log, so a commit need not wait for the disk: in WAL mode NORMAL
+    # can lose the last batches on a power cut, never consistency, and the runner re-applies
+    # them from the tracked position. Scratch views of a replay need no durability at all.
+    synchronous = "NORMAL"
+
+    @staticmethod
+    def create_statements(projections: Sequence[Projection]) -> list[str]:
+        statements = []
+        for p in projections:
+            for table, statement in p.tables.items():
+                without = table in p.without_rowid
+                statements.append(f"{statement} WITHOUT ROWID" if without else statement)
+        return statements + [i for p in projections for i in p.indexes]
+
+    @contextmanager
+    def _batch_transaction(self) -> Iterator[Any]:
+        with self.datastore.get_connection(commit=True) as conn:
+            # Per connection, and only outside a transaction.
+            conn.cursor().execute(f"PRAGMA synchronous={self.synchronous}")
+            with conn.transaction(commit=True) as c:
+                yield c
+
+    def bind_inline_reader(self) -> None:
+        conn = sqlite3.connect(
+            self.tracking.sqlite_file, uri=True, check_same_thread=False, isolation_level=None
+        )
+        conn.row_factory = sqlite3.Row
+        self._inline = (threading.get_ident(), conn)
+
+    def one(self, statement: str, params: Sequence[Any] = ()) -> Any:
+        inline = self._inline
+        if inline is not None and inline[0] == threading.get_ident():
+            return inline[1].execute(statement, params).fetchone()
+        return super().one(statement, params)
+
+    def all(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
+        inline = self._inline
+        if inline is not None and inline[0] == threading.get_ident():
+            return inline[1].execute(statement, params).fetchall()
+        return super().all(statement, params)
+
+    def copy_tables_from(self, env: dict[str, str], tables: Iterable[str]) -> None:
+        with self.datastore.get_connection(commit=True) as conn:
+            # Per connection, and only outside a transaction.
+            conn.cursor().execute("ATTACH DATABASE ? AS part", (env["SQLITE_DBNAME"],))
+            try:
+                with conn.transaction(commit=True) as c:
+                    for table in tables:
+                        c.execute(f"INSERT INTO main.{table} SELECT * FROM part.{table}")
+            finally:
+                conn.cursor().execute("DETACH DATABASE part")
+
+    def _lock_batches(self, c: Any) -> None:
+        # A write takes SQLite's one write lock now (a read first would pin a snapshot that a
+        # committing runner could make stale); it matches no row and changes nothing.
+        c.execute(self.tracking.lock_statement())
+
+
+class PostgresStore(Store):
+    def q(self, statement: str) -> Any:
+        return statement.replace("?", "%s")
+
+    # Reads run on autocommit connections: one round trip, not BEGIN, SELECT and ROLLBACK.
+    def one(self, statement: str, params: Sequence[Any] = ()) -> Any:
+        with self.datastore.get_connection() as conn:
+            return conn.execute(self.q(statement), params).fetchone()
+
+    def all(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self.datastore.get_connection() as conn:
+            return list(conn.execute(self.q(statement), params).fetchall())
+
+    def _lock_schema(self, c: Any) -> None:
+        c.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (SCHEMA_LOCK_ID,))
+
+    def _repeatable_read(self, c: Any) -> None:
+        c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+
+    def _lock_batches(self, c: Any) -> None:
+        # Per schema: views in another schema (a rebuild's scratch parts) have their own.
+        c.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (BATCH_LOCK_ID,))
+
+    def copy_tables_from(self, env: dict[str, str], tables: Iterable[str]) -> None:
+        schema = Identifier(env["POSTGRES_SCHEMA"])
+        with self.datastore.transaction(commit=True) as c:
+            for table in tables:
+                c.execute(
+                    SQL("INSERT INTO {} SELECT * FROM {}.{}").format(
+                        Identifier(table), schema, Identifier(table)
+                    )
+                )
+
+
+def open_store(
+    name: str,
+    env: dict[str, str],
+    projections: Sequence[Projection],
+    sqlite: type[SQLiteStore],
+    pg: type[PostgresStore],
+) -> Store:
+    """The store ``env`` opens (its tables created when absent), as ``sqlite`` or ``pg``."""
+    cls = sqlite if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite" else pg
+    tracking = open_tracking(name, env, cls.create_statements(projections))
+    return cls(tracking, projections)
+
+
+@contextmanager
+def scratch_env(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Fresh storage beside the live store (a temporary SQLite file, or a temporary PostgreSQL
+    schema), removed afterwards; yields the environment that opens it."""
+    if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite":
+        with tempfile.TemporaryDirectory(prefix="mediamarket-replay-") as directory:
+            yield {**env, "SQLITE_DBNAME": f"{directory}/views.db"}
+        return
+    schema = f"mm_replay_{uuid.uuid4().hex[:12]}"
+    admin = psycopg.connect(**_pg_connect_args(env), autocommit=True)
+    try:
+        admin.execute(SQL("CREATE SCHEMA {}").format(Identifier(schema)))
+        yield {**env, "POSTGRES_SCHEMA": schema}
+    finally:
+        admin.execute(SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(Identifier(schema)))
+        admin.close()
+
+
+def _pg_connect_args(env: dict[str, str]) -> dict[str, Any]:
+    return {
+        "dbname": env["POSTGRES_DBNAME"],
+        "host": env["POSTGRES_HOST"],
+        "port": env["POSTGRES_PORT"],
+        "user": env["POSTGRES_USER"],
+        "password": env.get("POSTGRES_PASSWORD") or None,
+    }
