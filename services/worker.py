@@ -40,6 +40,7 @@ from adapters.venice import (
 )
 from domain.aggregates import IllegalTransition, Job
 from domain.routing import route_exhausted
+from domain.rules import AT_CAPACITY, DELETED
 from projections.views import OfferRow, Views
 from services.commands import Commands
 from services.routing import DEACTIVATING_STATUSES, KeyRow, Router, video_params
@@ -215,7 +216,7 @@ class Worker:
                 continue
             row = await self._key_row(job, offer_id, entry["seller_id"])
             reason = "unavailable" if row is None else self._unavailable(row)
-            if reason == "at_capacity":
+            if reason == AT_CAPACITY:
                 waiting = True
                 continue
             if reason is not None or row is None:
@@ -240,7 +241,7 @@ class Worker:
                 "buyer_cost": price.buyer_cost,
             }
             reason = await self.blocking(self.commands.start_dispatch, job.id, attempt)
-            if reason == "at_capacity":
+            if reason == AT_CAPACITY:
                 waiting = True
                 continue
             if reason is not None:
@@ -302,7 +303,7 @@ class Worker:
     def _unavailable(self, row: KeyRow) -> str | None:
         if isinstance(row, OfferRow):
             return row.unavailable_because(self.clock())
-        return "deleted" if row.deleted else None
+        return DELETED if row.deleted else None
 
     async def _key_row(self, job: Job, key_id: str, seller_id: str | None) -> KeyRow | None:
         """The offer, or the buyer's own provider key, that a route entry or dispatch names."""

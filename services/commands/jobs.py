@@ -16,6 +16,7 @@ from domain.aggregates import (
     Settlement,
     settlement_id,
 )
+from domain.rules import AT_CAPACITY
 from services.commands.base import (
     CommandBase,
     Stale,
@@ -113,7 +114,7 @@ class JobCommands(CommandBase):
                 job = self._get(Job, job_id)
                 offer = self._get(Offer, UUID(offer_id))
                 reason = offer.take_slot(job_id, now=self.clock())
-                if reason == "at_capacity":
+                if reason == AT_CAPACITY:
                     return reason
                 if reason is not None:
                     job.skipped(offer_id, reason)
