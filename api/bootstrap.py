@@ -152,6 +152,10 @@ class Engine:
         """Wait, without holding a thread, until the views include ``position``."""
         if self.runner.position >= position:
             return True
+        if self.runner.failure is not None:
+            # This process's views stopped at an event they could not apply (see /healthz):
+            # waiting could not help; another process's views may still hold the write.
+            return await self.blocking(self.runner.wait_for, position, 0.0)
         assert self._loop is not None
         future: asyncio.Future[None] = self._loop.create_future()
         heapq.heappush(self._waiters, (position, id(future), future))

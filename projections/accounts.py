@@ -10,7 +10,7 @@ from typing import Any
 
 from domain.aggregates import BuyerAccount, BuyerProvider, Seller
 from projections.ids import id_text
-from projections.store import Batch, Projection, Reader, dumps, placeholders
+from projections.store import Batch, Projection, Reader, apply_in_order, dumps, placeholders
 
 NAME = "accounts"
 BuyerEvent: Any = BuyerAccount  # generated event classes (see projections.jobdoc)
@@ -80,11 +80,7 @@ class AccountsFold:
         self.deleted: list[str] = []
 
     def project(self, items: Sequence[tuple[int, Any]]) -> None:
-        handlers = HANDLERS
-        for seq, e in items:
-            handler = handlers.get(type(e))
-            if handler is not None:
-                handler(self, seq, e)
+        apply_in_order(self, HANDLERS, items)
 
     def write(self, c: Any, q: Callable[[str], Any]) -> None:
         if self.principals:

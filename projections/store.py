@@ -60,6 +60,17 @@ class Fold(Protocol):
     def write(self, c: Any, q: Callable[[str], Any]) -> None: ...
 
 
+def apply_in_order(
+    fold: Any, handlers: dict[type, Callable[[Any, int, Any], None]], items: Sequence[Any]
+) -> None:
+    """Each event of ``items`` (position, event) to its handler by exact class, in log order:
+    the fold of a read model whose handlers need no rows loaded first."""
+    for seq, e in items:
+        handler = handlers.get(type(e))
+        if handler is not None:
+            handler(fold, seq, e)
+
+
 @dataclass
 class Batch:
     """What a fold gets: the batch's cursor for bulk loads, and the folds that ran before it

@@ -12,7 +12,7 @@ from typing import Any
 
 from domain.aggregates import Settlement
 from projections import orderbook
-from projections.store import Batch, Projection, Reader
+from projections.store import Batch, Projection, Reader, apply_in_order
 
 NAME = "trades"
 SettlementEvent: Any = Settlement  # generated event classes (see projections.jobdoc)
@@ -39,11 +39,7 @@ class TradesFold:
         self.trades: list[tuple[Any, ...]] = []
 
     def project(self, items: Sequence[tuple[int, Any]]) -> None:
-        handlers = HANDLERS
-        for seq, e in items:
-            handler = handlers.get(type(e))
-            if handler is not None:
-                handler(self, seq, e)
+        apply_in_order(self, HANDLERS, items)
 
     def write(self, c: Any, q: Callable[[str], Any]) -> None:
         if self.trades:
