@@ -8,6 +8,8 @@ from urllib.parse import unquote, urlparse
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from domain.webhooks import DEFAULT_SCHEDULE, parse_schedule
+
 
 class ConfigError(Exception):
     """A configuration problem, reported to the operator in one line."""
@@ -33,7 +35,9 @@ class Settings(BaseSettings):
     PROVIDER_QUEUE_TIMEOUT_SECONDS: float = Field(default=30.0, gt=0)
     WORKER_CONCURRENCY: int = Field(default=256, gt=0)
     WEBHOOK_ALLOW_HTTP: bool = False
-    WEBHOOK_ALLOW_PRIVATE: bool = False
+    # SPEC 7: seconds between a webhook's failed tries, comma-separated; empty: the default
+    # schedule (5 s, 5 min, 30 min, 2 h, 5 h, then 10 h, for 77.6 h in all).
+    WEBHOOK_RETRY_SCHEDULE: str = ""
     # SPEC 9: URLs that sellers, buyers and providers supply may reach private addresses only
     # when the operator says so; a seller's base_url only the hosts listed per provider.
     OUTBOUND_ALLOW_PRIVATE: bool = False
@@ -54,6 +58,19 @@ class Settings(BaseSettings):
         if not value.startswith("file://"):
             raise ValueError("only file:// artifact stores are supported in this version")
         return value
+
+    @field_validator("WEBHOOK_RETRY_SCHEDULE")
+    @classmethod
+    def _retry_schedule(cls, value: str) -> str:
+        if value.strip():
+            parse_schedule(value)
+        return value
+
+    @property
+    def webhook_schedule(self) -> tuple[float, ...]:
+        if not self.WEBHOOK_RETRY_SCHEDULE.strip():
+            return DEFAULT_SCHEDULE
+        return parse_schedule(self.WEBHOOK_RETRY_SCHEDULE)
 
     @property
     def is_sqlite(self) -> bool:

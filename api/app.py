@@ -17,6 +17,7 @@ from api.http import ENGINE, METRICS, PRINCIPALS, engine_of, reply, request_cont
 from api.openapi import openapi_document
 from api.routes import Reply, Route, register
 from api.schemas.system import Health
+from api.webhooks import WEBHOOK_ROUTES
 
 VERSION = "0.1.0"
 
@@ -113,6 +114,7 @@ PUBLIC_ROUTES: list[Route] = [
 ROUTES: list[Route] = [
     *jobs.MEDIA_ROUTES,
     *ARTIFACT_ROUTES,
+    *WEBHOOK_ROUTES,
     *accounts.ACCOUNT_ROUTES,
     *sellers.SELLER_ROUTES,
     *market.MARKET_ROUTES,

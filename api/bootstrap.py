@@ -30,6 +30,7 @@ from projections.views import VIEWS_NAME, Views, open_views
 from services.commands import Commands
 from services.market import Market
 from services.routing import OfferHealth, Providers, Router
+from services.webhooks import WebhookCommands, WebhookSender
 from services.worker import Worker
 
 log = structlog.get_logger("engine")
@@ -120,6 +121,9 @@ class Engine:
     catalog: Catalog | None = None
     worker: Worker | None = None
     worker_task: asyncio.Task[None] | None = None
+    webhooks: WebhookCommands = field(init=False)
+    webhook_sender: WebhookSender | None = None
+    webhook_task: asyncio.Task[None] | None = None
     base_urls: dict[str, str] = field(default_factory=dict)
     market_data: Market = field(init=False)
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
@@ -128,6 +132,7 @@ class Engine:
     def __post_init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.market_data = Market(self.read, self.views, self.router)
+        self.webhooks = WebhookCommands(self.market, self.secrets)
         self.views.bind_inline_reader()
         self.runner.on_advance.append(self._runner_advanced)
 
@@ -250,9 +255,35 @@ class Engine:
         self.market.on_saved.append(wake_worker)
         self.worker = worker
         self.worker_task = asyncio.create_task(worker.run())
+        self._start_webhook_sender(worker_id)
         return worker
 
+    def _start_webhook_sender(self, worker_id: str) -> None:
+        """SPEC 8: webhook retries run in every process that has a worker."""
+        sender = WebhookSender(
+            commands=self.webhooks,
+            views=self.views,
+            outbound=self.outbound,
+            blocking=self.blocking,
+            worker_id=worker_id,
+            schedule=self.settings.webhook_schedule,
+        )
+        loop = asyncio.get_running_loop()
+
+        def wake_sender(_: int) -> None:
+            # A new delivery is found in the views, so look when they advance, not when saved.
+            loop.call_soon_threadsafe(sender.wake)
+
+        self.runner.on_advance.append(wake_sender)
+        self.webhook_sender = sender
+        self.webhook_task = asyncio.create_task(sender.run())
+
     async def close(self) -> None:
+        if self.webhook_sender is not None:
+            await self.webhook_sender.stop()
+        if self.webhook_task is not None:
+            self.webhook_task.cancel()
+            await asyncio.gather(self.webhook_task, return_exceptions=True)
         if self.worker is not None:
             await self.worker.stop()
         if self.worker_task is not None:

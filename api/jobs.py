@@ -90,7 +90,7 @@ async def submit(request: web.Request) -> web.Response:
         body,
         catalog_of(request),
         allow_http_webhooks=engine.settings.WEBHOOK_ALLOW_HTTP,
-        allow_private_webhooks=engine.settings.WEBHOOK_ALLOW_PRIVATE,
+        allow_private_webhooks=engine.settings.OUTBOUND_ALLOW_PRIVATE,
     )
 
     if idempotency_key is not None:

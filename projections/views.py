@@ -8,7 +8,8 @@ handler) and the query functions over its tables:
 - ``projections.accounts``: API key hashes to principals, buyers' own provider keys;
 - ``projections.orderbook``: seller offers, their state, health and capacity;
 - ``projections.trades``: settled marketplace jobs, for volume and seller earnings;
-- ``projections.ledger`` (fold) and ``projections.ledger_read`` (queries): the journal.
+- ``projections.ledger`` (fold) and ``projections.ledger_read`` (queries): the journal;
+- ``projections.webhooks``: webhook deliveries, their tries, and the senders' due list.
 
 ``projections.store`` holds them in one database (exactly-once batches, schema version,
 digests; ``projections.dialects``: SQLite or PostgreSQL, scratch storage). ``Views`` is that
@@ -22,10 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from eventsourcing.utils import resolve_topic
 
-from projections import accounts, jobviews, ledger, orderbook, trades
+from projections import accounts, jobviews, ledger, orderbook, trades, webhooks
 from projections.accounts import BuyerProviderRow
 from projections.dialects import PostgresStore, SQLiteStore, open_store, scratch_env
 from projections.jobdoc import JobDoc
@@ -41,8 +43,9 @@ PROJECTIONS: list[Projection] = [
     orderbook.PROJECTION,
     trades.PROJECTION,
     ledger.PROJECTION,
+    webhooks.PROJECTION,
 ]
-JOB_VIEWS, ACCOUNTS, ORDER_BOOK, TRADES, LEDGER = (p.name for p in PROJECTIONS)
+JOB_VIEWS, ACCOUNTS, ORDER_BOOK, TRADES, LEDGER, WEBHOOKS = (p.name for p in PROJECTIONS)
 TABLES: dict[str, str] = {t: s for p in PROJECTIONS for t, s in p.tables.items()}
 # Every table's key columns, for digests.
 DIGEST_ORDER: dict[str, str] = {t: k for p in PROJECTIONS for t, k in p.digest_order.items()}
@@ -91,6 +94,15 @@ class Views(Store):
 
     def artifacts_stored_before(self, cutoff: int, limit: int) -> list[str]:
         return jobviews.artifacts_stored_before(self, cutoff, limit)
+
+    def due_webhooks(self, now: float, limit: int) -> list[str]:
+        return webhooks.due_deliveries(self, now, limit)
+
+    def next_webhook_due(self) -> float | None:
+        return webhooks.next_due(self)
+
+    def webhook_deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        return webhooks.job_deliveries(self, job_id)
 
     def principal(self, key_hash: str) -> tuple[str, str, str] | None:
         return accounts.principal(self, key_hash)

@@ -17,6 +17,7 @@ from domain.aggregates import (
     settlement_id,
 )
 from domain.rules import AT_CAPACITY
+from domain.webhooks import WebhookDelivery
 from services.commands.base import (
     CommandBase,
     Stale,
@@ -78,6 +79,12 @@ class JobCommands(CommandBase):
                 raise Stale(f"job {job.id} already ended")
             buyer.resolve_hold(job.id, buyer_cost)
             aggregates: list[Any] = [job, settlement, buyer]
+            webhook_url = job.request.get("webhook_url")
+            if webhook_url:
+                # In the save that ends the job: no crash can lose the webhook (SPEC 7).
+                aggregates.append(
+                    WebhookDelivery.for_job(job.id, job.buyer_id, webhook_url, self.clock())
+                )
             for offer_id in sorted(offer_ids):
                 offer = self._get(Offer, UUID(offer_id))
                 if offer_id == slot:

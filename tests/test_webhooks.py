@@ -1,0 +1,205 @@
+"""Webhooks (SPEC 7) through real processes: signed deliveries verified with the
+``standardwebhooks`` package (not the engine's own signing code) on a loopback receiver,
+retries with one webhook-id, a SIGKILL between tries, secret rotation, and the outbound policy
+at send time."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from tests.conftest import ServerFactory
+from tests.harness import Client
+from tests.receiver import Receiver
+
+MODEL = "venice-runway-gen4-5-text"
+# Loopback receivers need private addresses allowed; http:// needs WEBHOOK_ALLOW_HTTP.
+LOOPBACK = {"OUTBOUND_ALLOW_PRIVATE": "true", "WEBHOOK_ALLOW_HTTP": "true"}
+FAST_RETRIES = {"WEBHOOK_RETRY_SCHEDULE": "0.2,0.2,0.2,0.2"}
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def _market(c: Client) -> tuple[str, str]:
+    _, buyer_key = c.create_buyer(deposit_usdc=50_000_000)
+    _, seller_key = c.create_seller()
+    return buyer_key, seller_key
+
+
+def _secret(c: Client, buyer_key: str) -> str:
+    r = c.post("/v1/buyer/webhook-secret", key=buyer_key)
+    assert r.status == 201, r.body
+    secret = r.json()["secret"]
+    assert secret.startswith("whsec_")
+    return str(secret)
+
+
+def _submit(c: Client, buyer_key: str, url: str) -> dict[str, Any]:
+    r = c.submit(buyer_key, model=MODEL, duration_seconds=5, webhook_url=url)
+    assert r.status == 202, r.body
+    return dict(r.json())
+
+
+def _delivery(
+    c: Client, job_id: str, key: str, done: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """The job's delivery once ``done`` holds for it (polled, as a buyer would)."""
+    deadline = time.monotonic() + 30
+    while True:
+        r = c.get(f"/v1/video/generations/{job_id}/webhooks", key=key)
+        assert r.status == 200, r.body
+        data = r.json()["data"]
+        if data and done(data[0]):
+            return dict(data[0])
+        assert time.monotonic() < deadline, f"delivery never got there: {data}"
+        time.sleep(0.05)
+
+
+def _delivered(d: dict[str, Any]) -> bool:
+    return bool(d["status"] == "delivered")
+
+
+def test_signed_delivery_for_every_terminal_state(
+    make_server: ServerFactory, receiver: Receiver
+) -> None:
+    srv = make_server(JOB_TTL_SECONDS="3", **LOOPBACK)
+    c = srv.client
+    buyer_key, seller_key = _market(c)
+    secret = _secret(c, buyer_key)
+    cases = [
+        ("sim_ok", "succeeded"),
+        ("sim_content_policy", "failed"),
+        ("sim_never", "canceled"),
+        ("sim_never", "expired"),
+    ]
+    for n, (provider_key, status) in enumerate(cases, start=1):
+        offer = c.create_offer(seller_key, MODEL, provider_key, "0.80")
+        job = _submit(c, buyer_key, receiver.url(f"/{status}"))
+        if status == "canceled":
+            assert c.delete(f"/v1/video/generations/{job['id']}", key=buyer_key).status == 200
+        polled = c.wait_terminal(job["id"], buyer_key)
+        assert polled["status"] == status
+
+        got = receiver.wait_for(n)[-1]
+        Webhook(secret).verify(got.body, got.headers)
+        sent = json.loads(got.body)
+        assert sent["id"] == job["id"] and sent["status"] == status
+        assert sent["usage"] == polled["usage"]
+        if status == "failed":
+            assert sent["error"]["code"] == "content_policy"
+        delivery = _delivery(c, job["id"], buyer_key, _delivered)
+        assert delivery["webhook_id"] == got.headers["webhook-id"]
+        [attempt] = delivery["attempts"]
+        assert attempt["status_code"] == 200 and attempt["error"] is None
+        assert delivery["next_attempt_at"] is None
+        assert c.delete(f"/v1/seller/offers/{offer['id']}", key=seller_key).status == 200
+
+    # The deliveries are in the job's audit.
+    audit = srv.cli("audit", "job", job["id"])
+    assert audit.returncode == 0, audit.stderr
+    assert "Delivered" in audit.stdout
+
+
+def test_failing_receiver_gets_retries_with_one_webhook_id(
+    make_server: ServerFactory, receiver: Receiver
+) -> None:
+    receiver.statuses = [500, 503]
+    srv = make_server(**LOOPBACK, **FAST_RETRIES)
+    c = srv.client
+    buyer_key, seller_key = _market(c)
+    secret = _secret(c, buyer_key)
+    c.create_offer(seller_key, MODEL, "sim_ok", "0.80")
+    job = _submit(c, buyer_key, receiver.url())
+
+    tries = receiver.wait_for(3)
+    assert len({t.headers["webhook-id"] for t in tries}) == 1
+    assert len({t.body for t in tries}) == 1
+    for t in tries:
+        Webhook(secret).verify(t.body, t.headers)
+    delivery = _delivery(c, job["id"], buyer_key, _delivered)
+    assert [a["status_code"] for a in delivery["attempts"]] == [500, 503, 200]
+    assert [a["error"] for a in delivery["attempts"]] == ["HTTP 500", "HTTP 503", None]
+    # The receiver's body is never echoed to the buyer.
+    assert "receiver says no" not in json.dumps(delivery)
+
+    # A redelivery: the same payload and webhook-id, once more.
+    r = c.post(f"/v1/video/generations/{job['id']}/webhooks/redeliver", key=buyer_key)
+    assert r.status == 202, r.body
+    again = receiver.wait_for(4)[-1]
+    assert again.headers["webhook-id"] == tries[0].headers["webhook-id"]
+    assert again.body == tries[0].body
+    Webhook(secret).verify(again.body, again.headers)
+    redelivered = _delivery(c, job["id"], buyer_key, lambda d: len(d["attempts"]) == 4)
+    assert redelivered["status"] == "delivered"
+
+
+def test_delivery_survives_sigkill_between_tries(
+    make_server: ServerFactory, receiver: Receiver
+) -> None:
+    # The second try is due long after the kill: only the restarted process can make it.
+    receiver.statuses = [500]
+    srv = make_server(**LOOPBACK, WEBHOOK_RETRY_SCHEDULE="3")
+    c = srv.client
+    buyer_key, seller_key = _market(c)
+    secret = _secret(c, buyer_key)
+    c.create_offer(seller_key, MODEL, "sim_ok", "0.80")
+    job = _submit(c, buyer_key, receiver.url())
+    receiver.wait_for(1)
+    _delivery(c, job["id"], buyer_key, lambda d: len(d["attempts"]) == 1)
+    srv.kill()
+
+    srv.start()
+    second = receiver.wait_for(2)[-1]
+    Webhook(secret).verify(second.body, second.headers)
+    delivery = _delivery(srv.client, job["id"], buyer_key, _delivered)
+    assert [a["status_code"] for a in delivery["attempts"]] == [500, 200]
+
+
+def test_rotation_signs_with_both_secrets(make_server: ServerFactory, receiver: Receiver) -> None:
+    srv = make_server(**LOOPBACK)
+    c = srv.client
+    buyer_key, seller_key = _market(c)
+    old = _secret(c, buyer_key)
+    new = _secret(c, buyer_key)
+    assert old != new
+    c.create_offer(seller_key, MODEL, "sim_ok", "0.80")
+    _submit(c, buyer_key, receiver.url())
+    got = receiver.wait_for(1)[0]
+    assert len(got.headers["webhook-signature"].split(" ")) == 2
+    Webhook(old).verify(got.body, got.headers)
+    Webhook(new).verify(got.body, got.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(_secret(c, buyer_key)).verify(got.body, got.headers)
+
+
+def test_private_target_refused_at_send_time(
+    make_server: ServerFactory, receiver: Receiver
+) -> None:
+    # A name, not an address: it passes the submit's check and is refused once resolved. This
+    # machine's own name resolves (through /etc/hosts, no DNS needed) to a non-public address.
+    host = socket.gethostname()
+    if ipaddress.ip_address(socket.getaddrinfo(host, None)[0][4][0]).is_global:
+        pytest.skip(f"{host} resolves to a public address here")
+    srv = make_server(WEBHOOK_ALLOW_HTTP="true", WEBHOOK_RETRY_SCHEDULE="0.2")
+    c = srv.client
+    buyer_key, seller_key = _market(c)
+    c.create_offer(seller_key, MODEL, "sim_ok", "0.80")
+    job = _submit(c, buyer_key, f"http://{host}:{receiver.port}/hook")
+    delivery = _delivery(c, job["id"], buyer_key, lambda d: d["status"] == "failed")
+    assert len(delivery["attempts"]) == 2
+    for attempt in delivery["attempts"]:
+        assert attempt["status_code"] is None
+        assert attempt["error"].startswith("refused by the outbound policy")
+    assert receiver.received == []
