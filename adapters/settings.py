@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     WORKER_CONCURRENCY: int = Field(default=256, gt=0)
     WEBHOOK_ALLOW_HTTP: bool = False
     # SPEC 7: seconds between a webhook's failed tries, comma-separated; empty: the default
-    # schedule (5 s, 5 min, 30 min, 2 h, 5 h, then 10 h, for 77.6 h in all).
+    # schedule (5 s, 5 min, 30 min, 2 h, 5 h, then 10 h, for 87.6 h in all).
     WEBHOOK_RETRY_SCHEDULE: str = ""
     # SPEC 9: URLs that sellers, buyers and providers supply may reach private addresses only
     # when the operator says so; a seller's base_url only the hosts listed per provider.

@@ -44,6 +44,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     engine = engine_of(request)
     failure = engine.runner.failure
+    webhook_backlog = await engine.read(engine.views.webhook_backlog)
     lines = [
         "# HELP mediamarket_http_requests_total HTTP requests by route and status.",
         "# TYPE mediamarket_http_requests_total counter",
@@ -68,6 +69,9 @@ async def metrics(request: web.Request) -> web.Response:
         "# HELP mediamarket_worker_active_jobs Jobs this process is driving now.",
         "# TYPE mediamarket_worker_active_jobs gauge",
         f"mediamarket_worker_active_jobs {engine.worker.active_jobs if engine.worker else 0}",
+        "# HELP mediamarket_webhook_backlog Webhooks not yet delivered and still to be tried.",
+        "# TYPE mediamarket_webhook_backlog gauge",
+        f"mediamarket_webhook_backlog {webhook_backlog}",
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 

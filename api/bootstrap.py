@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import os
 import secrets as pysecrets
@@ -272,7 +273,8 @@ class Engine:
 
         def wake_sender(_: int) -> None:
             # A new delivery is found in the views, so look when they advance, not when saved.
-            loop.call_soon_threadsafe(sender.wake)
+            with contextlib.suppress(RuntimeError):  # the loop closed at shutdown
+                loop.call_soon_threadsafe(sender.wake)
 
         self.runner.on_advance.append(wake_sender)
         self.webhook_sender = sender

@@ -20,8 +20,8 @@ DELIVERED = "delivered"
 EXHAUSTED = "failed"
 
 # Svix's schedule, which SPEC 7 quotes: the first try at once, then these delays, summing to
-# 77.6 hours (SPEC: at least 72).
-DEFAULT_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, *(36000,) * 7)
+# 87.6 hours; 78.8 even if the jitter shortened every one (SPEC: at least 72).
+DEFAULT_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, *(36000,) * 8)
 # Each delay is moved by up to this fraction either way, so receivers that came back after an
 # outage are not hit by every sender in lockstep.
 JITTER = 0.1

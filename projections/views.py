@@ -101,6 +101,9 @@ class Views(Store):
     def next_webhook_due(self) -> float | None:
         return webhooks.next_due(self)
 
+    def webhook_backlog(self) -> int:
+        return webhooks.backlog(self)
+
     def webhook_deliveries(self, job_id: str) -> list[dict[str, Any]]:
         return webhooks.job_deliveries(self, job_id)
 

@@ -203,3 +203,28 @@ def test_private_target_refused_at_send_time(
         assert attempt["status_code"] is None
         assert attempt["error"].startswith("refused by the outbound policy")
     assert receiver.received == []
+
+
+def test_two_worker_processes_send_each_webhook_once(
+    make_server: ServerFactory, receiver: Receiver
+) -> None:
+    first = make_server(**LOOPBACK)
+    # A second engine with its own worker (and webhook sender), on the same database.
+    sim = f"http://127.0.0.1:{first.port}/sim/api/v1"
+    second = make_server(PROVIDER_BASE_URL_VENICE=sim, **LOOPBACK)
+    c = first.client
+    buyer_key, seller_key = _market(c)
+    secret = _secret(c, buyer_key)
+    c.create_offer(seller_key, MODEL, "sim_ok", "0.80")
+    jobs = [_submit(c, buyer_key, receiver.url(f"/{n}")) for n in range(8)]
+    for job in jobs:
+        _delivery(second.client, job["id"], buyer_key, _delivered)
+    got = receiver.wait_for(len(jobs))
+    assert len({g.headers["webhook-id"] for g in got}) == len(jobs)
+    for g in got:
+        Webhook(secret).verify(g.body, g.headers)
+    # Every delivery is recorded as delivered on its first try, so no second one is due.
+    for job in jobs:
+        [attempt] = _delivery(c, job["id"], buyer_key, _delivered)["attempts"]
+        assert attempt["status_code"] == 200
+    assert len(receiver.received) == len(jobs)
