@@ -38,6 +38,7 @@ SEND_TIMEOUT_SECONDS = 15.0
 # Long enough for one try (the timeout) and its bookkeeping; a sender that died mid-try holds
 # the delivery no longer than this.
 LEASE_SECONDS = 30.0
+MIN_TICK_SECONDS = 0.05
 
 
 def _context(buyer_id: str) -> str:
@@ -197,6 +198,9 @@ class WebhookSender:
                 log.exception("webhook_tick_failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            # Wake-ups come with every advance of the views: under load, one look per pause
+            # covers them all.
+            await asyncio.sleep(MIN_TICK_SECONDS)
 
     async def stop(self) -> None:
         self._stopping = True

@@ -20,6 +20,9 @@ class Receiver:
         # Answered in order; once used up, every further request gets 200.
         self.statuses = list(statuses or [])
         self.received: list[Received] = []
+        # When set to an event, the first request is recorded but not answered until it is set
+        # (a try in flight when the sender dies).
+        self.hold_first: threading.Event | None = None
         self._changed = threading.Condition()
         receiver = self
 
@@ -31,7 +34,10 @@ class Receiver:
                     status = receiver.statuses.pop(0) if receiver.statuses else 200
                     headers = {k.lower(): v for k, v in self.headers.items()}
                     receiver.received.append(Received(headers, body, status))
+                    first = len(receiver.received) == 1
                     receiver._changed.notify_all()
+                if first and receiver.hold_first is not None:
+                    receiver.hold_first.wait(60)
                 self.send_response(status)
                 answer = b"receiver says no" if status >= 300 else b"ok"
                 self.send_header("Content-Length", str(len(answer)))
@@ -57,5 +63,7 @@ class Receiver:
             return self.received[:count]
 
     def close(self) -> None:
+        if self.hold_first is not None:
+            self.hold_first.set()
         self._server.shutdown()
         self._server.server_close()

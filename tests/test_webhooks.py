@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -165,6 +166,31 @@ def test_delivery_survives_sigkill_between_tries(
     Webhook(secret).verify(second.body, second.headers)
     delivery = _delivery(srv.client, job["id"], buyer_key, _delivered)
     assert [a["status_code"] for a in delivery["attempts"]] == [500, 200]
+
+
+def test_try_in_flight_when_killed_is_made_again_after_restart(
+    make_server: ServerFactory, receiver: Receiver
+) -> None:
+    # The process dies while its first try waits for the receiver: the try was never recorded,
+    # so the restarted process (same worker id, so its lease is its own) makes it again.
+    receiver.hold_first = threading.Event()
+    srv = make_server(**LOOPBACK)
+    c = srv.client
+    buyer_key, seller_key = _market(c)
+    secret = _secret(c, buyer_key)
+    c.create_offer(seller_key, MODEL, "sim_ok", "0.80")
+    job = _submit(c, buyer_key, receiver.url())
+    receiver.wait_for(1)
+    srv.kill()
+    receiver.hold_first.set()
+
+    srv.start()
+    first, second = receiver.wait_for(2)
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    assert first.body == second.body
+    Webhook(secret).verify(second.body, second.headers)
+    delivery = _delivery(srv.client, job["id"], buyer_key, _delivered)
+    assert [a["status_code"] for a in delivery["attempts"]] == [200]
 
 
 def test_rotation_signs_with_both_secrets(make_server: ServerFactory, receiver: Receiver) -> None:
