@@ -282,6 +282,10 @@ class WebhookSender:
             ) as response:
                 status = response.status
         except OutboundRefused as e:
+            if str(e) == "too many redirects":
+                # With none allowed: a receiver must answer itself (as Svix, no redirect is
+                # followed, so a signed body is never replayed to another host).
+                return None, _ms(started), "redirected: webhooks follow no redirect"
             # Fixed phrases of the policy, never the URL or upstream content.
             return None, None, f"refused by the outbound policy: {e}"
         except TimeoutError:
