@@ -136,8 +136,9 @@ def start_s3_server(workdir: Path) -> S3Server:
         # Extra listeners on fixed default ports would collide with other servers: off.
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
+        # Small volumes, enough of them: SeaweedFS grows several per bucket (collection).
         "-master.volumeSizeLimitMB=64",
-        "-volume.max=4",
+        "-volume.max=64",
     ]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
