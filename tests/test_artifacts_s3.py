@@ -21,8 +21,9 @@ import urllib3
 from botocore.exceptions import ClientError
 
 from adapters import artifacts
-from adapters.artifacts import PART_SIZE, S3ArtifactStore
+from adapters.artifacts import PART_SIZE, S3ArtifactStore, parse_s3_store
 from adapters.media import probe_mp4
+from adapters.settings import ConfigError, load_settings
 from tests.harness import Server
 from tests.s3server import S3Server
 from tests.test_lifecycle import SEEDANCE, market, poll, submit_ok, wait_until
@@ -188,3 +189,28 @@ def test_a_local_signed_url_defaults_to_host_and_port(make_server: Any) -> None:
     )
     [result] = seen.json()["results"]
     assert result["url"].startswith(f"http://127.0.0.1:{srv.port}/v1/media/artifacts/")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ARTIFACT_STORE", "s3://"),
+        ("ARTIFACT_STORE", "s3://key:secret@bucket/prefix"),
+        ("ARTIFACT_STORE", "ftp://bucket/prefix"),
+        ("S3_ENDPOINT_URL", "127.0.0.1:8333"),
+        ("PUBLIC_BASE_URL", "media.example.test"),
+        ("PUBLIC_BASE_URL", "https://media.example.test/?x=1"),
+    ],
+)
+def test_store_settings_are_checked_at_start(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_settings(**{name: value})
+
+
+def test_store_settings_parse() -> None:
+    settings = load_settings(
+        ARTIFACT_STORE="s3://videos/a/b/", PUBLIC_BASE_URL="https://media.example.test/"
+    )
+    assert settings.is_s3 and parse_s3_store(settings.ARTIFACT_STORE) == ("videos", "a/b")
+    assert settings.public_base_url == "https://media.example.test"
+    assert load_settings(HOST="10.0.0.5", PORT=9000).public_base_url == "http://10.0.0.5:9000"
