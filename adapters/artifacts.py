@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
@@ -24,6 +24,10 @@ MULTIPART_THRESHOLD = 8 * 1024 * 1024
 PART_SIZE = 8 * 1024 * 1024
 READ_CHUNK = 256 * 1024
 PRESIGNED_SECONDS = 900
+
+
+class ArtifactGone(Exception):
+    """The object went away between its size and its bytes (retention ran meanwhile)."""
 
 
 class ArtifactStore(Protocol):
@@ -44,8 +48,9 @@ class ArtifactStore(Protocol):
         """The stored artifact's length in bytes, or None when there is none (purged)."""
         ...
 
-    def read(self, job_id: str, index: int, first: int, last: int) -> AsyncIterator[bytes]:
-        """Bytes ``first`` to ``last`` (inclusive) of the artifact, in chunks."""
+    def read(self, job_id: str, index: int, first: int, last: int) -> AsyncGenerator[bytes, None]:
+        """Bytes ``first`` to ``last`` (inclusive) of the artifact, in chunks; ``ArtifactGone``
+        (before the first chunk) when it no longer exists."""
         ...
 
     def direct_url(self, job_id: str, index: int) -> str | None:
@@ -90,7 +95,9 @@ class LocalArtifactStore:
         except FileNotFoundError:
             return None
 
-    async def read(self, job_id: str, index: int, first: int, last: int) -> AsyncIterator[bytes]:
+    async def read(
+        self, job_id: str, index: int, first: int, last: int
+    ) -> AsyncGenerator[bytes, None]:
         f = await asyncio.to_thread(open, self.path(job_id, index), "rb")
         try:
             f.seek(first)
@@ -240,10 +247,19 @@ class S3ArtifactStore:
             raise
         return int(head["ContentLength"])
 
-    async def read(self, job_id: str, index: int, first: int, last: int) -> AsyncIterator[bytes]:
-        answer = await self._client.get_object(
-            Bucket=self.bucket, Key=self.key(job_id, index), Range=f"bytes={first}-{last}"
-        )
+    async def read(
+        self, job_id: str, index: int, first: int, last: int
+    ) -> AsyncGenerator[bytes, None]:
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = await self._client.get_object(
+                Bucket=self.bucket, Key=self.key(job_id, index), Range=f"bytes={first}-{last}"
+            )
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise ArtifactGone(job_id) from None
+            raise
         body = answer["Body"]
         try:
             while chunk := await body.read(READ_CHUNK):

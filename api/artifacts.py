@@ -9,6 +9,7 @@ error shape: SPEC 9 counts a malformed Range among the hostile inputs that get a
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from adapters.artifacts import ArtifactStore, LocalArtifactStore
+from adapters.artifacts import ArtifactGone, ArtifactStore, LocalArtifactStore
 from api.errors import ApiError, not_found
 from api.http import engine_of, job_access, min_discount_of
 from api.routes import RANGE, Reply, Route
@@ -154,16 +155,25 @@ async def _streamed_response(
     if isinstance(wanted, web.Response):
         return wanted
     first, last = wanted if wanted is not None else (0, size - 1)
+    chunks = store.read(job_id, index, first, last)
+    try:
+        # The first chunk before any header: a purge between the size and the bytes is a 410.
+        head = await anext(chunks) if size else b""
+    except ArtifactGone:
+        raise _expired() from None
     response = web.StreamResponse(status=200 if wanted is None else 206)
     response.content_type = content_type
     response.headers["Accept-Ranges"] = "bytes"
     response.content_length = last - first + 1 if size else 0
     if wanted is not None:
         response.headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-    await response.prepare(request)
-    if size:
-        async for chunk in store.read(job_id, index, first, last):
-            await response.write(chunk)
+    # Closed at once if the client goes away mid-video: the S3 connection is released.
+    async with contextlib.aclosing(chunks):
+        await response.prepare(request)
+        if head:
+            await response.write(head)
+            async for chunk in chunks:
+                await response.write(chunk)
     await response.write_eof()
     return response
 
