@@ -8,6 +8,7 @@ from urllib.parse import unquote, urlparse
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters.artifacts import parse_s3_store
 from domain.webhooks import DEFAULT_SCHEDULE, parse_schedule
 
 
@@ -29,6 +30,15 @@ class Settings(BaseSettings):
     FEE_MULTIPLIER_BPS: int = Field(default=10000, ge=10000)
     FLAT_FEE_USDC: int = Field(default=0, ge=0)
     ARTIFACT_STORE: str = "file://./data/artifacts"
+    # SPEC 7: an S3 store's service (any S3-compatible one; AWS itself when unset) and keys
+    # (when unset, boto's own chain: instance role, ~/.aws).
+    S3_ENDPOINT_URL: str | None = None
+    AWS_ACCESS_KEY_ID: str | None = None
+    AWS_SECRET_ACCESS_KEY: str | None = None
+    AWS_REGION: str | None = None
+    # Where clients reach this engine: a local store's signed URLs start with it, never with
+    # the Host a request names (http://{HOST}:{PORT} when unset).
+    PUBLIC_BASE_URL: str | None = None
     PROVIDER_BASE_URL_VENICE: str | None = None
     SIM_RENDER_SECONDS: float = Field(default=3.0, ge=0)
     PROVIDER_QUOTE_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0)
@@ -55,8 +65,10 @@ class Settings(BaseSettings):
     @field_validator("ARTIFACT_STORE")
     @classmethod
     def _known_store(cls, value: str) -> str:
-        if not value.startswith("file://"):
-            raise ValueError("only file:// artifact stores are supported in this version")
+        if value.startswith("s3://"):
+            parse_s3_store(value)
+        elif not value.startswith("file://"):
+            raise ValueError("must start with file:// or s3://")
         return value
 
     @field_validator("WEBHOOK_RETRY_SCHEDULE")
@@ -72,6 +84,18 @@ class Settings(BaseSettings):
             return DEFAULT_SCHEDULE
         return parse_schedule(self.WEBHOOK_RETRY_SCHEDULE)
 
+    @field_validator("S3_ENDPOINT_URL", "PUBLIC_BASE_URL")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        if parsed.query or parsed.fragment:
+            raise ValueError("must have no query or fragment")
+        return value.rstrip("/")
+
     @property
     def is_sqlite(self) -> bool:
         return urlparse(self.DATABASE_URL).scheme == "sqlite"
@@ -86,6 +110,14 @@ class Settings(BaseSettings):
     @property
     def artifact_dir(self) -> Path:
         return Path(unquote(self.ARTIFACT_STORE[len("file://") :]))
+
+    @property
+    def is_s3(self) -> bool:
+        return self.ARTIFACT_STORE.startswith("s3://")
+
+    @property
+    def public_base_url(self) -> str:
+        return self.PUBLIC_BASE_URL or f"http://{self.HOST}:{self.PORT}"
 
 
 def sqlite_dir(url: str) -> Path:

@@ -9,6 +9,7 @@ error shape: SPEC 9 counts a malformed Range among the hostile inputs that get a
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
+from adapters.artifacts import ArtifactGone, ArtifactStore, LocalArtifactStore
 from api.errors import ApiError, not_found
 from api.http import engine_of, job_access, min_discount_of
 from api.routes import RANGE, Reply, Route
@@ -26,6 +28,8 @@ _INDEX = re.compile(r"0|[1-9][0-9]{0,5}", re.ASCII)
 _RANGE = re.compile(r"bytes=(?:([0-9]{1,18})-([0-9]{0,18})|-([0-9]{1,18}))", re.ASCII)
 _SIGNATURE = re.compile(r"[A-Za-z0-9_-]{1,100}={0,2}", re.ASCII)
 _EXPIRES = re.compile(r"[1-9][0-9]{0,11}", re.ASCII)
+# How long a local store's signed ``url`` stays valid (an S3 pre-signed one: 900 s).
+SIGNED_URL_SECONDS = 3600
 
 
 _RANGE_SPEC = re.compile(r"(?:[0-9]{1,18}-[0-9]{0,18}|-[0-9]{1,18})", re.ASCII)
@@ -76,10 +80,33 @@ async def artifact(request: web.Request) -> web.StreamResponse:
     results = [r for r in row.doc["results"] if r["artifact_index"] == index]
     if not results:
         raise not_found("artifact")
-    path = engine.store.path(row.job_id, index)
-    if results[0].get("expired") or not path.is_file():
-        raise ApiError(410, "artifact_expired", "this artifact is past its retention period")
-    return _file_response(request, path, results[0]["content_type"])
+    store = engine.store
+    content_type = results[0]["content_type"]
+    if isinstance(store, LocalArtifactStore):
+        path = store.path(row.job_id, index)
+        if results[0].get("expired") or not path.is_file():
+            raise _expired()
+        return _file_response(request, path, content_type)
+    size = None if results[0].get("expired") else await store.size(row.job_id, index)
+    if size is None:
+        raise _expired()
+    return await _streamed_response(request, store, row.job_id, index, size, content_type)
+
+
+def _expired() -> ApiError:
+    return ApiError(410, "artifact_expired", "this artifact is past its retention period")
+
+
+def direct_url(request: web.Request, job_id: str, index: int, download_url: str, now: int) -> str:
+    """A result's ``url`` (SPEC 7): the store's own (an S3 pre-signed GET) or, for a local
+    folder, the engine's signed URL from ``PUBLIC_BASE_URL``, never the request's Host."""
+    engine = engine_of(request)
+    url = engine.store.direct_url(job_id, index)
+    if url is not None:
+        return url
+    expires = now + SIGNED_URL_SECONDS
+    sig = engine.secrets.sign_url(download_url, expires)
+    return f"{engine.settings.public_base_url}{download_url}?expires={expires}&sig={sig}"
 
 
 async def _signed_access(request: web.Request, job_id: str) -> Any:
@@ -97,15 +124,58 @@ async def _signed_access(request: web.Request, job_id: str) -> Any:
     return row
 
 
-def _file_response(request: web.Request, path: Path, content_type: str) -> web.StreamResponse:
-    size = path.stat().st_size
+def _wanted_range(request: web.Request, size: int) -> tuple[int, int] | web.Response | None:
+    """The range to serve (None: all of it), or the 416 answer."""
     try:
-        wanted = parse_range(request.headers.get("Range"), size)
+        return parse_range(request.headers.get("Range"), size)
     except RangeNotSatisfiable as e:
         error = ApiError(416, "range_not_satisfiable", str(e), "Range").response()
         error.headers["Content-Range"] = f"bytes */{size}"
         return error
+
+
+def _file_response(request: web.Request, path: Path, content_type: str) -> web.StreamResponse:
+    wanted = _wanted_range(request, path.stat().st_size)
+    if isinstance(wanted, web.Response):
+        return wanted
     return _FileResponse(path, content_type, wanted)
+
+
+async def _streamed_response(
+    request: web.Request,
+    store: ArtifactStore,
+    job_id: str,
+    index: int,
+    size: int,
+    content_type: str,
+) -> web.StreamResponse:
+    """An object of a remote store, relayed chunk by chunk from a ranged GET: never the
+    whole video in memory."""
+    wanted = _wanted_range(request, size)
+    if isinstance(wanted, web.Response):
+        return wanted
+    first, last = wanted if wanted is not None else (0, size - 1)
+    chunks = store.read(job_id, index, first, last)
+    try:
+        # The first chunk before any header: a purge between the size and the bytes is a 410.
+        head = await anext(chunks) if size else b""
+    except ArtifactGone:
+        raise _expired() from None
+    response = web.StreamResponse(status=200 if wanted is None else 206)
+    response.content_type = content_type
+    response.headers["Accept-Ranges"] = "bytes"
+    response.content_length = last - first + 1 if size else 0
+    if wanted is not None:
+        response.headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    # Closed at once if the client goes away mid-video: the S3 connection is released.
+    async with contextlib.aclosing(chunks):
+        await response.prepare(request)
+        if head:
+            await response.write(head)
+            async for chunk in chunks:
+                await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 class _FileResponse(web.FileResponse):

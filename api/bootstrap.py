@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import aiohttp
 import structlog
 
-from adapters.artifacts import LocalArtifactStore
+from adapters.artifacts import ArtifactStore, LocalArtifactStore, S3ArtifactStore, parse_s3_store
 from adapters.crypto import SecretError, Secrets
 from adapters.eventstore import MarketApp, open_market, store_env
 from adapters.logs import mask_in_logs
@@ -104,6 +104,22 @@ def outbound_policy(settings: Settings, provider_base_url: str) -> OutboundPolic
         raise ConfigError(f"invalid configuration: PROVIDER_BASE_URL_VENICE: {e}") from None
 
 
+async def open_artifact_store(settings: Settings) -> ArtifactStore:
+    """The one artifact store of this process (SPEC 7), from ``ARTIFACT_STORE``."""
+    if not settings.is_s3:
+        return LocalArtifactStore(settings.artifact_dir)
+    bucket, prefix = parse_s3_store(settings.ARTIFACT_STORE)
+    return await S3ArtifactStore(
+        bucket,
+        prefix,
+        settings.data_dir / "incoming",
+        endpoint_url=settings.S3_ENDPOINT_URL,
+        region=settings.AWS_REGION,
+        access_key_id=settings.AWS_ACCESS_KEY_ID,
+        secret_access_key=settings.AWS_SECRET_ACCESS_KEY,
+    ).open()
+
+
 @dataclass
 class Engine:
     settings: Settings
@@ -117,7 +133,7 @@ class Engine:
     outbound: Outbound
     providers: Providers
     router: Router
-    store: LocalArtifactStore
+    store: ArtifactStore
     fees: FeeSchedule
     catalog: Catalog | None = None
     worker: Worker | None = None
@@ -205,7 +221,7 @@ class Engine:
         commands = Commands(market, secrets)
         health = OfferHealth(commands, blocking)
         router = Router(providers, fees, commands.open_key, on_quote_failed=health.quote_failed)
-        store = LocalArtifactStore(settings.artifact_dir)
+        store = await open_artifact_store(settings)
         return cls(
             settings=settings,
             secrets=secrets,
@@ -292,6 +308,7 @@ class Engine:
             self.worker_task.cancel()
             await asyncio.gather(self.worker_task, return_exceptions=True)
         await self.outbound.close()
+        await self.store.close()
         await asyncio.get_running_loop().run_in_executor(None, self.runner.stop)
         self.blocking.shutdown()
         self.market.close()

@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from api.artifacts import direct_url
 from api.body import parse_query, read_json
 from api.errors import ApiError, invalid, not_found
 from api.http import (
@@ -33,26 +34,24 @@ from services.routing import Route as Routing
 
 ROUTING_STATUS = {"no_sellers_for_model": 404}
 IDEMPOTENCY_KEY_FORM = re.compile(IDEMPOTENCY_KEY_PATTERN, re.ASCII)
-SIGNED_URL_SECONDS = 3600
 
 
 def served_doc(request: web.Request, doc: JobDoc) -> JobDoc:
     """The stored document plus what depends on the moment: the short-lived direct URLs."""
     if not doc["results"]:
         return doc
-    engine = engine_of(request)
     now = int(time.time())
     results = []
     for result in doc["results"]:
         result = dict(result)
         expired = result.pop("expired", False)
-        if not expired:
-            path = result["download_url"]
-            expires = now + SIGNED_URL_SECONDS
-            sig = engine.secrets.sign_url(path, expires)
-            result["url"] = f"{request.scheme}://{request.host}{path}?expires={expires}&sig={sig}"
-        else:
-            result["url"] = None
+        result["url"] = (
+            None
+            if expired
+            else direct_url(
+                request, doc["id"], result["artifact_index"], result["download_url"], now
+            )
+        )
         results.append(result)
     return {**doc, "results": results}
 

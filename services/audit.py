@@ -36,11 +36,11 @@ MONEY_FIELDS = frozenset(
     }
 )
 # What a buyer's view leaves out: the worker's leases (worker ids), the hash of a seller's
-# provider key, the hash of the job token, where this server keeps the file on disk, and the
-# provider's download link (sealed, a seller's credential all the same).
+# provider key, the hash of the job token, where the store keeps the file (path, bucket, key),
+# and the provider's download link (sealed, a seller's credential all the same).
 BUYER_HIDDEN_EVENTS = frozenset({"Claimed"})
 BUYER_HIDDEN_FIELDS = frozenset(
-    {"key_sha256", "token_hash", "worker_id", "path", "download", "body"}
+    {"key_sha256", "token_hash", "worker_id", "path", "bucket", "object_key", "download", "body"}
 )
 # The library's own attributes of every event, reported separately from the event's data.
 _ENVELOPE = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})

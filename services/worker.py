@@ -23,7 +23,7 @@ from uuid import UUID
 
 import structlog
 
-from adapters.artifacts import LocalArtifactStore
+from adapters.artifacts import ArtifactStore
 from adapters.media import MediaError, probe_mp4
 from adapters.venice import (
     Completed,
@@ -65,7 +65,7 @@ class Worker:
         commands: Commands,
         views: Views,
         router: Router,
-        store: LocalArtifactStore,
+        store: ArtifactStore,
         blocking: RunsBlocking,
         worker_id: str,
         artifact_ttl_seconds: int,
@@ -381,16 +381,17 @@ class Worker:
         try:
             info = await self.blocking(probe_mp4, downloaded)
         except MediaError as e:
-            await self.blocking(self.store.discard_scratch, str(job.id))
+            await self.store.discard_scratch(str(job.id))
             # What the probe says names the scratch file's path on this server: log it only.
             await self._fail(
                 job.id, "inference_failed", "the provider returned no video", True, str(e)
             )
             return
-        path = await self.blocking(self.store.put, str(job.id), 0, downloaded)
+        # Where the store put it (a path, or a bucket and key): what retention needs to find it.
+        location = await self.store.put(str(job.id), 0, downloaded)
         artifact = {
             "index": 0,
-            "path": str(path),
+            **location,
             "content_type": info.content_type,
             "width": info.width,
             "height": info.height,
@@ -408,7 +409,7 @@ class Worker:
         if ended.status != "succeeded":
             # A cancel or expiry got there first: the job has no artifact, so neither may the
             # store (nothing would ever purge it).
-            await self.blocking(self.store.delete, str(job.id))
+            await self.store.delete(str(job.id))
             log.info("job_ended_while_stored", job_id=str(job.id), status=ended.status)
             return
         log.info("job_succeeded", job_id=str(job.id))
@@ -464,6 +465,6 @@ class Worker:
     async def _purge_artifacts(self) -> None:
         cutoff = int(self.clock()) - self.artifact_ttl_seconds
         for job_id in await self.blocking(self.views.artifacts_stored_before, cutoff, 100):
-            await self.blocking(self.store.delete, job_id)
+            await self.store.delete(job_id)
             now = int(self.clock())
             await self._update(UUID(job_id), methodcaller("purge_artifacts", now), terminal_ok=True)

@@ -7,6 +7,7 @@ absent they are skipped with the reason shown, except under ``CI=true``, where t
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from tests.harness import Server, base_env, free_port, postgres_available, postgres_database
 from tests.listener import Listener
+from tests.s3server import S3Server, S3Unavailable, start_s3_server
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 _pg_problem: str | None = None
@@ -65,6 +67,34 @@ def make_server(database_url: str, tmp_path: Path) -> Iterator[ServerFactory]:
 @pytest.fixture
 def server(make_server: ServerFactory) -> Server:
     return make_server()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS (tests/s3server.py), started once per test session (per xdist worker) and
+    stopped at its end. Where it cannot run the S3 tests are skipped with the reason, except
+    under ``CI=true``, where that is a failure."""
+    try:
+        server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
+    except S3Unavailable as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true requires the S3 test server: {e}")
+        pytest.skip(f"no S3 test server: {e}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_server: S3Server) -> str:
+    """The tests' bucket, created once; each test keeps to its own ``s3_prefix`` in it."""
+    name = f"mm-test-{uuid.uuid4().hex[:16]}"
+    s3_server.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_prefix() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}/videos"
 
 
 @pytest.fixture
