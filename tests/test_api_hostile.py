@@ -161,6 +161,9 @@ def test_a_body_that_is_not_application_json_is_a_415(world: World) -> None:
         r = world.raw(f"{head}Content-Type: {content_type}\r\n".encode(), body(prompt="ok"))
         assert r.status == 202, r.body
         c.delete(f"{SUBMIT}/{r.json()['id']}", key=world.buyer_key)
+        # A cancel that lands during the queue call is finished (and billed) by the worker:
+        # wait for it here, or a later test's "writes nothing" check sees the balance move.
+        c.wait_terminal(r.json()["id"], world.buyer_key)
 
 
 def test_header_bytes_that_are_no_text(world: World, unchanged: None) -> None:
