@@ -6,7 +6,7 @@ import asyncio
 import heapq
 import os
 import secrets as pysecrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,8 +23,10 @@ from adapters.logs import mask_in_logs
 from adapters.outbound import Outbound, OutboundPolicy, parse_allowed_hosts
 from adapters.settings import ConfigError, Settings
 from adapters.venice import ProviderError, parse_venice_models
+from api.stream import JobWatchers
 from domain.catalog import Catalog
 from domain.money import FeeSchedule, MoneyError
+from projections.jobviews import job_versions
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, Views, open_views
 from services.commands import Commands
@@ -122,6 +124,7 @@ class Engine:
     worker_task: asyncio.Task[None] | None = None
     base_urls: dict[str, str] = field(default_factory=dict)
     market_data: Market = field(init=False)
+    watchers: JobWatchers = field(init=False)
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
 
@@ -130,6 +133,11 @@ class Engine:
         self.market_data = Market(self.read, self.views, self.router)
         self.views.bind_inline_reader()
         self.runner.on_advance.append(self._runner_advanced)
+        self.watchers = JobWatchers(self._loop, self._job_versions)
+        self.runner.on_advance.append(self.watchers.advanced)
+
+    async def _job_versions(self, job_ids: Sequence[str]) -> dict[str, int]:
+        return await self.read(job_versions, self.views, job_ids)
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A view query: inline where the view store makes that cheap, else in the pool."""
@@ -253,6 +261,7 @@ class Engine:
         return worker
 
     async def close(self) -> None:
+        self.watchers.close()
         if self.worker is not None:
             await self.worker.stop()
         if self.worker_task is not None:
