@@ -223,15 +223,17 @@ def render(
 def sse_table(sse: SseResult | str) -> list[str]:
     """The SSE fan-out row (``bench.sse``), or why it is missing."""
     lines = [
-        "| backend | workload | idle server CPU | RSS before / with the streams | "
+        "| backend | workload | idle server CPU: no streams / all open | "
+        "RSS: no streams / all open | "
         "change: server CPU | change: last client's event | delivered |",
         "|---|---|--:|--:|--:|--:|--:|",
     ]
     if isinstance(sse, str):
         return [*lines, f"| SQLite | SSE fan-out | {sse} | | | | |"]
     lines.append(
-        f"| SQLite | SSE, {sse.clients:,} clients on one job | {sse.idle_cpu:.1%} of a core "
-        f"over {sse.idle_seconds:.0f} s | {sse.rss_before_mb:.0f} / {sse.rss_idle_mb:.0f} MB "
+        f"| SQLite | SSE, {sse.clients:,} clients on one job | {sse.base_cpu:.1%} / "
+        f"{sse.idle_cpu:.1%} of a core over {sse.idle_seconds:.0f} s "
+        f"| {sse.rss_before_mb:.0f} / {sse.rss_idle_mb:.0f} MB "
         f"| {sse.change_cpu_s * 1000:.0f} ms | {sse.fanout_ms:.0f} ms "
         f"| {sse.delivered:,} / {sse.clients:,} |"
     )
@@ -241,7 +243,9 @@ def sse_table(sse: SseResult | str) -> list[str]:
         "SSE row (`bench.sse`): one `serve --no-worker` on SQLite with one queued job; one "
         "client process opens the streams (`GET /v1/video/generations/{id}/stream`) and waits "
         "for each one's first event. Idle: the server's CPU over the window with every stream "
-        "open and waiting (one shared wake-up per process, no timer or query per client). "
+        "open and waiting (one shared wake-up per process, no timer or query per client), "
+        "against the same window before any stream opened (the projection runner tailing "
+        "the log). "
         "Change: the job is canceled through the API; the server's CPU from the cancel until "
         "the last client has the terminal event and the end of its stream, and how long that "
         "took.",

@@ -30,6 +30,7 @@ class SseResult:
     clients: int
     idle_seconds: float
     idle_cpu: float  # cores, over the idle window
+    base_cpu: float  # cores, over as long a window before any stream opened
     rss_before_mb: float  # before the streams opened
     rss_idle_mb: float  # with every stream open and waiting
     change_cpu_s: float  # server CPU seconds from the cancel to the last stream's end
@@ -52,6 +53,11 @@ def measure_sse(
 ) -> SseResult:
     with running_engine(procs, database_url, workdir, buyers=1) as engine:
         rss_before = rss_mb(engine.proc.pid)
+        # The same window with no stream open: what the process spends idle anyway (its
+        # projection runner tailing the log), for comparison.
+        cpu0, t0 = cpu_seconds(engine.proc.pid), time.monotonic()
+        time.sleep(idle_seconds)
+        base_cpu = (cpu_seconds(engine.proc.pid) - cpu0) / (time.monotonic() - t0)
         spec = {
             "base": engine.base,
             "path": f"/v1/video/generations/{engine.job_id}/stream",
@@ -91,6 +97,7 @@ def measure_sse(
         clients=clients,
         idle_seconds=t1 - t0,
         idle_cpu=(cpu1 - cpu0) / (t1 - t0),
+        base_cpu=base_cpu,
         rss_before_mb=rss_before,
         rss_idle_mb=rss_idle,
         change_cpu_s=cpu2 - cpu1,

@@ -12,10 +12,14 @@ import http.client
 import json
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from adapters.eventstore import open_market
+from projections.jobdoc import JOB_HANDLERS, new_doc
 from tests.harness import Response, Server
+from tests.test_aggregates import attempt, new_job
 from tests.test_lifecycle import SEEDANCE, market, poll, submit_ok
 
 ServerFactory = Callable[..., Server]
@@ -225,3 +229,34 @@ def test_retry_after_follows_the_eta(make_server: ServerFactory) -> None:
     assert r.status == 202, r.body
     eta = r.json()["eta_seconds"]
     assert eta is not None and int(r.headers["retry-after"]) == max(1, min(eta, 30))
+
+
+def test_a_progressed_event_stored_before_eta_reads_as_unknown(tmp_path: Path) -> None:
+    """Old logs stay readable: ``eta_seconds`` came later, with a default."""
+    job = new_job()
+    job.start_dispatch(attempt())
+    job.dispatched("q1")
+    job.progressed(0.4, 7)
+    events = job.collect_events()
+    app = open_market(f"sqlite:///{tmp_path}/data")
+    try:
+        stored = [app.mapper.to_stored_event(e) for e in events]
+        state = json.loads(stored[-1].state)
+        assert state["eta_seconds"] == 7
+        del state["eta_seconds"]
+        stored[-1] = replace(stored[-1], state=json.dumps(state).encode())
+        read = [app.mapper.to_domain_event(s) for s in stored]
+    finally:
+        app.close()
+    old = read[-1]
+    assert not hasattr(old, "eta_seconds") or old.eta_seconds is None
+    rebuilt: Any = None
+    for event in read:
+        rebuilt = event.mutate(rebuilt)
+    assert rebuilt.status == "running" and rebuilt.progress == 0.4
+    doc = new_doc(str(job.id), read[0])
+    for event in read[1:]:
+        handler = JOB_HANDLERS.get(type(event))
+        if handler is not None:
+            handler(doc, event)
+    assert doc["status"] == "running" and doc["progress"] == 0.4 and doc["eta_seconds"] is None
