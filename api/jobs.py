@@ -254,13 +254,16 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 if engine.watchers.closed:
                     break
                 await response.write(b": keepalive\n\n")
-                continue
+                if engine.runner.failure is None:
+                    continue
+                # This process's views stopped (see /healthz), so nothing wakes the watchers;
+                # on PostgreSQL other processes still move the shared views: look now and then.
             fresh = await engine.read(engine.views.get_job, row.job_id)
             if fresh is None:
                 break
             row = fresh
         await response.write_eof()
-    except (ConnectionResetError, ConnectionError):
+    except ConnectionError:
         pass  # the client went away
     return response
 

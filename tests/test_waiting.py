@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.eventstore import open_market
+from api.stream import preferred_wait
 from projections.jobdoc import JOB_HANDLERS, new_doc
 from tests.harness import Response, Server
 from tests.test_aggregates import attempt, new_job
@@ -260,3 +261,14 @@ def test_a_progressed_event_stored_before_eta_reads_as_unknown(tmp_path: Path) -
         if handler is not None:
             handler(doc, event)
     assert doc["status"] == "running" and doc["progress"] == 0.4 and doc["eta_seconds"] is None
+
+
+def test_the_wait_preference_is_read_as_rfc_7240_has_it() -> None:
+    assert preferred_wait(None) is None and preferred_wait("") is None
+    assert preferred_wait("wait=5") == 5
+    assert preferred_wait("respond-async, wait = 100") == 60  # capped at 60
+    assert preferred_wait('handling=lenient, wait="7"') == 7
+    assert preferred_wait("WAIT=0") == 0
+    # Not a wait: ignored, never an error.
+    for header in ("wait=soon", "wait=-1", "maxwait=5", "wait", "wait=1.5"):
+        assert preferred_wait(header) is None, header
