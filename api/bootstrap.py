@@ -7,7 +7,7 @@ import contextlib
 import heapq
 import os
 import secrets as pysecrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,8 +24,10 @@ from adapters.logs import mask_in_logs
 from adapters.outbound import Outbound, OutboundPolicy, parse_allowed_hosts
 from adapters.settings import ConfigError, Settings
 from adapters.venice import ProviderError, parse_venice_models
+from api.stream import JobWatchers
 from domain.catalog import Catalog
 from domain.money import FeeSchedule, MoneyError
+from projections.jobviews import job_versions
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, Views, open_views
 from services.commands import Commands
@@ -143,6 +145,7 @@ class Engine:
     webhook_task: asyncio.Task[None] | None = None
     base_urls: dict[str, str] = field(default_factory=dict)
     market_data: Market = field(init=False)
+    watchers: JobWatchers = field(init=False)
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
 
@@ -152,6 +155,11 @@ class Engine:
         self.webhooks = WebhookCommands(self.market, self.secrets)
         self.views.bind_inline_reader()
         self.runner.on_advance.append(self._runner_advanced)
+        self.watchers = JobWatchers(self._loop, self._job_versions)
+        self.runner.on_advance.append(self.watchers.advanced)
+
+    async def _job_versions(self, job_ids: Sequence[str]) -> dict[str, int]:
+        return await self.read(job_versions, self.views, job_ids)
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A view query: inline where the view store makes that cheap, else in the pool."""
@@ -297,6 +305,7 @@ class Engine:
         self.webhook_task = asyncio.create_task(sender.run())
 
     async def close(self) -> None:
+        self.watchers.close()
         if self.webhook_sender is not None:
             await self.webhook_sender.stop()
         if self.webhook_task is not None:

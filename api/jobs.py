@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from api.artifacts import direct_url
@@ -21,13 +23,15 @@ from api.http import (
     reply,
     require,
 )
-from api.routes import IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_PATTERN, Reply, Route
+from api.routes import IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_PATTERN, Header, Reply, Route
 from api.schemas.jobs import JobHistory, JobList, JobView, ListJobsQuery, SubmittedJob
+from api.stream import KEEPALIVE_SECONDS, last_event_id, preferred_wait, sse_event
 from api.validation import SubmitBody, validate_video_request
 from domain.aggregates import PENDING, TERMINAL, InsufficientBalance
 from domain.catalog import VideoRequest
 from domain.routing import CeilingBelowEstimate, RoutingError
 from projections.jobdoc import JobDoc
+from projections.jobviews import JobRow
 from services.audit import as_json, job_history
 from services.commands import IdempotencyMismatch, NotFound, Submitted
 from services.routing import Route as Routing
@@ -66,8 +70,17 @@ def job_response(
     body = {**served_doc(request, doc), **extra}
     response = web.json_response(body, status=status or (202 if pending else 200))
     if pending:
-        response.headers["Retry-After"] = "1" if doc["status"] == "queued" else "2"
+        response.headers["Retry-After"] = str(retry_after(doc))
     return response
+
+
+def retry_after(doc: JobDoc) -> int:
+    """When polling a pending job again is useful: when the provider expects it done (SPEC 7),
+    within 1 to 30 seconds; soon while that is unknown."""
+    eta = doc.get("eta_seconds")
+    if eta is None:
+        return 1 if doc["status"] == "queued" else 2
+    return max(1, min(int(eta), 30))
 
 
 def idempotency_key_of(request: web.Request) -> str | None:
@@ -176,7 +189,82 @@ async def _answer(
 async def poll(request: web.Request) -> web.Response:
     min_discount_of(request)
     row = await job_access(request, request.match_info["job_id"])
-    return job_response(request, row.doc)
+    wait = preferred_wait(request.headers.get("Prefer"))
+    if wait is None:
+        return job_response(request, row.doc)
+    if row.status in PENDING and wait > 0:
+        row = await _next_status(request, row, wait)
+    response = job_response(request, row.doc)
+    response.headers["Preference-Applied"] = f"wait={wait}"
+    return response
+
+
+async def _next_status(request: web.Request, row: JobRow, wait: int) -> JobRow:
+    """The job's view once its status differs from ``row``'s, or the latest after ``wait`` s.
+
+    Progress alone does not end the wait (the stream shows every change): a long poll is for
+    learning that the job moved on."""
+    engine = engine_of(request)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while (remaining := deadline - loop.time()) > 0 and not engine.watchers.closed:
+        changed = await engine.watchers.changed(row.job_id, row.version, remaining)
+        fresh = await engine.read(engine.views.get_job, row.job_id)
+        if fresh is None:
+            return row
+        if fresh.status != row.status or not changed:
+            return fresh
+        row = fresh
+    return row
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """The job's views as Server-Sent Events, one per change, until the terminal one."""
+    min_discount_of(request)
+    engine = engine_of(request)
+    row = await job_access(request, request.match_info["job_id"])
+    seen = last_event_id(request)
+    if seen is not None and seen >= row.version and row.status in TERMINAL:
+        # The client has the final view already: 204 tells an EventSource not to reconnect.
+        return web.Response(status=204)
+    response = web.StreamResponse(
+        status=200,
+        headers={
+            # Sent before the request middleware could add it to a finished response.
+            "X-Request-Id": str(structlog.contextvars.get_contextvars().get("request_id", "")),
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            # Proxies such as nginx would otherwise hold the events back.
+            "X-Accel-Buffering": "no",
+        },
+    )
+    await response.prepare(request)
+    sent: JobDoc | None = None
+    try:
+        while True:
+            # Only the latest view is kept: a client that missed several changes gets that.
+            if (seen is None or row.version > seen) and row.doc != sent:
+                await response.write(sse_event(row.version, served_doc(request, row.doc)))
+                sent = row.doc
+            seen = max(seen or 0, row.version)
+            if row.status in TERMINAL or engine.watchers.closed:
+                break
+            if not await engine.watchers.changed(row.job_id, row.version, KEEPALIVE_SECONDS):
+                if engine.watchers.closed:
+                    break
+                await response.write(b": keepalive\n\n")
+                if engine.runner.failure is None:
+                    continue
+                # This process's views stopped (see /healthz), so nothing wakes the watchers;
+                # on PostgreSQL other processes still move the shared views: look now and then.
+            fresh = await engine.read(engine.views.get_job, row.job_id)
+            if fresh is None:
+                break
+            row = fresh
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client went away
+    return response
 
 
 async def cancel(request: web.Request) -> web.Response:
@@ -237,6 +325,37 @@ VIEW_REPLIES = {
     200: Reply("The job, in a terminal state", JobView),
     202: Reply("The job, still pending", JobView, headers=("Retry-After",)),
 }
+PREFER = Header(
+    "Prefer",
+    "wait=N (RFC 7240, N seconds, at most 60): answer as soon as the job's status changes, "
+    "or after N seconds with its view then. Other preferences, and a malformed wait, are "
+    "ignored",
+)
+LAST_EVENT_ID = Header(
+    "Last-Event-ID",
+    "The id of the last event received: resume after it (sent by an EventSource on "
+    "reconnect); an id this server did not send is ignored, as the SSE standard has it",
+)
+SSE = Reply(
+    "Server-Sent Events: `event: job` with the job's view (as poll shows it) as data and its "
+    "version as `id`, one per change, the stream ending after the terminal one. A comment "
+    "line every 15 s keeps an idle stream open",
+    media_type="text/event-stream",
+    # OpenAPI before 3.2 reads an event stream's schema as that of each event.
+    schema={
+        "type": "object",
+        "required": ["event", "id", "data"],
+        "properties": {
+            "event": {"const": "job"},
+            "id": {"type": "string", "pattern": "^[0-9]+$"},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"$ref": "#/components/schemas/JobView"},
+            },
+        },
+    },
+)
 
 MEDIA_ROUTES: list[Route] = [
     Route(
@@ -287,7 +406,31 @@ MEDIA_ROUTES: list[Route] = [
         summary="Poll a job",
         tag="jobs",
         auth=("buyer", "job_token"),
-        replies=VIEW_REPLIES,
+        headers=(PREFER,),
+        replies={
+            200: Reply("The job, in a terminal state", JobView, headers=("Preference-Applied",)),
+            202: Reply(
+                "The job, still pending",
+                JobView,
+                headers=("Retry-After", "Preference-Applied"),
+            ),
+        },
+        errors=JOB_ERRORS,
+        min_prefix=True,
+    ),
+    Route(
+        "GET",
+        "/v1/video/generations/{job_id}/stream",
+        stream,
+        name="stream_job",
+        summary="Follow a job as Server-Sent Events until it ends",
+        tag="jobs",
+        auth=("buyer", "job_token"),
+        headers=(LAST_EVENT_ID,),
+        replies={
+            200: SSE,
+            204: Reply("The job had ended and Last-Event-ID names its final view: nothing new"),
+        },
         errors=JOB_ERRORS,
         min_prefix=True,
     ),

@@ -79,6 +79,10 @@ RESPONSE_HEADERS: dict[str, tuple[dict[str, Any], str]] = {
         {"type": "string", "enum": ["true"]},
         "The job was created by an earlier request with this Idempotency-Key",
     ),
+    "Preference-Applied": (
+        {"type": "string", "pattern": "^wait=[0-9]+$"},
+        "The Prefer: wait the answer honoured, in seconds (at most 60)",
+    ),
     "Content-Range": ({"type": "string"}, "The bytes sent, as bytes first-last/size"),
     "Accept-Ranges": ({"type": "string", "enum": ["bytes"]}, "Byte ranges are served"),
     "Content-Disposition": ({"type": "string"}, "The file name to save as"),

@@ -16,6 +16,7 @@ import aiohttp
 
 from bench.common import MODEL
 from bench.measure import Cpu, Load
+from bench.sse import SseResult
 
 START_MARK = "<!-- bench:start -->"
 END_MARK = "<!-- bench:end -->"
@@ -101,6 +102,7 @@ def render(
     pg_version: str | None,
     skipped: list[str],
     replays: list[ReplayRow] | None = None,
+    sse: SseResult | str | None = None,
 ) -> str:
     replays = replays or []
     lines = [
@@ -167,6 +169,8 @@ def render(
         lines += ["", offers_note(load)]
     if replays:
         lines += ["", *replay_table(replays)]
+    if sse is not None:
+        lines += ["", *sse_table(sse)]
     noisy = max((row.cpu.other for row in rows if row.cpu is not None), default=0.0)
     noisy = max([noisy, *(float(r.result["cpu_other"]) for r in replays if r.result)])
     if noisy > 0.25:
@@ -214,6 +218,38 @@ def render(
         )
     lines += offers_scaling(rows)
     return "\n".join(lines) + "\n"
+
+
+def sse_table(sse: SseResult | str) -> list[str]:
+    """The SSE fan-out row (``bench.sse``), or why it is missing."""
+    lines = [
+        "| backend | workload | idle server CPU: no streams / all open | "
+        "RSS: no streams / all open | "
+        "change: server CPU | change: last client's event | delivered |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    if isinstance(sse, str):
+        return [*lines, f"| SQLite | SSE fan-out | {sse} | | | | |"]
+    lines.append(
+        f"| SQLite | SSE, {sse.clients:,} clients on one job | {sse.base_cpu:.1%} / "
+        f"{sse.idle_cpu:.1%} of a core over {sse.idle_seconds:.0f} s "
+        f"| {sse.rss_before_mb:.0f} / {sse.rss_idle_mb:.0f} MB "
+        f"| {sse.change_cpu_s * 1000:.0f} ms | {sse.fanout_ms:.0f} ms "
+        f"| {sse.delivered:,} / {sse.clients:,} |"
+    )
+    return [
+        *lines,
+        "",
+        "SSE row (`bench.sse`): one `serve --no-worker` on SQLite with one queued job; one "
+        "client process opens the streams (`GET /v1/video/generations/{id}/stream`) and waits "
+        "for each one's first event. Idle: the server's CPU over the window with every stream "
+        "open and waiting (one shared wake-up per process, no timer or query per client), "
+        "against the same window before any stream opened (the projection runner tailing "
+        "the log). "
+        "Change: the job is canceled through the API; the server's CPU from the cancel until "
+        "the last client has the terminal event and the end of its stream, and how long that "
+        "took.",
+    ]
 
 
 def replay_table(rows: list[ReplayRow]) -> list[str]:

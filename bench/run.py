@@ -20,6 +20,9 @@ Each row also accounts for the CPU (server, its PostgreSQL backends, load genera
 the machine) and reports server CPU per request, which stays meaningful when other processes
 share the cores; the run first waits (up to ``--wait-quiet`` s) for the machine to go quiet.
 
+Then the SSE row (``bench.sse``): ``--sse-clients`` (default 1,000) event streams on one job
+of an engine on SQLite, the server's CPU and memory while they wait and when the job changes.
+
 Then the replay rows, from a ``bench.replay`` process: every projection rebuilt from a log of
 ``--replay-jobs`` jobs (default 100,000; 5,000 with ``--quick``) on SQLite and on PostgreSQL,
 against the baseline of reading and deserialising the same log (see ``bench.replay``).
@@ -47,6 +50,7 @@ from bench.databases import POSTGRES_URL, postgres_database, postgres_version, s
 from bench.measure import Load, Processes, run_load, wait_for_quiet
 from bench.report import ReplayRow, Row, render, update_readme
 from bench.servers import SUBMIT_BODY, running_bare, running_engine
+from bench.sse import SseResult, measure_sse
 
 OFFER_COUNTS = (1, 10, 100)  # offers on the model in the "submit, N offers" rows
 
@@ -253,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         "quick; 0 for no replay rows)",
     )
     parser.add_argument(
+        "--sse-clients",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="concurrent SSE clients on one job in the SSE row (default 1000; 0 for no row)",
+    )
+    parser.add_argument(
         "--wait-quiet",
         type=float,
         metavar="SECONDS",
@@ -276,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     pg_version: str | None = None
     pg_problem: str | None = "--no-postgres" if args.no_postgres else None
     replays: list[ReplayRow] = []
+    sse: SseResult | str | None = None
     replay_jobs = args.replay_jobs
     if replay_jobs is None:
         replay_jobs = QUICK_REPLAY_JOBS if args.quick else REPLAY_JOBS
@@ -323,6 +335,19 @@ def main(argv: list[str] | None = None) -> int:
                     skipped,
                 )
                 rows += pg_rows
+            if args.sse_clients > 0:
+                say(f"SSE fan-out, {args.sse_clients:,} clients on SQLite (bench.sse)")
+                try:
+                    sse = measure_sse(
+                        procs,
+                        sqlite_url(workdir / "sse" / "data"),
+                        workdir / "sse",
+                        args.sse_clients,
+                        idle_seconds=load.duration,
+                    )
+                except (RuntimeError, OSError, ValueError) as e:
+                    sse = f"failed: {e}"
+                    say(f"SSE row {sse}")
             if replay_jobs > 0:
                 say(f"replay of {replay_jobs:,} jobs' events (bench.replay)")
                 pg_url = None if pg_problem is not None else args.postgres_url
@@ -332,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         procs.stop_all()
-    report = render(rows, load, args.buyers, args.quick, pg_version, skipped, replays)
+    report = render(rows, load, args.buyers, args.quick, pg_version, skipped, replays, sse)
     print(report)
     say(f"done in {time.monotonic() - started:.0f} s")
     if args.update_readme is not None:

@@ -435,17 +435,20 @@ class Job(Aggregate):
     def is_dispatched(self) -> bool:
         return self.dispatch is not None
 
-    def progressed(self, progress: float) -> None:
+    def progressed(self, progress: float, eta_seconds: int | None = None) -> None:
         self._require_pending()
         if not self.is_dispatched:
             raise IllegalTransition("the job has not been dispatched")
         progress = max(0.0, min(progress, 0.99))
         if self.status == RUNNING and progress <= self.progress:
             return
-        self._progressed(progress=round(progress, 2))
+        if eta_seconds is not None:
+            eta_seconds = max(0, int(eta_seconds))
+        self._progressed(progress=round(progress, 2), eta_seconds=eta_seconds)
 
+    # ``eta_seconds`` came later: it has a default, so events stored before it read as unknown.
     @event("Progressed", topic="mediamarket.job.progressed.v1")
-    def _progressed(self, progress: float) -> None:
+    def _progressed(self, progress: float, eta_seconds: int | None = None) -> None:
         self.progress = progress
         self.status = RUNNING
 

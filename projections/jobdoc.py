@@ -39,6 +39,7 @@ def new_doc(job_id: str, e: Any) -> JobDoc:
         "cancel_url": job_path(job_id),
         "metadata": e.request.get("metadata") or {},
         "progress": 0.0,
+        "eta_seconds": None,
         "results": [],
         "usage": {
             "seller_cost_usdc": "0",
@@ -64,6 +65,8 @@ def _dispatch_started(doc: JobDoc, e: Any) -> None:
 def _progressed(doc: JobDoc, e: Any) -> None:
     doc["status"] = "running"
     doc["progress"] = e.progress
+    # Events from before the field carry none: unknown.
+    doc["eta_seconds"] = getattr(e, "eta_seconds", None)
 
 
 def _artifact_stored(doc: JobDoc, e: Any) -> None:
@@ -84,21 +87,25 @@ def _artifact_stored(doc: JobDoc, e: Any) -> None:
 def _succeeded(doc: JobDoc, e: Any) -> None:
     doc["status"] = "succeeded"
     doc["progress"] = 1.0
+    doc["eta_seconds"] = 0
 
 
 def _failed(doc: JobDoc, e: Any) -> None:
+    doc["eta_seconds"] = None
     doc["status"] = "failed"
     doc["error"] = {"code": e.code, "message": e.message, "retryable": e.retryable}
     _clear_pending_usage(doc)
 
 
 def _canceled(doc: JobDoc, e: Any) -> None:
+    doc["eta_seconds"] = None
     doc["status"] = "canceled"
     if not e.after_dispatch:
         _clear_pending_usage(doc)
 
 
 def _expired(doc: JobDoc, e: Any) -> None:
+    doc["eta_seconds"] = None
     doc["status"] = "expired"
     _clear_pending_usage(doc)
 

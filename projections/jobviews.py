@@ -23,7 +23,7 @@ TABLES = {
         "CREATE TABLE IF NOT EXISTS mm_job_views ("
         "job_id TEXT PRIMARY KEY, buyer_id TEXT NOT NULL, seq BIGINT NOT NULL, "
         "status TEXT NOT NULL, token_hash TEXT NOT NULL, artifact_stored_at BIGINT, "
-        "doc TEXT NOT NULL)"
+        "version BIGINT NOT NULL, doc TEXT NOT NULL)"
     ),
 }
 INDEXES = [
@@ -33,7 +33,16 @@ INDEXES = [
     "CREATE INDEX IF NOT EXISTS mm_job_views_stored ON mm_job_views (artifact_stored_at) "
     "WHERE artifact_stored_at IS NOT NULL",
 ]
-COLUMNS = ("job_id", "buyer_id", "seq", "status", "token_hash", "artifact_stored_at", "doc")
+COLUMNS = (
+    "job_id",
+    "buyer_id",
+    "seq",
+    "status",
+    "token_hash",
+    "artifact_stored_at",
+    "version",
+    "doc",
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,9 @@ class JobRow:
     status: str
     token_hash: str
     doc: JobDoc
+    # The log position of the last event that changed the document: the same in every process
+    # and after a rebuild, so it is the id of a stream's events (``Last-Event-ID``).
+    version: int = 0
 
 
 # --------------------------------------------------------------------------- the fold
@@ -59,6 +71,7 @@ def _created(fold: JobViewsFold, seq: int, e: Any, job_id: str) -> None:
         "status": "queued",
         "token_hash": e.token_hash,
         "artifact_stored_at": None,
+        "version": seq,
         "doc": new_doc(job_id, e),
     }
 
@@ -68,6 +81,7 @@ def _job_event(fold: JobViewsFold, seq: int, e: Any, job_id: str) -> None:
     if row is not None:
         JOB_HANDLERS[type(e)](row["doc"], e)
         row["status"] = row["doc"]["status"]
+        row["version"] = seq
 
 
 def _artifact_stored(fold: JobViewsFold, seq: int, e: Any, job_id: str) -> None:
@@ -88,6 +102,7 @@ def _settlement_event(fold: JobViewsFold, seq: int, e: Any, job_id: str) -> None
     row = fold.jobs.get(job_id)
     if row is not None:
         SETTLEMENT_HANDLERS[type(e)](row["doc"], e)
+        row["version"] = seq
 
 
 HANDLERS: dict[type, Handler] = {
@@ -140,7 +155,8 @@ class JobViewsFold:
             q(
                 f"INSERT INTO mm_job_views ({', '.join(COLUMNS)}) VALUES ({placeholders(COLUMNS)}) "
                 "ON CONFLICT (job_id) DO UPDATE SET status = excluded.status, "
-                "artifact_stored_at = excluded.artifact_stored_at, doc = excluded.doc"
+                "artifact_stored_at = excluded.artifact_stored_at, version = excluded.version, "
+                "doc = excluded.doc"
             ),
             [
                 (
@@ -150,6 +166,7 @@ class JobViewsFold:
                     r["status"],
                     r["token_hash"],
                     r["artifact_stored_at"],
+                    r["version"],
                     dumps(r["doc"]),
                 )
                 for r in self.jobs.values()
@@ -171,14 +188,32 @@ PROJECTION = Projection(
 
 def get_job(r: Reader, job_id: str) -> JobRow | None:
     row = r.one(
-        "SELECT job_id, buyer_id, status, token_hash, doc FROM mm_job_views WHERE job_id = ?",
+        "SELECT job_id, buyer_id, status, token_hash, version, doc FROM mm_job_views "
+        "WHERE job_id = ?",
         (job_id,),
     )
     if row is None:
         return None
     return JobRow(
-        row["job_id"], row["buyer_id"], row["status"], row["token_hash"], json.loads(row["doc"])
+        row["job_id"],
+        row["buyer_id"],
+        row["status"],
+        row["token_hash"],
+        json.loads(row["doc"]),
+        int(row["version"]),
     )
+
+
+def job_versions(r: Reader, job_ids: Sequence[str]) -> dict[str, int]:
+    """Each of ``job_ids`` that has a view: its document's version (what waiters compare)."""
+    found: dict[str, int] = {}
+    for chunk in chunks(sorted(set(job_ids))):
+        for row in r.all(
+            f"SELECT job_id, version FROM mm_job_views WHERE job_id IN ({placeholders(chunk)})",
+            chunk,
+        ):
+            found[row["job_id"]] = int(row["version"])
+    return found
 
 
 def list_jobs(

@@ -28,7 +28,7 @@ from eventsourcing.persistence import IntegrityError, Tracking
 from adapters.esinternals import TrackingTable
 
 # Bumped whenever a table changes shape or a fold changes: older views are rebuilt.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Built once: json.dumps with any option builds a new encoder on every call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"))

@@ -367,9 +367,13 @@ class Worker:
         if average and elapsed is not None:
             progress = elapsed / average
             if progress - job.progress >= 0.05 or job.status != "running":
+                # What the provider expects still to take, rounded up: 0 only when it is due.
+                eta = max(0, -((elapsed - average) // 1000))
                 # A cancel or expiry may have ended the job during the call: the drive loop's
                 # next look finds it terminal and deletes the provider's copy.
-                await self._update(job.id, methodcaller("progressed", progress), terminal_ok=True)
+                await self._update(
+                    job.id, methodcaller("progressed", progress, eta), terminal_ok=True
+                )
             # Often enough for the progress a buyer sees to move (an eighth of the provider's
             # expected run), never past when it expects to be done, never hammering it.
             return max(0.25, min((average - elapsed) / 1000, average / 8000, 5.0))

@@ -87,7 +87,8 @@ def test_every_answer_has_its_schema_and_request_id() -> None:
             assert "500" in op["responses"], (method, path)
             for status, answer in op["responses"].items():
                 assert "X-Request-Id" in answer["headers"], (method, path, status)
-                assert answer.get("content"), (method, path, status)
+                # 204 (a finished job's stream, resumed past its end) has no body by definition.
+                assert answer.get("content") or status == "204", (method, path, status)
                 if status >= "400":
                     assert schema_of(answer) == ERROR_REF, (method, path, status)
             names = {p["name"] for p in op["parameters"] if p["in"] == "path"}

@@ -80,7 +80,14 @@ class JobView(Document):
     poll_url: str
     cancel_url: str
     metadata: dict[str, MetadataValue]
-    progress: float = Field(ge=0, le=1)
+    progress: float = Field(
+        ge=0, le=1, description="The provider's execution time so far over its average run"
+    )
+    eta_seconds: int | None = Field(
+        ge=0,
+        description="Seconds the provider expects the job still to run, as of its last report; "
+        "null when unknown (before its first report, or after a failure, cancel or expiry)",
+    )
     results: list[JobResult]
     usage: JobUsage
     error: JobError | None = Field(default=None, description="Present when the job failed")
