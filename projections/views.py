@@ -95,8 +95,8 @@ class Views(Store):
     def artifacts_stored_before(self, cutoff: int, limit: int) -> list[str]:
         return jobviews.artifacts_stored_before(self, cutoff, limit)
 
-    def due_webhooks(self, now: float, limit: int) -> list[str]:
-        return webhooks.due_deliveries(self, now, limit)
+    def due_webhooks(self, now: float, limit: int, worker_id: str) -> list[str]:
+        return webhooks.due_deliveries(self, now, limit, worker_id)
 
     def next_webhook_due(self) -> float | None:
         return webhooks.next_due(self)

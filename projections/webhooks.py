@@ -20,7 +20,7 @@ TABLES = {
         "CREATE TABLE IF NOT EXISTS mm_webhook_deliveries ("
         "delivery_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, buyer_id TEXT NOT NULL, "
         "state TEXT NOT NULL, due_at DOUBLE PRECISION, lease_until DOUBLE PRECISION, "
-        "doc TEXT NOT NULL)"
+        "lease_worker TEXT, doc TEXT NOT NULL)"
     ),
 }
 INDEXES = [
@@ -28,7 +28,16 @@ INDEXES = [
     "CREATE INDEX IF NOT EXISTS mm_webhook_deliveries_due ON mm_webhook_deliveries (due_at) "
     "WHERE state = 'pending'",
 ]
-COLUMNS = ("delivery_id", "job_id", "buyer_id", "state", "due_at", "lease_until", "doc")
+COLUMNS = (
+    "delivery_id",
+    "job_id",
+    "buyer_id",
+    "state",
+    "due_at",
+    "lease_until",
+    "lease_worker",
+    "doc",
+)
 
 Row = dict[str, Any]
 Handler = Callable[[Row, Any], None]
@@ -41,6 +50,7 @@ def _created(row: Row, e: Any) -> None:
         state="pending",
         due_at=e.due_at,
         lease_until=None,
+        lease_worker=None,
         doc={
             "object": "webhook.delivery",
             "job_id": e.job_id,
@@ -55,6 +65,7 @@ def _created(row: Row, e: Any) -> None:
 
 def _claimed(row: Row, e: Any) -> None:
     row["lease_until"] = e.until
+    row["lease_worker"] = e.worker_id
 
 
 def _attempted(row: Row, e: Any) -> None:
@@ -68,7 +79,7 @@ def _attempted(row: Row, e: Any) -> None:
     )
     row["doc"]["next_attempt_at"] = e.next_attempt_at
     row["due_at"] = e.next_attempt_at
-    row["lease_until"] = None
+    row["lease_until"] = row["lease_worker"] = None
 
 
 def _ended(state: str) -> Handler:
@@ -129,7 +140,8 @@ class WebhooksFold:
                 f"INSERT INTO mm_webhook_deliveries ({', '.join(COLUMNS)}) "
                 f"VALUES ({placeholders(COLUMNS)}) "
                 "ON CONFLICT (delivery_id) DO UPDATE SET state = excluded.state, "
-                "due_at = excluded.due_at, lease_until = excluded.lease_until, doc = excluded.doc"
+                "due_at = excluded.due_at, lease_until = excluded.lease_until, "
+                "lease_worker = excluded.lease_worker, doc = excluded.doc"
             ),
             [
                 (
@@ -139,6 +151,7 @@ class WebhooksFold:
                     r["state"],
                     r["due_at"],
                     r["lease_until"],
+                    r["lease_worker"],
                     dumps(r["doc"]),
                 )
                 for r in self.rows.values()
@@ -158,12 +171,14 @@ PROJECTION = Projection(
 # --------------------------------------------------------------------------- queries
 
 
-def due_deliveries(r: Reader, now: float, limit: int) -> list[str]:
-    """Deliveries whose next try is due and that no sender holds a live lease on."""
+def due_deliveries(r: Reader, now: float, limit: int, worker_id: str) -> list[str]:
+    """Deliveries whose next try is due and that no other sender holds a live lease on (a
+    restarted process with the same worker id takes its own leases back at once, as jobs do)."""
     rows = r.all(
-        "SELECT delivery_id FROM mm_webhook_deliveries WHERE state = 'pending' "
-        "AND due_at <= ? AND (lease_until IS NULL OR lease_until <= ?) ORDER BY due_at LIMIT ?",
-        (now, now, limit),
+        "SELECT delivery_id FROM mm_webhook_deliveries WHERE state = 'pending' AND due_at <= ? "
+        "AND (lease_until IS NULL OR lease_until <= ? OR lease_worker = ?) "
+        "ORDER BY due_at LIMIT ?",
+        (now, now, worker_id, limit),
     )
     return [row["delivery_id"] for row in rows]
 

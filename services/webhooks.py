@@ -210,7 +210,7 @@ class WebhookSender:
         await asyncio.gather(*self._active.values(), return_exceptions=True)
 
     async def _schedule(self) -> None:
-        due = await self.blocking(self.views.due_webhooks, self.clock(), 100)
+        due = await self.blocking(self.views.due_webhooks, self.clock(), 100, self.worker_id)
         for delivery_id in due:
             if delivery_id in self._active:
                 continue
