@@ -1,12 +1,16 @@
-"""Every magic key of the simulator (SPEC 5.2) through the whole engine, on both backends.
+"""Every magic key of the simulator (SPEC 5.2) through the whole engine, one server per key.
 
-One engine per key. Each case checks the job's outcome, what the buyer paid, what the
-simulator billed each seller key, the offers' health, and the money invariants of SPEC 1.
+On SQLite only: what a key does is the provider's protocol, not the store's. Every key also runs
+end to end on PostgreSQL in ``tests/test_routing_table.py`` (one shared server per backend), and
+the engine's reaction to each answer in-process in ``tests/test_worker_inprocess.py``. Each case
+checks the job's outcome, what the buyer paid, what the simulator billed each seller key, the
+offers' health, and the money invariants of SPEC 1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -221,6 +225,11 @@ def check_never(c: Client, buyer_key: str, seller_key: str, key: str) -> None:
     }
     assert done["results"] == []
     assert billed(c, key) == SEEDANCE_LIST_PRICE
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/data"
 
 
 CASES: list[Any] = [
