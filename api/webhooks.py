@@ -12,7 +12,6 @@ from api.errors import not_found
 from api.http import caught_up, engine_of, job_access, min_discount_of, reply, require
 from api.routes import Reply, Route
 from api.schemas.common import Document, Uuid
-from domain.webhooks import ROTATION_OVERLAP_SECONDS
 from services.commands import NotFound
 
 
@@ -23,8 +22,9 @@ class WebhookSecretCreated(Document):
         "only here. The secret it replaces keeps signing for 24 hours"
     )
     created: int = Field(description="Unix seconds")
-    previous_valid_until: int = Field(
-        description="Unix seconds until which the replaced secret (if any) also signs"
+    previous_valid_until: int | None = Field(
+        description="Unix seconds until which the replaced secret also signs; null when this "
+        "secret replaces none"
     )
 
 
@@ -57,15 +57,17 @@ class WebhookDeliveryList(Document):
 async def rotate_secret(request: web.Request) -> web.Response:
     engine = engine_of(request)
     buyer_id = await require(request, "buyer")
-    secret, _ = await engine.blocking(engine.webhooks.rotate_secret, buyer_id)
-    created = int(engine.webhooks.clock())
+    secret, _, at, previous_until = await engine.blocking(engine.webhooks.rotate_secret, buyer_id)
+    created = int(at)
+    # From the same clock reading as created: exactly the overlap apart.
+    overlap_end = None if previous_until is None else created + round(previous_until - at)
     return reply(
         WebhookSecretCreated,
         {
             "object": "webhook.secret",
             "secret": secret,
             "created": created,
-            "previous_valid_until": created + ROTATION_OVERLAP_SECONDS,
+            "previous_valid_until": overlap_end,
         },
         status=201,
     )

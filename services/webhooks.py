@@ -118,23 +118,26 @@ class WebhookCommands(CommandBase):
 
     # ------------------------------------------------------------------ signing secrets
 
-    def rotate_secret(self, buyer_id: str) -> tuple[str, Written]:
-        """A new secret for the buyer, returned once; the old one keeps signing for 24 h."""
+    def rotate_secret(self, buyer_id: str) -> tuple[str, Written, float, float | None]:
+        """A new secret for the buyer, returned once, with when it was made and when the one it
+        replaces stops signing (24 h later), or None when it replaces none."""
         secret = new_secret()
         sealed = self.secrets.seal(secret, context=_context(buyer_id))
 
-        def attempt() -> Written:
+        def attempt() -> tuple[Written, float, float | None]:
+            now = self.clock()
             try:
                 current = self._get(WebhookSecret, secret_id(buyer_id))
             except NotFound:
                 created = WebhookSecret(
-                    id=secret_id(buyer_id), buyer_id=buyer_id, sealed=sealed, at=self.clock()
+                    id=secret_id(buyer_id), buyer_id=buyer_id, sealed=sealed, at=now
                 )
-                return Written(position_of(self.app.save(created)))
-            current.rotate(sealed, now=self.clock())
-            return Written(position_of(self.app.save(current)))
+                return Written(position_of(self.app.save(created))), now, None
+            current.rotate(sealed, now=now)
+            return Written(position_of(self.app.save(current))), now, current.previous_until
 
-        return secret, self._retrying(attempt)
+        written, at, previous_until = self._retrying(attempt)
+        return secret, written, at, previous_until
 
     def signing_secrets(self, buyer_id: str) -> list[str]:
         """The secrets that sign the buyer's webhooks now. A buyer who never asked for one gets

@@ -197,9 +197,13 @@ def test_rotation_signs_with_both_secrets(make_server: ServerFactory, receiver: 
     srv = make_server(**LOOPBACK)
     c = srv.client
     buyer_key, seller_key = _market(c)
-    old = _secret(c, buyer_key)
-    new = _secret(c, buyer_key)
+    first = c.post("/v1/buyer/webhook-secret", key=buyer_key).json()
+    assert first["previous_valid_until"] is None  # it replaces no secret
+    old = first["secret"]
+    second = c.post("/v1/buyer/webhook-secret", key=buyer_key).json()
+    new = second["secret"]
     assert old != new
+    assert second["previous_valid_until"] == second["created"] + 24 * 3600
     c.create_offer(seller_key, MODEL, "sim_ok", "0.80")
     _submit(c, buyer_key, receiver.url())
     got = receiver.wait_for(1)[0]
