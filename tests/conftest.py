@@ -43,6 +43,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
     # A stable sort: each file's tests stay together and in their own order.
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 _pg_problem: str | None = None
 _pg_checked = False
 
