@@ -30,6 +30,7 @@ from domain.webhooks import WebhookDelivery, WebhookSecret, secret_id
 from domain.webhooks import delivery_id as delivery_id_of
 from projections.views import Views
 from services.commands.base import CommandBase, NotFound, Written, position_of
+from services.tasks import TasksByKey
 from services.worker import RunsBlocking
 
 log = structlog.get_logger("webhooks")
@@ -184,7 +185,7 @@ class WebhookSender:
         # Look again at least this often: the shortest retry (tests use fractions of a second)
         # or a second, whichever is shorter. Wake-ups from the projection cover new deliveries.
         self.poll_interval = max(0.05, min(1.0, min(schedule) / 2))
-        self._active: dict[str, asyncio.Task[None]] = {}
+        self._active = TasksByKey()
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -208,21 +209,12 @@ class WebhookSender:
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        for task in list(self._active.values()):
-            task.cancel()
-        await asyncio.gather(*self._active.values(), return_exceptions=True)
+        await self._active.cancel_all()
 
     async def _schedule(self) -> None:
         due = await self.blocking(self.views.due_webhooks, self.clock(), 100, self.worker_id)
         for delivery_id in due:
-            if delivery_id in self._active:
-                continue
-            task = asyncio.create_task(self._try_guarded(delivery_id))
-            self._active[delivery_id] = task
-            task.add_done_callback(partial(self._forget, delivery_id))
-
-    def _forget(self, delivery_id: str, _: object) -> None:
-        self._active.pop(delivery_id, None)
+            self._active.start(delivery_id, partial(self._try_guarded, delivery_id))
 
     async def _try_guarded(self, delivery_id: str) -> None:
         try:

@@ -44,6 +44,7 @@ from domain.rules import AT_CAPACITY, DELETED
 from projections.views import OfferRow, Views
 from services.commands import Commands
 from services.routing import DEACTIVATING_STATUSES, KeyRow, Router, video_params
+from services.tasks import TasksByKey
 
 log = structlog.get_logger("worker")
 T = TypeVar("T")
@@ -83,7 +84,7 @@ class Worker:
         self.poll_interval = poll_interval
         self.clock = clock
         self._slots = asyncio.Semaphore(concurrency)
-        self._active: dict[str, asyncio.Task[None]] = {}
+        self._active = TasksByKey()
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -113,21 +114,12 @@ class Worker:
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        for task in list(self._active.values()):
-            task.cancel()
-        await asyncio.gather(*self._active.values(), return_exceptions=True)
+        await self._active.cancel_all()
 
     async def _schedule(self) -> None:
         pending = await self.blocking(self.views.pending_job_ids, 1000)
         for job_id in pending:
-            if job_id in self._active:
-                continue
-            task = asyncio.create_task(self._drive_guarded(job_id))
-            self._active[job_id] = task
-            task.add_done_callback(partial(self._forget, job_id))
-
-    def _forget(self, job_id: str, _: object) -> None:
-        self._active.pop(job_id, None)
+            self._active.start(job_id, partial(self._drive_guarded, job_id))
 
     async def _drive_guarded(self, job_id: str) -> None:
         async with self._slots:
