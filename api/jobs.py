@@ -172,14 +172,20 @@ def _reused() -> ApiError:
     )
 
 
+async def _view_after(request: web.Request, job_id: str, position: int) -> JobRow:
+    """The job's view once it includes the write at ``position`` (read-your-writes)."""
+    engine = engine_of(request)
+    await caught_up(request, position)
+    row = await engine.read(engine.views.get_job, job_id)
+    if row is None:
+        raise ApiError(503, "projection_lagging", "the job is saved but not yet visible; retry")
+    return row
+
+
 async def _answer(
     request: web.Request, job_id: uuid.UUID, token: str, position: int, replayed: bool
 ) -> web.Response:
-    engine = engine_of(request)
-    await caught_up(request, position)
-    row = await engine.read(engine.views.get_job, str(job_id))
-    if row is None:
-        raise ApiError(503, "projection_lagging", "the job is saved but not yet visible; retry")
+    row = await _view_after(request, str(job_id), position)
     response = job_response(request, row.doc, status=202, job_token=token)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -277,9 +283,7 @@ async def cancel(request: web.Request) -> web.Response:
         written = await engine.blocking(engine.commands.cancel, uuid.UUID(row.job_id))
     except NotFound:
         raise not_found("job") from None
-    await caught_up(request, written.position)
-    fresh = await engine.read(engine.views.get_job, row.job_id)
-    assert fresh is not None
+    fresh = await _view_after(request, row.job_id, written.position)
     return job_response(request, fresh.doc, status=200)
 
 
