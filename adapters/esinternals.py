@@ -11,8 +11,12 @@ fails there, loudly, before it fails anywhere else. What is used, and why:
   ``insert_tracking``/``max_tracking_id``, which open a transaction of their own.
 - **The views' tables created with the tracking table**: the SQLite recorder's
   ``construct_create_table_statements`` and the PostgreSQL recorder's ``sql_create_statements``.
-- **A PostgreSQL schema per store**: the connection pool's ``kwargs`` (a scratch replay's views
-  live in a schema of their own, and our table names are unqualified).
+- **A PostgreSQL schema per store, and a name per connection**: the connection pool's
+  ``kwargs`` (a scratch replay's views live in a schema of their own, and our table names are
+  unqualified; ``application_name`` shows in ``pg_stat_activity`` which process holds what).
+- **One pool per process**: the views' tracking recorder is built on the market's datastore
+  (the recorder's constructor is public; the factory that would build a second pool is not
+  used for it).
 - **The SQLite file's name** (``pool.db_name``), for the event loop's own read connection.
 - **The log read without the library's per-row objects**: the events table's name and the
   datastore's schema, and a decoder that repeats the mapper's work for the common case
@@ -33,7 +37,9 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import (
     DatetimeAsISO,
     InfrastructureFactory,
+    IntegrityError,
     JSONTranscoder,
+    ProgrammingError,
     StoredEvent,
     Tracking,
     TrackingRecorder,
@@ -101,22 +107,62 @@ class TrackingTable:
         return str(self.datastore.pool.db_name)
 
 
-def open_tracking(name: str, env: dict[str, str], create_statements: list[str]) -> TrackingTable:
-    """The tracking recorder of the store ``env`` opens, creating ``create_statements`` (our
-    tables, in the store's dialect) with its own table. With ``POSTGRES_SCHEMA`` in ``env``
-    every connection looks in that schema first."""
-    factory = InfrastructureFactory.construct(Environment(name, env))
+# Our own key in an eventsourcing environment: the PostgreSQL ``application_name`` of every
+# connection the environment's pool opens.
+APPLICATION_NAME_KEY = "MM_APPLICATION_NAME"
+
+
+def name_connections(factory: InfrastructureFactory, env: Any) -> None:
+    """Give a PostgreSQL factory's pool its connections' ``application_name`` (and schema),
+    before the pool opens its first connection; SQLite has neither."""
+    datastore = getattr(factory, "datastore", None)
+    pool = getattr(datastore, "pool", None)
+    kwargs = getattr(pool, "kwargs", None)
+    if not isinstance(kwargs, dict) or "dbname" not in kwargs:
+        return
+    application_name = env.get(APPLICATION_NAME_KEY)
+    if application_name:
+        kwargs["application_name"] = application_name
     schema = env.get("POSTGRES_SCHEMA")
     if schema:
-        # Before the pool opens its first connection.
-        factory.datastore.pool.kwargs["options"] = f"-c search_path={schema}"  # type: ignore[attr-defined]
+        kwargs["options"] = f"-c search_path={schema}"
+
+
+def open_tracking(
+    name: str, env: dict[str, str], create_statements: list[str], datastore: Any = None
+) -> TrackingTable:
+    """The tracking recorder of the store ``env`` opens, with our tables (``create_statements``,
+    in the store's dialect) beside its own. With ``POSTGRES_SCHEMA`` in ``env`` every connection
+    looks in that schema first. ``datastore``: an open PostgreSQL datastore (the market's) to
+    share instead of opening a second pool; its schema must be the one ``env`` names."""
     base: type[Any] = (
         _SQLiteTracking
         if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite"
         else _PostgresTracking
     )
     cls = type(base.__name__, (base,), {"extra_statements": list(create_statements)})
-    return TrackingTable(factory.tracking_recorder(cls))
+    if datastore is not None and base is _PostgresTracking:
+        recorder = cls(datastore=datastore, tracking_table_name=f"{name.lower()}_tracking")
+    else:
+        factory = InfrastructureFactory.construct(Environment(name, {**env, "CREATE_TABLE": "no"}))
+        name_connections(factory, env)
+        recorder = factory.tracking_recorder(cls)
+    create_tables(recorder)
+    return TrackingTable(recorder)
+
+
+def create_tables(recorder: Any, attempts: int = 5) -> None:
+    """``recorder.create_table()``, again when another process created the same table at the
+    same moment: PostgreSQL's ``CREATE TABLE IF NOT EXISTS`` is not atomic against a concurrent
+    one (the loser fails on the catalog's unique index once the winner commits), so processes
+    started together on a fresh database would crash. The second try finds the tables."""
+    for attempt in range(attempts):
+        try:
+            recorder.create_table()
+            return
+        except (IntegrityError, ProgrammingError):  # unique violation; duplicate table or type
+            if attempt == attempts - 1:
+                raise
 
 
 # --------------------------------------------------------------------------- the log, raw

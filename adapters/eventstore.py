@@ -12,12 +12,20 @@ from urllib.parse import unquote, urlparse
 from uuid import UUID
 
 from eventsourcing.application import Application
-from eventsourcing.persistence import Recording
+from eventsourcing.persistence import InfrastructureFactory, Recording
+from eventsourcing.utils import Environment
 
+from adapters.esinternals import APPLICATION_NAME_KEY, create_tables, name_connections
 from adapters.settings import sqlite_dir
 from domain.aggregates import BuyerAccount
 
 APP_NAME = "market"
+# SPEC 8: ten processes at this size fit in PostgreSQL's default max_connections=100 (97 for
+# ordinary users), with room for the CLI tools' two each.
+DEFAULT_POOL_SIZE = 8
+# A pool keeps this many connections open when idle; the rest are opened under load and closed
+# again after psycopg_pool's idle time.
+MIN_IDLE_CONNECTIONS = 1
 
 
 class MarketApp(Application[UUID]):
@@ -28,6 +36,26 @@ class MarketApp(Application[UUID]):
     def __init__(self, env: dict[str, Any]) -> None:
         super().__init__(env=env)
         self.on_saved: list[Callable[[], None]] = []
+        try:
+            create_tables(self.recorder)
+            if self.snapshots is not None:
+                create_tables(self.snapshots.recorder)
+        except BaseException:
+            self.close()  # a database that can't be reached now: leave no pool trying
+            raise
+
+    def construct_factory(self, env: Environment) -> InfrastructureFactory:
+        # Tables are created by ``create_tables`` (safe against processes starting together),
+        # connections named before the pool opens its first.
+        factory = super().construct_factory(Environment(env.name, {**env, "CREATE_TABLE": "no"}))
+        name_connections(factory, env)
+        return factory
+
+    @property
+    def datastore(self) -> Any:
+        """The process's one PostgreSQL connection pool (or the SQLite file's), which the
+        views share on PostgreSQL."""
+        return self.recorder.datastore  # type: ignore[attr-defined]
 
     def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
         recordings = super().save(*objs, **kwargs)
@@ -37,8 +65,15 @@ class MarketApp(Application[UUID]):
         return recordings
 
 
-def store_env(database_url: str, *, role: str = "events") -> dict[str, str]:
-    """The eventsourcing environment for ``role`` ("events" or a projection's name)."""
+def store_env(
+    database_url: str,
+    *,
+    role: str = "events",
+    pool_size: int = DEFAULT_POOL_SIZE,
+    application_name: str = "",
+) -> dict[str, str]:
+    """The eventsourcing environment for ``role`` ("events" or a projection's name): on
+    PostgreSQL a pool of at most ``pool_size`` connections named ``application_name``."""
     url = urlparse(database_url)
     if url.scheme == "sqlite":
         directory = sqlite_dir(database_url)
@@ -58,17 +93,22 @@ def store_env(database_url: str, *, role: str = "events") -> dict[str, str]:
             "POSTGRES_PORT": str(url.port or 5432),
             "POSTGRES_USER": unquote(url.username or "postgres"),
             "POSTGRES_PASSWORD": unquote(url.password or ""),
-            "POSTGRES_POOL_SIZE": "8",
-            "POSTGRES_MAX_OVERFLOW": "16",
+            # The library's pool_size is psycopg_pool's min_size; max = pool_size + overflow.
+            "POSTGRES_POOL_SIZE": str(min(MIN_IDLE_CONNECTIONS, pool_size)),
+            "POSTGRES_MAX_OVERFLOW": str(max(0, pool_size - MIN_IDLE_CONNECTIONS)),
             "POSTGRES_LOCK_TIMEOUT": "5",
+            # Also how long a thread waits for a free connection of the pool.
             "POSTGRES_CONNECT_TIMEOUT": "10",
+            APPLICATION_NAME_KEY: application_name,
         }
     raise ValueError(f"unsupported DATABASE_URL scheme: {url.scheme!r}")
 
 
-def open_market(database_url: str) -> MarketApp:
+def open_market(
+    database_url: str, *, pool_size: int = DEFAULT_POOL_SIZE, application_name: str = ""
+) -> MarketApp:
     env: dict[str, Any] = {
-        **store_env(database_url),
+        **store_env(database_url, pool_size=pool_size, application_name=application_name),
         "AGGREGATE_CACHE_MAXSIZE": "20000",
         "AGGREGATE_CACHE_FASTFORWARD": "y",
     }

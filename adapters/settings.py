@@ -20,6 +20,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=True)
 
     DATABASE_URL: str = "sqlite:///./data"
+    # SPEC 8: the most PostgreSQL connections one process holds (API, worker and projection
+    # runner share one pool); 8 lets ten processes fit in max_connections=100 beside the CLI's
+    # two each. At least 2: the runner and a request each need one.
+    DATABASE_POOL_SIZE: int = Field(default=8, ge=2, le=1000)
     PORT: int = Field(default=8080, ge=0, le=65535)
     HOST: str = "127.0.0.1"
     MEDIAMARKET_ADMIN_TOKEN: str | None = None

@@ -13,7 +13,7 @@ from api import accounts, docs, finance, jobs, market, sellers
 from api.artifacts import ARTIFACT_ROUTES
 from api.body import MAX_BODY_BYTES
 from api.bootstrap import Engine
-from api.http import ENGINE, METRICS, PRINCIPALS, engine_of, reply, request_context
+from api.http import METRICS, PRINCIPALS, STARTUP, Startup, engine_of, reply, request_context
 from api.openapi import openapi_document
 from api.routes import Reply, Route, register
 from api.schemas.system import Health
@@ -23,7 +23,20 @@ VERSION = "0.1.0"
 
 
 async def healthz(request: web.Request) -> web.Response:
-    engine = engine_of(request)
+    startup = request.app[STARTUP]
+    if startup.engine is None:
+        # Not ready: a load balancer sends this process nothing yet.
+        return reply(
+            Health,
+            {
+                "status": "starting",
+                "catalog": False,
+                "projection_position": 0,
+                "detail": startup.state,
+            },
+            status=503,
+        )
+    engine = startup.engine
     failure = engine.runner.failure
     body: dict[str, Any] = {
         # Degraded, not down: the views keep serving what they hold, but stopped following
@@ -88,7 +101,10 @@ PUBLIC_ROUTES: list[Route] = [
         name="get_health",
         summary="Liveness and readiness",
         tag="meta",
-        replies={200: Reply("The engine's state", Health)},
+        replies={
+            200: Reply("The engine's state", Health),
+            503: Reply("Not ready: waiting for the database or rebuilding views", Health),
+        },
     ),
     Route(
         "GET",
@@ -129,18 +145,27 @@ ROUTES: list[Route] = [
 OPENAPI = openapi_document(ROUTES, version=VERSION)
 
 
-def create_app(engine: Engine, *, mount_simulator: bool = False) -> web.Application:
+def create_app(
+    engine: Engine | None,
+    *,
+    settings: Settings | None = None,
+    mount_simulator: bool = False,
+) -> web.Application:
+    """The API over ``engine``; or, with ``engine`` None, over the one ``app[STARTUP]`` gets
+    when it is ready (until then: 503, see ``Startup``)."""
     app = web.Application(middlewares=[request_context], client_max_size=MAX_BODY_BYTES)
-    app[ENGINE] = engine
+    app[STARTUP] = Startup(engine)
     app[METRICS] = Counter()
     app[PRINCIPALS] = {}
     register(app, ROUTES)
+    settings = settings or (engine.settings if engine is not None else None)
     if mount_simulator:
+        assert settings is not None
         app.add_subapp(
             "/sim",
             create_simulator_app(
-                render_seconds=engine.settings.SIM_RENDER_SECONDS,
-                state_path=engine.settings.data_dir / "simulator.db",
+                render_seconds=settings.SIM_RENDER_SECONDS,
+                state_path=settings.data_dir / "simulator.db",
             ),
         )
     return app

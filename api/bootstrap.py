@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import heapq
 import os
+import random
 import secrets as pysecrets
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import structlog
+from eventsourcing.persistence import InterfaceError, OperationalError
 
 from adapters.artifacts import ArtifactStore, LocalArtifactStore, S3ArtifactStore, parse_s3_store
 from adapters.crypto import SecretError, Secrets
@@ -39,6 +42,11 @@ from services.worker import Worker
 log = structlog.get_logger("engine")
 T = TypeVar("T")
 PROVIDERS = ("venice",)
+# Waits between tries to reach an unreachable database: doubling, with jitter so processes
+# restarted together don't knock in step, up to this.
+MAX_RETRY_SECONDS = 30.0
+# The errors of a PostgreSQL server that is down, restarting or out of connections.
+UNREACHABLE = (OperationalError, InterfaceError)
 
 
 class Blocking:
@@ -86,6 +94,24 @@ def resolve_secrets(settings: Settings) -> tuple[Secrets, str]:
         return Secrets(master), admin
     except SecretError as e:
         raise ConfigError(str(e)) from None
+
+
+def open_stores(
+    database_url: str, pool_size: int, application_name: str
+) -> tuple[MarketApp, Views, bool]:
+    """The market and its views, in one connection pool on PostgreSQL (SPEC 8: a bounded
+    number of connections per process); and whether the views were reset for a new schema."""
+    market = open_market(database_url, pool_size=pool_size, application_name=application_name)
+    try:
+        env = store_env(
+            database_url, role=VIEWS_NAME, pool_size=pool_size, application_name=application_name
+        )
+        shared = None if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite" else market.datastore
+        views = open_views(env, shared)
+        return market, views, views.ensure_schema(market.name)
+    except BaseException:
+        market.close()
+        raise
 
 
 def embedded_sim_url(settings: Settings) -> str:
@@ -200,21 +226,61 @@ class Engine:
             return await self.blocking(self.runner.wait_for, position, 0.0)
 
     @classmethod
-    async def open(cls, settings: Settings, *, sim_url: str | None = None) -> Engine:
+    async def open(
+        cls,
+        settings: Settings,
+        *,
+        role: str,
+        sim_url: str | None = None,
+        tool: bool = False,
+        wait_seconds: float | None = None,
+        on_state: Callable[[str], None] | None = None,
+    ) -> Engine:
+        """The engine of a process in ``role`` (``serve``, ``api``, ``worker``, or a CLI
+        command: ``tool``, which needs two connections at most).
+
+        Waits for an unreachable database, trying again with backoff and logging each try
+        (forever, or ``wait_seconds``), instead of exiting: SPEC 8."""
         secrets, admin_token = resolve_secrets(settings)
         try:
             fees = FeeSchedule(settings.FEE_MULTIPLIER_BPS, settings.FLAT_FEE_USDC)
         except MoneyError as e:
             raise ConfigError(str(e)) from None
-        blocking = Blocking(max_workers=16)
-        try:
-            market = await blocking(open_market, settings.DATABASE_URL)
-            views = await blocking(open_views, store_env(settings.DATABASE_URL, role=VIEWS_NAME))
-            if await blocking(views.ensure_schema, market.name):
-                log.info("views_reset_for_new_schema")
-        except Exception as e:
-            blocking.shutdown()
-            raise ConfigError(f"cannot open the database at DATABASE_URL: {e}") from None
+        pool_size = min(2, settings.DATABASE_POOL_SIZE) if tool else settings.DATABASE_POOL_SIZE
+        # Threads beyond the pool's connections would only queue for one (PostgreSQL); SQLite
+        # files have no pool to outrun.
+        blocking = Blocking(max_workers=16 if settings.is_sqlite else pool_size + 2)
+        application_name = f"mediamarket-{role}-{os.getpid()}"
+        deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                market, views, reset = await blocking(
+                    open_stores, settings.DATABASE_URL, pool_size, application_name
+                )
+                break
+            except UNREACHABLE as e:
+                delay = min(MAX_RETRY_SECONDS, 0.5 * 2 ** min(tries, 10)) * random.uniform(0.8, 1.2)
+                # A SQLite file that can't be opened is a setting to fix, not a server to await.
+                if settings.is_sqlite or (
+                    deadline is not None and time.monotonic() + delay > deadline
+                ):
+                    blocking.shutdown()
+                    raise ConfigError(f"cannot reach the database at DATABASE_URL: {e}") from None
+                log.warning(
+                    "database_unreachable", attempt=tries, retry_in=round(delay, 1), error=str(e)
+                )
+                if on_state is not None:
+                    on_state(f"waiting for the database (try {tries}): {e}")
+                await asyncio.sleep(delay)
+            except Exception as e:
+                blocking.shutdown()
+                raise ConfigError(f"cannot open the database at DATABASE_URL: {e}") from None
+        if tries > 1:
+            log.info("database_reached", attempts=tries)
+        if reset:
+            log.info("views_reset_for_new_schema")
         runner = ProjectionRunner(market, views)
         market.on_saved.append(runner.wake)
         runner.start()

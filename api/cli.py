@@ -23,6 +23,7 @@ from adapters.settings import ConfigError, Settings, load_settings
 from api import finance as finance_api
 from api.app import create_app, is_embedded_simulator
 from api.bootstrap import Engine
+from api.http import STARTUP
 from projections.views import VIEWS_NAME, scratch_views
 from services import exports, finance
 from services.audit import job_history, render_text
@@ -37,6 +38,9 @@ DEMO_MODELS = {
     "venice-wan-2-5-i2v": ["0.80"],
 }
 DEMO_DEPOSIT_USDC = 100_000_000
+# How long a one-off command waits for an unreachable database before it gives up (servers
+# and workers wait for ever).
+TOOL_WAIT = 60.0
 
 
 async def _wait_for_signal() -> None:
@@ -125,8 +129,10 @@ Or all at once:
 
 async def serve(settings: Settings, *, worker: bool) -> None:
     embedded = is_embedded_simulator(settings)
-    engine = await Engine.open(settings)
-    app = create_app(engine, mount_simulator=embedded)
+    # Listening before the database is reached: /healthz tells a load balancer (and an
+    # operator) what the process waits for, and every other route answers 503 meanwhile.
+    app = create_app(None, settings=settings, mount_simulator=embedded)
+    startup = app[STARTUP]
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.HOST, settings.PORT, reuse_address=True)
@@ -134,11 +140,26 @@ async def serve(settings: Settings, *, worker: bool) -> None:
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        await engine.close()
         raise ConfigError(
             f"cannot listen on {settings.HOST}:{settings.PORT}: {e.strerror}"
         ) from None
     try:
+        opening = asyncio.ensure_future(
+            Engine.open(settings, role="serve" if worker else "api", on_state=startup.set_state)
+        )
+        stop = asyncio.ensure_future(_wait_for_signal())
+        await asyncio.wait({opening, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not opening.done():
+            opening.cancel()
+            await asyncio.gather(opening, return_exceptions=True)
+            return
+        stop.cancel()
+        engine = opening.result()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    try:
+        startup.engine = engine
         await engine.load_catalog()
         if settings.MEDIAMARKET_DEMO:
             demo = await seed_demo(engine)
@@ -154,7 +175,7 @@ async def serve(settings: Settings, *, worker: bool) -> None:
 
 
 async def run_worker(settings: Settings) -> None:
-    engine = await Engine.open(settings)
+    engine = await Engine.open(settings, role="worker")
     worker_id = os.environ.get("WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}"
     try:
         engine.start_worker(worker_id)
@@ -165,7 +186,9 @@ async def run_worker(settings: Settings) -> None:
 
 
 async def projections(settings: Settings, action: str) -> int:
-    engine = await Engine.open(settings)
+    engine = await Engine.open(
+        settings, role=f"projections-{action}", tool=action != "run", wait_seconds=TOOL_WAIT
+    )
     try:
         views, market = engine.views, engine.market
         if action == "digest":
@@ -200,7 +223,7 @@ def _print_digest(after: dict[str, Any], before: dict[str, Any] | None = None) -
 
 
 async def admin(settings: Settings, args: argparse.Namespace) -> None:
-    engine = await Engine.open(settings)
+    engine = await Engine.open(settings, role="admin", tool=True, wait_seconds=TOOL_WAIT)
     try:
         commands = engine.commands
         if args.admin_command == "create-buyer":
@@ -228,7 +251,12 @@ async def audit(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     # The event store alone: no projection runner, secrets or provider sessions are needed.
     try:
-        market = await asyncio.to_thread(open_market, settings.DATABASE_URL)
+        market = await asyncio.to_thread(
+            open_market,
+            settings.DATABASE_URL,
+            pool_size=1,
+            application_name=f"mediamarket-audit-{os.getpid()}",
+        )
     except Exception as e:
         raise ConfigError(f"cannot open the database at DATABASE_URL: {e}") from None
     try:
@@ -243,7 +271,7 @@ async def audit(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def ledger(settings: Settings, args: argparse.Namespace) -> int:
-    engine = await Engine.open(settings)
+    engine = await Engine.open(settings, role="ledger", tool=True, wait_seconds=TOOL_WAIT)
     try:
         views, name = engine.views, engine.market.name
         if args.ledger_command == "reconcile":
@@ -275,7 +303,7 @@ async def ledger(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def replay(settings: Settings) -> int:
-    engine = await Engine.open(settings)
+    engine = await Engine.open(settings, role="replay", tool=True, wait_seconds=TOOL_WAIT)
     try:
         env = store_env(settings.DATABASE_URL, role=VIEWS_NAME)
         name = engine.market.name

@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from eventsourcing.persistence import InterfaceError, OperationalError
 from pydantic import BaseModel
 
 from adapters.crypto import sha256_hex
@@ -25,7 +26,21 @@ from domain.catalog import Catalog, ModelSpec
 from domain.routing import MinimumDiscountError, parse_min_prefix
 from projections.views import JobRow
 
-ENGINE = web.AppKey("engine", Engine)
+
+class Startup:
+    """A server's engine, once it is ready. Until then (waiting for the database, rebuilding
+    views for a new schema) ``/healthz`` answers 503 with ``state`` and every other route 503
+    ``engine_starting``: SPEC 8, a process never exits on an unreachable database."""
+
+    def __init__(self, engine: Engine | None = None) -> None:
+        self.engine = engine
+        self.state = "starting"
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+
+
+STARTUP = web.AppKey("startup", Startup)
 # Keys are never reassigned, so a positive lookup can be remembered for the process lifetime.
 PRINCIPALS = web.AppKey("principals", dict)
 METRICS = web.AppKey("metrics", Counter)
@@ -42,7 +57,11 @@ REQUEST_COUNTER = itertools.count()
 
 
 def engine_of(request: web.Request) -> Engine:
-    return request.app[ENGINE]
+    startup = request.app[STARTUP]
+    engine = startup.engine
+    if engine is None:
+        raise ApiError(503, "engine_starting", f"the engine is starting: {startup.state}")
+    return engine
 
 
 @web.middleware
@@ -71,6 +90,14 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response.headers["Allow"] = ",".join(sorted(e.allowed_methods))
         except web.HTTPException as e:
             response = ApiError(e.status, "invalid_request", e.reason).response()
+        except (OperationalError, InterfaceError) as e:
+            # The database is down, restarting or out of connections: nothing was answered
+            # from it, and the pool reconnects by itself; the client should retry.
+            log.warning("database_unavailable", method=request.method, error=str(e))
+            response = ApiError(
+                503, "database_unavailable", "the database is unreachable; retry shortly"
+            ).response()
+            response.headers["Retry-After"] = "2"
         except Exception:
             log.exception("unhandled_error", method=request.method, path=request.path)
             response = ApiError(500, "internal_error", "internal error").response()

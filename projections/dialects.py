@@ -131,10 +131,12 @@ def open_store(
     projections: Sequence[Projection],
     sqlite: type[SQLiteStore],
     pg: type[PostgresStore],
+    datastore: Any = None,
 ) -> Store:
-    """The store ``env`` opens (its tables created when absent), as ``sqlite`` or ``pg``."""
+    """The store ``env`` opens (its tables created when absent), as ``sqlite`` or ``pg``; on
+    PostgreSQL in ``datastore``'s pool when given (the market's: one pool per process)."""
     cls = sqlite if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite" else pg
-    tracking = open_tracking(name, env, cls.create_statements(projections))
+    tracking = open_tracking(name, env, cls.create_statements(projections), datastore)
     return cls(tracking, projections)
 
 

@@ -157,8 +157,10 @@ class PostgresViews(Views, PostgresStore):
     pass
 
 
-def open_views(env: dict[str, str]) -> Views:
-    views = open_store(VIEWS_NAME, env, PROJECTIONS, SQLiteViews, PostgresViews)
+def open_views(env: dict[str, str], datastore: Any = None) -> Views:
+    """The views ``env`` opens; on PostgreSQL in ``datastore``'s connection pool when given
+    (the market's, so a process holds one pool)."""
+    views = open_store(VIEWS_NAME, env, PROJECTIONS, SQLiteViews, PostgresViews, datastore)
     assert isinstance(views, Views)
     return views
 

@@ -19,12 +19,16 @@ class Health(Document):
     # Readiness details may grow (projection lag, connections): readers must not break.
     model_config = ConfigDict(extra="allow")
 
-    status: Literal["ok", "degraded"] = Field(
-        description="degraded: the views stopped following the log and serve what they hold"
+    status: Literal["ok", "degraded", "starting"] = Field(
+        description="degraded: the views stopped following the log and serve what they hold;"
+        " starting (answered with 503): not ready yet, see detail"
     )
     catalog: bool
     projection_position: int
     projection_failure: ProjectionFailure | None = None
+    detail: str | None = Field(
+        default=None, description="What a starting engine waits for (the database, a rebuild)"
+    )
 
 
 class Totals(Document):
