@@ -33,6 +33,8 @@ from domain.money import FeeSchedule, MoneyError
 from projections.jobviews import job_versions
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, Views, open_views
+from projections.work import NAME as WORK_NAME
+from projections.work import WorkStore, open_work
 from services.commands import Commands
 from services.market import Market
 from services.routing import OfferHealth, Providers, Router
@@ -166,6 +168,9 @@ class Engine:
     catalog: Catalog | None = None
     worker: Worker | None = None
     worker_task: asyncio.Task[None] | None = None
+    # The work queue and its own runner: opened by the first worker of the process.
+    work: WorkStore | None = None
+    work_runner: ProjectionRunner | None = None
     webhooks: WebhookCommands = field(init=False)
     webhook_sender: WebhookSender | None = None
     webhook_task: asyncio.Task[None] | None = None
@@ -327,10 +332,47 @@ class Engine:
                 await asyncio.sleep(min(0.2 * 2**n, 5.0))
         raise ConfigError(f"cannot load the model catalog from {self.base_urls['venice']}")
 
-    def start_worker(self, worker_id: str) -> Worker:
+    async def open_work(self) -> WorkStore:
+        """The work queue (SPEC 8: claimed by every worker of every process), kept up to date
+        by a runner of its own in this process."""
+        if self.work is None:
+            settings = self.settings
+            env = store_env(
+                settings.DATABASE_URL,
+                role=WORK_NAME,
+                pool_size=settings.DATABASE_POOL_SIZE,
+                application_name=f"mediamarket-work-{os.getpid()}",
+            )
+            shared = None if settings.is_sqlite else self.market.datastore
+
+            def open_it() -> WorkStore:
+                work = open_work(env, shared)
+                work.ensure_schema(self.market.name)
+                return work
+
+            self.work = await self.blocking(open_it)
+            self.work_runner = ProjectionRunner(self.market, self.work)
+            self.market.on_saved.append(self.work_runner.wake)
+            self.work_runner.start()
+        return self.work
+
+    def _wake_on_work(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` on the event loop whenever the work queue takes in new work."""
+        assert self.work_runner is not None
+        loop = asyncio.get_running_loop()
+
+        def advanced(_: int) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed at shutdown
+                loop.call_soon_threadsafe(wake)
+
+        self.work_runner.on_advance.append(advanced)
+
+    async def start_worker(self, worker_id: str) -> Worker:
+        work = await self.open_work()
         worker = Worker(
             commands=self.commands,
             views=self.views,
+            work=work,
             router=self.router,
             store=self.store,
             blocking=self.blocking,
@@ -338,35 +380,24 @@ class Engine:
             artifact_ttl_seconds=self.settings.MEDIA_ARTIFACT_TTL_SECONDS,
             concurrency=self.settings.WORKER_CONCURRENCY,
         )
-        loop = asyncio.get_running_loop()
-
-        def wake_worker() -> None:
-            loop.call_soon_threadsafe(worker.wake)
-
-        self.market.on_saved.append(wake_worker)
+        self._wake_on_work(worker.wake)
         self.worker = worker
         self.worker_task = asyncio.create_task(worker.run())
-        self._start_webhook_sender(worker_id)
+        self._start_webhook_sender(worker_id, work)
         return worker
 
-    def _start_webhook_sender(self, worker_id: str) -> None:
+    def _start_webhook_sender(self, worker_id: str, work: WorkStore) -> None:
         """SPEC 8: webhook retries run in every process that has a worker."""
         sender = WebhookSender(
             commands=self.webhooks,
             views=self.views,
+            work=work,
             outbound=self.outbound,
             blocking=self.blocking,
             worker_id=worker_id,
             schedule=self.settings.webhook_schedule,
         )
-        loop = asyncio.get_running_loop()
-
-        def wake_sender(_: int) -> None:
-            # A new delivery is found in the views, so look when they advance, not when saved.
-            with contextlib.suppress(RuntimeError):  # the loop closed at shutdown
-                loop.call_soon_threadsafe(sender.wake)
-
-        self.runner.on_advance.append(wake_sender)
+        self._wake_on_work(sender.wake)
         self.webhook_sender = sender
         self.webhook_task = asyncio.create_task(sender.run())
 
@@ -384,7 +415,12 @@ class Engine:
             await asyncio.gather(self.worker_task, return_exceptions=True)
         await self.outbound.close()
         await self.store.close()
-        await asyncio.get_running_loop().run_in_executor(None, self.runner.stop)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.runner.stop)
+        if self.work_runner is not None:
+            await loop.run_in_executor(None, self.work_runner.stop)
         self.blocking.shutdown()
         self.market.close()
         self.views.datastore.close()
+        if self.work is not None:
+            self.work.datastore.close()

@@ -167,7 +167,9 @@ async def serve(settings: Settings, *, worker: bool) -> None:
         else:
             print(f"mediamarket is running on http://{settings.HOST}:{settings.PORT}", flush=True)
         if worker:
-            engine.start_worker("embedded" if embedded else f"{socket.gethostname()}:{os.getpid()}")
+            await engine.start_worker(
+                "embedded" if embedded else f"{socket.gethostname()}:{os.getpid()}"
+            )
         await _wait_for_signal()
     finally:
         await engine.close()
@@ -178,7 +180,7 @@ async def run_worker(settings: Settings) -> None:
     engine = await Engine.open(settings, role="worker")
     worker_id = os.environ.get("WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}"
     try:
-        engine.start_worker(worker_id)
+        await engine.start_worker(worker_id)
         print(f"mediamarket worker {worker_id} running", flush=True)
         await _wait_for_signal()
     finally:
@@ -254,7 +256,7 @@ async def audit(settings: Settings, args: argparse.Namespace) -> int:
         market = await asyncio.to_thread(
             open_market,
             settings.DATABASE_URL,
-            pool_size=1,
+            pool_size=2,
             application_name=f"mediamarket-audit-{os.getpid()}",
         )
     except Exception as e:

@@ -359,11 +359,15 @@ class Job(Aggregate):
 
     # -- work leases: one worker drives a job at a time; a dead worker's lease runs out
 
-    def claim(self, worker_id: str, now: float, lease_seconds: float) -> bool:
-        """Take (or renew) the lease; False when another worker holds a live one."""
+    def claim(
+        self, worker_id: str, now: float, lease_seconds: float, takeover: bool = False
+    ) -> bool:
+        """Take (or renew) the lease; False when another worker holds a live one, unless
+        ``takeover``: the work queue's claim (whose short, heartbeat-renewed lease says the
+        holder is dead) decided already. The log records every change of hands."""
         self._require_pending()
         lease = self.lease
-        if lease and lease["worker_id"] != worker_id and lease["until"] > now:
+        if lease and lease["worker_id"] != worker_id and lease["until"] > now and not takeover:
             return False
         if lease and lease["worker_id"] == worker_id and lease["until"] - now > lease_seconds / 2:
             # Still ours for a good while: a job that keeps being rescheduled (waiting for

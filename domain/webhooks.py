@@ -97,12 +97,15 @@ class WebhookDelivery(Aggregate):
     def is_due(self, now: float) -> bool:
         return self.state == PENDING and self.due_at is not None and self.due_at <= now
 
-    def claim(self, worker_id: str, now: float, lease_seconds: float) -> bool:
-        """Take the lease for one try; False when not due or another sender holds it."""
+    def claim(
+        self, worker_id: str, now: float, lease_seconds: float, takeover: bool = False
+    ) -> bool:
+        """Take the lease for one try; False when not due or another sender holds it (unless
+        ``takeover``: the work queue's claim decided the holder is dead)."""
         if not self.is_due(now):
             return False
         lease = self.lease
-        if lease and lease["worker_id"] != worker_id and lease["until"] > now:
+        if lease and lease["worker_id"] != worker_id and lease["until"] > now and not takeover:
             return False
         self._claimed(worker_id=worker_id, until=now + lease_seconds)
         return True

@@ -110,9 +110,16 @@ class PostgresStore(Store):
     def _repeatable_read(self, c: Any) -> None:
         c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
 
+    # Appended to the schema in the batch lock's key: stores in one schema that fold apart (the
+    # views and the work queue) don't wait on each other. The views' is empty, as it always was.
+    batch_lock_suffix = ""
+
     def _lock_batches(self, c: Any) -> None:
         # Per schema: views in another schema (a rebuild's scratch parts) have their own.
-        c.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (BATCH_LOCK_ID,))
+        c.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(current_schema() || %s))",
+            (BATCH_LOCK_ID, self.batch_lock_suffix),
+        )
 
     def copy_tables_from(self, env: dict[str, str], tables: Iterable[str]) -> None:
         schema = Identifier(env["POSTGRES_SCHEMA"])

@@ -239,24 +239,6 @@ def list_jobs(
     return [json.loads(row["doc"]) for row in rows]
 
 
-def pending_job_ids(r: Reader, limit: int) -> list[str]:
-    rows = r.all(
-        "SELECT job_id FROM mm_job_views WHERE status IN ('queued', 'submitted', 'running') "
-        "ORDER BY seq LIMIT ?",
-        (limit,),
-    )
-    return [row["job_id"] for row in rows]
-
-
-def artifacts_stored_before(r: Reader, cutoff: int, limit: int) -> list[str]:
-    rows = r.all(
-        "SELECT job_id FROM mm_job_views WHERE artifact_stored_at IS NOT NULL "
-        "AND artifact_stored_at < ? ORDER BY artifact_stored_at LIMIT ?",
-        (cutoff, limit),
-    )
-    return [row["job_id"] for row in rows]
-
-
 def every_job(r: Reader) -> dict[str, dict[str, Any]]:
     """Every job's status, buyer and document (a reconciliation's view of what poll serves)."""
     return {

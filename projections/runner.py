@@ -26,8 +26,8 @@ from eventsourcing.persistence import OperationalError, Tracking
 
 from adapters.eventstore import MarketApp
 from adapters.logreader import LogBatch, LogReader, UnreadableEvent
-from projections.store import LostRace
-from projections.views import ALL, Part, Views, skips
+from projections.store import LostRace, Store
+from projections.views import Part, skips
 
 log = structlog.get_logger("projections")
 # Catching up (a rebuild, a replay, a backlog at start) applies big batches: fewer commits and
@@ -55,18 +55,19 @@ class ProjectionRunner:
     def __init__(
         self,
         app: MarketApp,
-        views: Views,
+        views: Store,
         *,
         batch_size: int = 500,
         poll_interval: float = 0.05,
-        part: Part = ALL,
+        part: Part | None = None,
     ) -> None:
         self.app = app
         self.views = views
-        self.part = part
+        # Every read model of the store (the views, or the work queue's), unless told a part.
+        self.part = frozenset(views.projections) if part is None else part
         # Events no view reads are not even decoded (a fifth of a busy log is lease renewals);
         # the tracked position still moves past them.
-        self.reader = LogReader(app, skip=skips(part))
+        self.reader = LogReader(app, skip=skips(self.part, list(views.projections.values())))
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.position = views.position(app.name)

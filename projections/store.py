@@ -132,6 +132,9 @@ class Store:
 
     # Whether point reads are cheap enough to run on the calling (event-loop) thread.
     inline_reads = False
+    # Where the store's schema version is kept (stores sharing a database each have their own).
+    schema_table = "mm_schema"
+    schema_version = SCHEMA_VERSION
 
     def __init__(self, tracking: TrackingTable, projections: Sequence[Projection]) -> None:
         self.tracking = tracking
@@ -285,18 +288,19 @@ class Store:
         """
         with self.datastore.transaction(commit=True) as c:
             self._lock_schema(c)
-            c.execute(self.q("CREATE TABLE IF NOT EXISTS mm_schema (version BIGINT NOT NULL)"), ())
-            c.execute(self.q("SELECT version FROM mm_schema"), ())
+            table = self.schema_table
+            c.execute(self.q(f"CREATE TABLE IF NOT EXISTS {table} (version BIGINT NOT NULL)"), ())
+            c.execute(self.q(f"SELECT version FROM {table}"), ())
             row = c.fetchone()
-            if row is not None and int(row["version"]) == SCHEMA_VERSION:
+            if row is not None and int(row["version"]) == self.schema_version:
                 return False
-            for table in self.tables:
-                c.execute(self.q(f"DROP TABLE IF EXISTS {table}"), ())
+            for table_name in self.tables:
+                c.execute(self.q(f"DROP TABLE IF EXISTS {table_name}"), ())
             for statement in self.create_statements(list(self.projections.values())):
                 c.execute(self.q(statement), ())
             self.tracking.reset(c, application_name)
-            c.execute(self.q("DELETE FROM mm_schema"), ())
-            c.execute(self.q("INSERT INTO mm_schema (version) VALUES (?)"), (SCHEMA_VERSION,))
+            c.execute(self.q(f"DELETE FROM {table}"), ())
+            c.execute(self.q(f"INSERT INTO {table} (version) VALUES (?)"), (self.schema_version,))
             return True
 
     def digest(self) -> dict[str, tuple[int, str]]:

@@ -21,7 +21,7 @@ the reader.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -63,10 +63,10 @@ def part_tables(part: Part) -> list[str]:
     return [table for p in PROJECTIONS if p.name in part for table in p.tables]
 
 
-def skips(part: Part) -> Callable[[str], bool]:
+def skips(part: Part, projections: Sequence[Projection] = PROJECTIONS) -> Callable[[str], bool]:
     """Whether a part's reader may leave an event of this topic undecoded: no read model of the
     part handles its class."""
-    handled = frozenset(cls for p in PROJECTIONS if p.name in part for cls in p.handles)
+    handled = frozenset(cls for p in projections if p.name in part for cls in p.handles)
 
     def skip(topic: str) -> bool:
         try:
@@ -88,18 +88,6 @@ class Views(Store):
         self, buyer_id: str, limit: int, after: str | None, status: str | None
     ) -> list[JobDoc] | None:
         return jobviews.list_jobs(self, buyer_id, limit, after, status)
-
-    def pending_job_ids(self, limit: int) -> list[str]:
-        return jobviews.pending_job_ids(self, limit)
-
-    def artifacts_stored_before(self, cutoff: int, limit: int) -> list[str]:
-        return jobviews.artifacts_stored_before(self, cutoff, limit)
-
-    def due_webhooks(self, now: float, limit: int, worker_id: str) -> list[str]:
-        return webhooks.due_deliveries(self, now, limit, worker_id)
-
-    def next_webhook_due(self) -> float | None:
-        return webhooks.next_due(self)
 
     def webhook_backlog(self) -> int:
         return webhooks.backlog(self)

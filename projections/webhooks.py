@@ -1,6 +1,6 @@
 """The webhook deliveries read model: one row per job's delivery, with what the buyer reads
-(``GET .../webhooks``: the tries, the next one, the outcome) pre-rendered, and the senders'
-list of deliveries that are due and not leased."""
+(``GET .../webhooks``: the tries, the next one, the outcome) pre-rendered. Senders find due
+tries in the work queue (``projections.work``), not here."""
 
 from __future__ import annotations
 
@@ -169,24 +169,6 @@ PROJECTION = Projection(
 )
 
 # --------------------------------------------------------------------------- queries
-
-
-def due_deliveries(r: Reader, now: float, limit: int, worker_id: str) -> list[str]:
-    """Deliveries whose next try is due and that no other sender holds a live lease on (a
-    restarted process with the same worker id takes its own leases back at once, as jobs do)."""
-    rows = r.all(
-        "SELECT delivery_id FROM mm_webhook_deliveries WHERE state = 'pending' AND due_at <= ? "
-        "AND (lease_until IS NULL OR lease_until <= ? OR lease_worker = ?) "
-        "ORDER BY due_at LIMIT ?",
-        (now, now, worker_id, limit),
-    )
-    return [row["delivery_id"] for row in rows]
-
-
-def next_due(r: Reader) -> float | None:
-    """When the earliest pending try is due (a sender sleeps until then, or a wake-up)."""
-    row = r.one("SELECT MIN(due_at) AS due FROM mm_webhook_deliveries WHERE state = 'pending'", ())
-    return None if row is None or row["due"] is None else float(row["due"])
 
 
 def backlog(r: Reader) -> int:

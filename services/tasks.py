@@ -16,6 +16,9 @@ class TasksByKey:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    def running(self) -> list[str]:
+        return list(self._tasks)
+
     def start(self, key: str, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``work()`` for ``key`` unless a task for it is still running."""
         if key in self._tasks:

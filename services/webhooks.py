@@ -29,9 +29,10 @@ from domain.aggregates import TERMINAL
 from domain.webhooks import WebhookDelivery, WebhookSecret, secret_id
 from domain.webhooks import delivery_id as delivery_id_of
 from projections.views import Views
+from projections.work import WEBHOOK, WorkStore
 from services.commands.base import CommandBase, NotFound, Written, position_of
 from services.tasks import TasksByKey
-from services.worker import RunsBlocking
+from services.worker import WORK_LEASE_SECONDS, RunsBlocking
 
 log = structlog.get_logger("webhooks")
 
@@ -63,10 +64,20 @@ class WebhookCommands(CommandBase):
     def delivery(self, job_id: UUID | str) -> WebhookDelivery:
         return self._get(WebhookDelivery, delivery_id_of(job_id))
 
-    def claim(self, delivery_id: UUID, worker_id: str) -> WebhookDelivery | None:
+    def delivery_by_id(self, delivery_id: UUID) -> WebhookDelivery | None:
+        try:
+            return self._get(WebhookDelivery, delivery_id)
+        except NotFound:
+            return None
+
+    def claim(
+        self, delivery_id: UUID, worker_id: str, takeover: bool = False
+    ) -> WebhookDelivery | None:
         def attempt() -> WebhookDelivery | None:
             d = self._get(WebhookDelivery, delivery_id)
-            if not d.claim(worker_id, now=self.clock(), lease_seconds=LEASE_SECONDS):
+            if not d.claim(
+                worker_id, now=self.clock(), lease_seconds=LEASE_SECONDS, takeover=takeover
+            ):
                 return None
             self.app.save(d)
             return d
@@ -169,6 +180,7 @@ class WebhookSender:
         *,
         commands: WebhookCommands,
         views: Views,
+        work: WorkStore,
         outbound: Outbound,
         blocking: RunsBlocking,
         worker_id: str,
@@ -177,6 +189,7 @@ class WebhookSender:
     ) -> None:
         self.commands = commands
         self.views = views
+        self.work = work
         self.outbound = outbound
         self.blocking = blocking
         self.worker_id = worker_id
@@ -193,6 +206,8 @@ class WebhookSender:
         self._wake.set()
 
     async def run(self) -> None:
+        # The rows of tries in flight (a slow receiver takes up to 15 s) are kept by the
+        # heartbeat of the worker beside it, which renews every row held under this id.
         log.info("webhook_sender_started", worker_id=self.worker_id)
         while not self._stopping:
             self._wake.clear()
@@ -202,8 +217,8 @@ class WebhookSender:
                 log.exception("webhook_tick_failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-            # Wake-ups come with every advance of the views: under load, one look per pause
-            # covers them all.
+            # Wake-ups come with every advance of the work queue: under load, one look per
+            # pause covers them all.
             await asyncio.sleep(MIN_TICK_SECONDS)
 
     async def stop(self) -> None:
@@ -212,30 +227,42 @@ class WebhookSender:
         await self._active.cancel_all()
 
     async def _schedule(self) -> None:
-        due = await self.blocking(self.views.due_webhooks, self.clock(), 100, self.worker_id)
+        now = self.clock()
+        due = await self.blocking(
+            self.work.claim, WEBHOOK, self.worker_id, now, WORK_LEASE_SECONDS, 100, now
+        )
         for delivery_id in due:
             self._active.start(delivery_id, partial(self._try_guarded, delivery_id))
 
     async def _try_guarded(self, delivery_id: str) -> None:
+        next_due: float | None = None
         try:
-            await self.try_once(UUID(delivery_id))
+            next_due = await self.try_once(UUID(delivery_id), takeover=True)
         except asyncio.CancelledError:
             raise
         except Exception:
-            # The lease runs out and the try is made again.
+            # The row's lease runs out and the try is made again.
             log.exception("webhook_try_failed", delivery_id=delivery_id)
-
-    async def try_once(self, delivery_id: UUID) -> None:
-        d = await self.blocking(self.commands.claim, delivery_id, self.worker_id)
-        if d is None:
             return
+        if next_due is None:
+            await self.blocking(self.work.done, WEBHOOK, delivery_id, self.worker_id)
+        else:
+            await self.blocking(self.work.release, WEBHOOK, delivery_id, self.worker_id, next_due)
+
+    async def try_once(self, delivery_id: UUID, takeover: bool = False) -> float | None:
+        """One try of a due delivery; returns when the next is due (None: no more, it was
+        delivered or given up, or is not due)."""
+        d = await self.blocking(self.commands.claim, delivery_id, self.worker_id, takeover)
+        if d is None:
+            current = await self.blocking(self.commands.delivery_by_id, delivery_id)
+            return current.due_at if current is not None else None
         if d.body is None:
             row = await self.blocking(self.views.get_job, d.job_id)
             if row is None or row.status not in TERMINAL:
                 # The delivery is saved with the job's end, so the view has both or neither;
-                # a reader behind it is only behind: the lease runs out and it comes round.
+                # a reader behind it is only behind: it comes round again in a moment.
                 log.warning("webhook_job_view_behind", job_id=d.job_id)
-                return
+                return self.clock() + 1.0
             d = await self.blocking(self.commands.fix_payload, delivery_id, payload(row.doc))
         assert d.body is not None
         secrets = await self.blocking(self.commands.signing_secrets, d.buyer_id)
@@ -257,6 +284,7 @@ class WebhookSender:
             error=error,
             outcome=done.state,
         )
+        return done.due_at
 
     async def _send(
         self, d: WebhookDelivery, body: bytes, secrets: list[str]

@@ -42,6 +42,7 @@ from domain.aggregates import IllegalTransition, Job
 from domain.routing import route_exhausted
 from domain.rules import AT_CAPACITY, DELETED
 from projections.views import OfferRow, Views
+from projections.work import EXPIRE, JOB, PURGE, WorkStore
 from services.commands import Commands
 from services.routing import DEACTIVATING_STATUSES, KeyRow, Router, video_params
 from services.tasks import TasksByKey
@@ -49,7 +50,20 @@ from services.tasks import TasksByKey
 log = structlog.get_logger("worker")
 T = TypeVar("T")
 
+# The lease the job's log records (who drove it, and a fence for drives outside the queue).
 LEASE_SECONDS = 60.0
+# The work queue's lease: renewed by heartbeat, so a dead worker's jobs come free this long
+# after its last heartbeat (SPEC 8: taken over within 15 s, with a claim look every second).
+WORK_LEASE_SECONDS = 10.0
+HEARTBEAT_SECONDS = 3.0
+# A drive stops this long before its lease would run out unrenewed (a database outage, a
+# stalled process): another worker may take the job then.
+LEASE_MARGIN_SECONDS = 2.0
+# How often claims are looked for without a wake-up, and when a job waiting for an offer's
+# capacity is due again.
+CLAIM_INTERVAL_SECONDS = 1.0
+CAPACITY_RETRY_SECONDS = 1.0
+ENDED, WAITING, LOST = "ended", "waiting", "lost"
 
 
 class RunsBlocking(Protocol):
@@ -65,6 +79,7 @@ class Worker:
         *,
         commands: Commands,
         views: Views,
+        work: WorkStore,
         router: Router,
         store: ArtifactStore,
         blocking: RunsBlocking,
@@ -76,6 +91,7 @@ class Worker:
     ) -> None:
         self.commands = commands
         self.views = views
+        self.work = work
         self.router = router
         self.store = store
         self.blocking = blocking
@@ -83,10 +99,15 @@ class Worker:
         self.artifact_ttl_seconds = artifact_ttl_seconds
         self.poll_interval = poll_interval
         self.clock = clock
+        self.concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._active = TasksByKey()
+        self._timers = TasksByKey()
         self._wake = asyncio.Event()
         self._stopping = False
+        # When our leases were last renewed (monotonic), and the jobs a heartbeat found taken.
+        self._renewed_at = 0.0
+        self._lost: set[str] = set()
 
     @property
     def active_jobs(self) -> int:
@@ -98,74 +119,180 @@ class Worker:
 
     async def run(self) -> None:
         log.info("worker_started", worker_id=self.worker_id)
-        last_sweep = 0.0
+        # What a previous life under this id held is free at once, not after its leases.
+        await self.blocking(self.work.release_all, self.worker_id)
+        last_beat = last_claim = last_timers = 0.0
         while not self._stopping:
+            woken = self._wake.is_set()
+            self._wake.clear()
             try:
-                await self._schedule()
-                if time.monotonic() - last_sweep > 5.0:
-                    last_sweep = time.monotonic()
-                    await self._purge_artifacts()
+                now = time.monotonic()
+                if now - last_beat >= HEARTBEAT_SECONDS:
+                    await self._heartbeat()
+                    last_beat = now
+                if woken or now - last_claim >= CLAIM_INTERVAL_SECONDS:
+                    last_claim = now
+                    await self._schedule()
+                if now - last_timers >= CLAIM_INTERVAL_SECONDS:
+                    last_timers = now
+                    await self._run_timers()
             except Exception:
                 log.exception("worker_tick_failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-            self._wake.clear()
 
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
         await self._active.cancel_all()
+        await self._timers.cancel_all()
+        # Hand back what we held, so other workers need not wait for the leases to run out.
+        with contextlib.suppress(Exception):
+            await self.blocking(self.work.release_all, self.worker_id)
+
+    async def _heartbeat(self) -> None:
+        started = time.monotonic()
+        held = await self.blocking(
+            self.work.heartbeat, self.worker_id, self.clock(), WORK_LEASE_SECONDS
+        )
+        self._renewed_at = started
+        jobs = {subject for kind, subject in held if kind == JOB}
+        for job_id in self._active.running():
+            if job_id not in jobs and job_id not in self._lost:
+                # Our lease ran out (a stall longer than the lease) and another worker took the
+                # job: stop driving it at the next step.
+                log.warning("job_lease_lost", job_id=job_id, worker_id=self.worker_id)
+                self._lost.add(job_id)
+
+    def _lease_lapsed(self, job_id: str) -> bool:
+        """Whether our work-queue lease on the job may have run out: taken by another worker,
+        or not renewed for nearly its whole length (the database unreachable, say)."""
+        return job_id in self._lost or (
+            time.monotonic() - self._renewed_at > WORK_LEASE_SECONDS - LEASE_MARGIN_SECONDS
+        )
 
     async def _schedule(self) -> None:
-        pending = await self.blocking(self.views.pending_job_ids, 1000)
-        for job_id in pending:
-            self._active.start(job_id, partial(self._drive_guarded, job_id))
+        free = self.concurrency - len(self._active)
+        if free <= 0:
+            return
+        now = self.clock()
+        started = time.monotonic()
+        claimed = await self.blocking(
+            self.work.claim, JOB, self.worker_id, now, WORK_LEASE_SECONDS, min(free, 100), now
+        )
+        if claimed:
+            # A fresh claim is a fresh lease, as good as a heartbeat for these jobs.
+            self._renewed_at = max(self._renewed_at, started) if self._active else started
+        for job_id in claimed:
+            self._lost.discard(job_id)
+            self._active.start(job_id, partial(self._drive_claimed, job_id))
 
-    async def _drive_guarded(self, job_id: str) -> None:
-        async with self._slots:
-            try:
-                await self.drive(UUID(job_id))
-            except asyncio.CancelledError:
-                raise
-            except IllegalTransition as e:
-                # Usually a buyer's cancel (or an expiry) that ended the job mid-step: done.
-                job = await self.blocking(self.commands.job, UUID(job_id))
-                if job.is_terminal:
-                    log.info("job_ended_while_driven", job_id=job_id, status=job.status)
-                    return
+    async def _drive_claimed(self, job_id: str) -> None:
+        outcome = LOST
+        try:
+            async with self._slots:
+                outcome = await self.drive(UUID(job_id), claimed=True)
+        except asyncio.CancelledError:
+            raise
+        except IllegalTransition as e:
+            # Usually a buyer's cancel (or an expiry) that ended the job mid-step: done.
+            job = await self.blocking(self.commands.job, UUID(job_id))
+            if job.is_terminal:
+                log.info("job_ended_while_driven", job_id=job_id, status=job.status)
+                outcome = ENDED
+            else:
                 log.error("job_drive_failed", job_id=job_id, error=str(e))
-                await asyncio.sleep(1.0)
-            except Exception:
-                # The job stays pending; the next tick picks it up again.
-                log.exception("job_drive_failed", job_id=job_id)
-                await asyncio.sleep(1.0)
+                outcome = WAITING
+        except Exception:
+            # The job stays in the queue and comes round again shortly.
+            log.exception("job_drive_failed", job_id=job_id)
+            outcome = WAITING
+        finally:
+            self._lost.discard(job_id)
+        if outcome == ENDED:
+            await self.blocking(self.work.done, JOB, job_id, self.worker_id)
+            # It may have freed an offer's slot that handed-back jobs are waiting for.
+            await self.blocking(self.work.hurry, JOB, self.clock(), CAPACITY_RETRY_SECONDS)
+            self._wake.set()
+        elif outcome == WAITING:
+            due = self.clock() + CAPACITY_RETRY_SECONDS
+            await self.blocking(self.work.release, JOB, job_id, self.worker_id, due)
+
+    async def _run_timers(self) -> None:
+        """Expiries and retention that are due, each run once across every worker (the row's
+        claim), in tasks of their own."""
+        now = self.clock()
+        for kind, due_by, run in (
+            (EXPIRE, now, self._expire_timer),
+            (PURGE, now - self.artifact_ttl_seconds, self._purge_timer),
+        ):
+            subjects = await self.blocking(
+                self.work.claim, kind, self.worker_id, now, WORK_LEASE_SECONDS, 100, due_by
+            )
+            for job_id in subjects:
+                self._timers.start(
+                    f"{kind}:{job_id}", partial(self._timer_guarded, kind, job_id, run)
+                )
+
+    async def _timer_guarded(self, kind: str, job_id: str, run: Callable[[UUID], Any]) -> None:
+        try:
+            await run(UUID(job_id))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("timer_failed", kind=kind, job_id=job_id)
+            # Its lease runs out and it is tried again.
+            return
+        await self.blocking(self.work.done, kind, job_id, self.worker_id)
+
+    async def _expire_timer(self, job_id: UUID) -> None:
+        job = await self.blocking(self.commands.job, job_id)
+        if job.is_terminal or self.clock() < job.expires_at:
+            return  # ended already; or this clock is behind the one that made it due
+        await self._expire(job)
+
+    async def _purge_timer(self, job_id: UUID) -> None:
+        await self.store.delete(str(job_id))
+        now = int(self.clock())
+        await self._update(job_id, methodcaller("purge_artifacts", now), terminal_ok=True)
 
     # ------------------------------------------------------------------ one job
 
-    async def drive(self, job_id: UUID) -> None:
-        job = await self.blocking(self.commands.claim, job_id, self.worker_id, LEASE_SECONDS)
+    async def drive(self, job_id: UUID, *, claimed: bool = False) -> str:
+        """Drive the job until it ends (``ENDED``), must wait for an offer's capacity
+        (``WAITING``) or is another worker's (``LOST``). ``claimed``: the work queue gave it to
+        us (its lease, renewed by heartbeat, says who drives), so the log's lease is taken over
+        and the drive stops when the queue's lease lapses."""
+        job = await self.blocking(
+            self.commands.claim, job_id, self.worker_id, LEASE_SECONDS, claimed
+        )
         if job is None:
-            return
+            ended = await self.blocking(self.commands.job, job_id)
+            return ENDED if ended.is_terminal else LOST
         lease_until = self._lease_until(job)
         poll_delay = 0.25
+        key = str(job_id)
         while True:
+            if claimed and self._lease_lapsed(key):
+                log.info("job_drive_stopped", job_id=key, reason="lease lapsed")
+                return LOST
             job = await self.blocking(self.commands.job, job_id)
             if job.is_terminal:
                 # A cancel or expiry recorded elsewhere (the API) ended a dispatched job: the
                 # provider's copy is still ours to delete.
                 if job.dispatch is not None and not job.upstream_deleted:
                     await self._delete_upstream(job)
-                return
+                return ENDED
             if self.clock() >= job.expires_at:
                 await self._expire(job)
-                return
+                return ENDED
             if time.monotonic() > lease_until - LEASE_SECONDS / 2:
-                claimed = await self.blocking(
-                    self.commands.claim, job_id, self.worker_id, LEASE_SECONDS
+                renewed = await self.blocking(
+                    self.commands.claim, job_id, self.worker_id, LEASE_SECONDS, claimed
                 )
-                if claimed is None:
-                    return
-                lease_until = self._lease_until(claimed)
+                if renewed is None:
+                    return LOST
+                lease_until = self._lease_until(renewed)
             if job.dispatching is not None:
                 # We (or a dead worker) sent a queue call whose answer was never recorded.
                 await self._fail(
@@ -174,15 +301,15 @@ class Worker:
                     "it is unknown whether the provider accepted the job",
                     False,
                 )
-                return
+                return ENDED
             if job.cancel_requested:
                 await self._cancel(job)
-                return
+                return ENDED
             if not job.is_dispatched:
                 if await self._dispatch(job):
                     # Every offer that could take it is at capacity: give the worker slot
-                    # back; the scheduler brings the job round again (woken when a job ends).
-                    return
+                    # back; the queue brings the job round again shortly.
+                    return WAITING
                 continue
             poll_delay = await self._poll(job, poll_delay)
             if poll_delay <= 0:
@@ -457,10 +584,3 @@ class Worker:
         except IllegalTransition:
             if not terminal_ok:
                 raise
-
-    async def _purge_artifacts(self) -> None:
-        cutoff = int(self.clock()) - self.artifact_ttl_seconds
-        for job_id in await self.blocking(self.views.artifacts_stored_before, cutoff, 100):
-            await self.store.delete(job_id)
-            now = int(self.clock())
-            await self._update(UUID(job_id), methodcaller("purge_artifacts", now), terminal_ok=True)

@@ -36,6 +36,8 @@ from domain.aggregates import BuyerAccount, Job, Offer, Settlement, settlement_i
 from domain.money import FeeSchedule, price_offer
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, Views, open_views
+from projections.work import NAME as WORK_NAME
+from projections.work import open_work
 from services.commands import Commands, Submitted
 from services.routing import OfferHealth, Providers, Router
 from services.worker import Worker
@@ -335,8 +337,12 @@ class InProcessEngine:
         self.raw_views = open_views(store_env(url, role=VIEWS_NAME))
         self.raw_views.ensure_schema(self.market.name)
         self.runner = ProjectionRunner(self.market, self.raw_views)
+        self.raw_work = open_work(store_env(url, role=WORK_NAME))
+        self.raw_work.ensure_schema(self.market.name)
+        self.work_runner = ProjectionRunner(self.market, self.raw_work)
         self._projecting = threading.Lock()
         self.views: Any = FreshViews(self.raw_views, self.project)
+        self.work: Any = FreshViews(self.raw_work, self.project)
         self.secrets = Secrets("k" * 32)
         self.commands = Commands(self.market, self.secrets, clock=self.clock)
         self.blocking = OneThread()
@@ -398,11 +404,13 @@ class InProcessEngine:
     def project(self) -> None:
         with self._projecting:
             self.runner.catch_up()
+            self.work_runner.catch_up()
 
     def close(self) -> None:
         self.blocking.pool.shutdown(wait=True, cancel_futures=True)
         self.market.close()
         self.raw_views.datastore.close()
+        self.raw_work.datastore.close()
 
     # ------------------------------------------------------------------ the worker
 
@@ -410,6 +418,7 @@ class InProcessEngine:
         return Worker(
             commands=self.commands,
             views=self.views,
+            work=self.work,
             router=self.router,
             store=self.store,
             blocking=self.blocking,

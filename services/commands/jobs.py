@@ -225,12 +225,16 @@ class JobCommands(CommandBase):
 
         return self._retrying(attempt)
 
-    def claim(self, job_id: UUID, worker_id: str, lease_seconds: float) -> Job | None:
+    def claim(
+        self, job_id: UUID, worker_id: str, lease_seconds: float, takeover: bool = False
+    ) -> Job | None:
         def attempt() -> Job | None:
             job = self._get(Job, job_id)
             if job.is_terminal:
                 return None
-            if not job.claim(worker_id, now=self.clock(), lease_seconds=lease_seconds):
+            if not job.claim(
+                worker_id, now=self.clock(), lease_seconds=lease_seconds, takeover=takeover
+            ):
                 return None
             self.app.save(job)
             return job
