@@ -37,6 +37,7 @@ from projections.work import NAME as WORK_NAME
 from projections.work import WorkStore, open_work
 from services.commands import Commands
 from services.market import Market
+from services.rebuild import rebuild_live
 from services.routing import OfferHealth, Providers, Router
 from services.webhooks import WebhookCommands, WebhookSender
 from services.worker import Worker
@@ -102,7 +103,8 @@ def open_stores(
     database_url: str, pool_size: int, application_name: str
 ) -> tuple[MarketApp, Views, bool]:
     """The market and its views, in one connection pool on PostgreSQL (SPEC 8: a bounded
-    number of connections per process); and whether the views were reset for a new schema."""
+    number of connections per process); and whether the views must be rebuilt (a new schema,
+    or a database they were never built in)."""
     market = open_market(database_url, pool_size=pool_size, application_name=application_name)
     try:
         env = store_env(
@@ -110,7 +112,7 @@ def open_stores(
         )
         shared = None if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite" else market.datastore
         views = open_views(env, shared)
-        return market, views, views.ensure_schema(market.name)
+        return market, views, not views.schema_is_current()
     except BaseException:
         market.close()
         raise
@@ -261,7 +263,7 @@ class Engine:
         while True:
             tries += 1
             try:
-                market, views, reset = await blocking(
+                market, views, outdated = await blocking(
                     open_stores, settings.DATABASE_URL, pool_size, application_name
                 )
                 break
@@ -284,8 +286,24 @@ class Engine:
                 raise ConfigError(f"cannot open the database at DATABASE_URL: {e}") from None
         if tries > 1:
             log.info("database_reached", attempts=tries)
-        if reset:
-            log.info("views_reset_for_new_schema")
+        if outdated:
+            # Built beside the tables other processes (of the old version) still serve, and
+            # switched in at once; this process serves nothing until then (see Startup).
+            log.info("views_rebuilding_for_new_schema")
+            if on_state is not None:
+                on_state("rebuilding the views for a new schema")
+            views_env = store_env(
+                settings.DATABASE_URL,
+                role=VIEWS_NAME,
+                pool_size=pool_size,
+                application_name=application_name,
+            )
+            try:
+                await blocking(rebuild_live, market, views, views_env, only_if_outdated=True)
+            except BaseException:
+                blocking.shutdown()
+                market.close()
+                raise
         runner = ProjectionRunner(market, views)
         market.on_saved.append(runner.wake)
         runner.start()

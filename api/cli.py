@@ -27,6 +27,7 @@ from api.http import STARTUP
 from projections.views import VIEWS_NAME, scratch_views
 from services import exports, finance
 from services.audit import job_history, render_text
+from services.rebuild import rebuild_live
 from services.replay import LogSource, Verification
 from services.replay import verify as verify_replay
 
@@ -197,13 +198,16 @@ async def projections(settings: Settings, action: str) -> int:
             _print_digest(await engine.blocking(views.digest))
             return 0
         if action == "rebuild":
-            # Alone: the engine's own runner would race this one for every batch.
+            # Its connections are few (a tool's two): this one's runner must not hold one
+            # waiting on the switch's lock while the switch reads the log with the other.
             await engine.blocking(engine.runner.stop)
             before = await engine.blocking(views.digest)
-            await engine.blocking(views.reset, market.name)
-            applied = await engine.blocking(engine.runner.catch_up)
+            env = store_env(settings.DATABASE_URL, role=VIEWS_NAME)
+            source = LogSource(settings.DATABASE_URL, env)
+            position = await engine.blocking(rebuild_live, market, views, env, source=source)
             after = await engine.blocking(views.digest)
-            print(f"rebuilt the views from {applied} notifications")
+            # Served from the old tables until this moment, the new ones from now on.
+            print(f"rebuilt the views from the log and switched them in at position {position}")
             _print_digest(after, before)
             return 0
         # run: keep the views up to date until stopped

@@ -11,7 +11,7 @@ import sqlite3
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -85,6 +85,37 @@ class SQLiteStore(Store):
             finally:
                 conn.cursor().execute("DETACH DATABASE part")
 
+    def replace_with(
+        self,
+        fresh_env: dict[str, str],
+        application_name: str,
+        catch_up: Callable[[int], int],
+        only_if_outdated: bool = False,
+    ) -> bool:
+        projections = list(self.projections.values())
+        with self.datastore.get_connection(commit=True) as conn:
+            # Per connection, and only outside a transaction.
+            conn.cursor().execute("ATTACH DATABASE ? AS fresh", (fresh_env["SQLITE_DBNAME"],))
+            try:
+                with conn.transaction(commit=True) as c:
+                    self._lock_batches(c)
+                    if only_if_outdated and self._version(c) == self.schema_version:
+                        return False
+                    live_position = self.tracking.position(application_name, c)
+                    # The fresh file is written by another connection; this transaction reads
+                    # it only afterwards, so its snapshot has every row.
+                    position = catch_up(live_position)
+                    for table in self.tables:
+                        c.execute(f"DROP TABLE IF EXISTS main.{table}")
+                    for statement in self.create_statements(projections):
+                        c.execute(statement)
+                    for table in self.tables:
+                        c.execute(f"INSERT INTO main.{table} SELECT * FROM fresh.{table}")
+                    self._set_version(c, application_name, position)
+                return True
+            finally:
+                conn.cursor().execute("DETACH DATABASE fresh")
+
     def _lock_batches(self, c: Any) -> None:
         # A write takes SQLite's one write lock now (a read first would pin a snapshot that a
         # committing runner could make stale); it matches no row and changes nothing.
@@ -120,6 +151,31 @@ class PostgresStore(Store):
             "SELECT pg_advisory_xact_lock(%s, hashtext(current_schema() || %s))",
             (BATCH_LOCK_ID, self.batch_lock_suffix),
         )
+
+    def replace_with(
+        self,
+        fresh_env: dict[str, str],
+        application_name: str,
+        catch_up: Callable[[int], int],
+        only_if_outdated: bool = False,
+    ) -> bool:
+        fresh = Identifier(fresh_env["POSTGRES_SCHEMA"])
+        live = Identifier(self.datastore.schema)
+        with self.datastore.transaction(commit=True) as c:
+            self._lock_schema(c)
+            self._lock_batches(c)
+            if only_if_outdated and self._version(c) == self.schema_version:
+                return False
+            position = catch_up(self.tracking.position(application_name, c))
+            for table in self.tables:
+                c.execute(SQL("DROP TABLE IF EXISTS {}.{}").format(live, Identifier(table)))
+            for table in self.tables:
+                # Its indexes move with it; their names are free since the old table's went.
+                c.execute(
+                    SQL("ALTER TABLE {}.{} SET SCHEMA {}").format(fresh, Identifier(table), live)
+                )
+            self._set_version(c, application_name, position)
+        return True
 
     def copy_tables_from(self, env: dict[str, str], tables: Iterable[str]) -> None:
         schema = Identifier(env["POSTGRES_SCHEMA"])

@@ -303,6 +303,50 @@ class Store:
             c.execute(self.q(f"INSERT INTO {table} (version) VALUES (?)"), (self.schema_version,))
             return True
 
+    def _version(self, c: Any) -> int | None:
+        table = self.schema_table
+        c.execute(self.q(f"CREATE TABLE IF NOT EXISTS {table} (version BIGINT NOT NULL)"), ())
+        c.execute(self.q(f"SELECT version FROM {table}"), ())
+        row = c.fetchone()
+        return None if row is None else int(row["version"])
+
+    def _set_version(self, c: Any, application_name: str, position: int) -> None:
+        """This code's schema version, with the tables at ``position`` of the log."""
+        self.tracking.reset(c, application_name)
+        if position > 0:
+            self.tracking.insert(c, Tracking(application_name, position))
+        c.execute(self.q(f"DELETE FROM {self.schema_table}"), ())
+        c.execute(
+            self.q(f"INSERT INTO {self.schema_table} (version) VALUES (?)"), (self.schema_version,)
+        )
+
+    def schema_is_current(self) -> bool:
+        """Whether the tables are of this code's schema version (else they must be rebuilt)."""
+        try:
+            row = self.one(f"SELECT version FROM {self.schema_table}")
+        except Exception:  # no such table: a database the views were never built in
+            return False
+        return row is not None and int(row["version"]) == self.schema_version
+
+    def replace_with(
+        self,
+        fresh_env: dict[str, str],
+        application_name: str,
+        catch_up: Callable[[int], int],
+        only_if_outdated: bool = False,
+    ) -> bool:
+        """Switch the live tables for the ones built in ``fresh_env`` (scratch storage beside
+        this store, see ``projections.dialects.scratch_env``) in one transaction: readers see
+        the old tables until it commits and the new ones after, never a half-built view.
+
+        Under the batch lock (runners of every process wait, none is mid-batch) the fresh
+        tables are brought at least to the live position by ``catch_up(live position)``, which
+        returns theirs; the live tracking takes that, so the switch neither loses nor repeats
+        an event. ``only_if_outdated``: another process may
+        have switched first (both started on a new schema): then nothing is done and False
+        returned."""
+        raise NotImplementedError
+
     def digest(self) -> dict[str, tuple[int, str]]:
         """Per table: row count and a SHA-256 over every row in key order."""
         with self.datastore.transaction(commit=False) as c:
