@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 from uuid import UUID
 
+import psycopg
 from eventsourcing.application import Application
 from eventsourcing.persistence import InfrastructureFactory, Recording
 from eventsourcing.utils import Environment
@@ -102,6 +103,25 @@ def store_env(
             APPLICATION_NAME_KEY: application_name,
         }
     raise ValueError(f"unsupported DATABASE_URL scheme: {url.scheme!r}")
+
+
+def probe(database_url: str, timeout: float = 5.0) -> None:
+    """Raise at once when a PostgreSQL server can't be reached (refused, unknown host, down),
+    instead of after a pool's wait for a connection that never comes; SQLite has nothing to
+    probe."""
+    env = store_env(database_url)
+    if env["PERSISTENCE_MODULE"] != "eventsourcing.postgres":
+        return
+    connection = psycopg.connect(
+        dbname=env["POSTGRES_DBNAME"],
+        host=env["POSTGRES_HOST"],
+        port=env["POSTGRES_PORT"],
+        user=env["POSTGRES_USER"],
+        password=env["POSTGRES_PASSWORD"] or None,
+        connect_timeout=max(1, int(timeout)),
+        application_name="mediamarket-probe",
+    )
+    connection.close()
 
 
 def open_market(

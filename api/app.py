@@ -37,6 +37,19 @@ async def healthz(request: web.Request) -> web.Response:
             status=503,
         )
     engine = startup.engine
+    unreachable = await engine.database_problem()
+    if unreachable is not None:
+        # Not ready either: the pool reconnects by itself once the database is back.
+        return reply(
+            Health,
+            {
+                "status": "unavailable",
+                "catalog": engine.catalog is not None,
+                "projection_position": engine.runner.position,
+                "detail": unreachable,
+            },
+            status=503,
+        )
     failure = engine.runner.failure
     body: dict[str, Any] = {
         # Degraded, not down: the views keep serving what they hold, but stopped following

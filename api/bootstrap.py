@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import psycopg
 import structlog
 from eventsourcing.persistence import InterfaceError, OperationalError
 
 from adapters.artifacts import ArtifactStore, LocalArtifactStore, S3ArtifactStore, parse_s3_store
 from adapters.crypto import SecretError, Secrets
-from adapters.eventstore import MarketApp, open_market, store_env
+from adapters.eventstore import MarketApp, open_market, probe, store_env
 from adapters.logs import mask_in_logs
 from adapters.outbound import Outbound, OutboundPolicy, parse_allowed_hosts
 from adapters.settings import ConfigError, Settings
@@ -48,8 +49,10 @@ PROVIDERS = ("venice",)
 # Waits between tries to reach an unreachable database: doubling, with jitter so processes
 # restarted together don't knock in step, up to this.
 MAX_RETRY_SECONDS = 30.0
+# How long /healthz waits for the database before it says it is unreachable.
+HEALTH_PROBE_SECONDS = 2.0
 # The errors of a PostgreSQL server that is down, restarting or out of connections.
-UNREACHABLE = (OperationalError, InterfaceError)
+UNREACHABLE = (OperationalError, InterfaceError, psycopg.OperationalError)
 
 
 class Blocking:
@@ -105,6 +108,7 @@ def open_stores(
     """The market and its views, in one connection pool on PostgreSQL (SPEC 8: a bounded
     number of connections per process); and whether the views must be rebuilt (a new schema,
     or a database they were never built in)."""
+    probe(database_url)
     market = open_market(database_url, pool_size=pool_size, application_name=application_name)
     try:
         env = store_env(
@@ -193,6 +197,18 @@ class Engine:
 
     async def _job_versions(self, job_ids: Sequence[str]) -> dict[str, int]:
         return await self.read(job_versions, self.views, job_ids)
+
+    async def database_problem(self) -> str | None:
+        """Why the database can't be used now (None when it can): one cheap read, bounded."""
+        try:
+            await asyncio.wait_for(
+                self.blocking(self.views.position, self.market.name), HEALTH_PROBE_SECONDS
+            )
+        except TimeoutError:
+            return f"the database did not answer within {HEALTH_PROBE_SECONDS:g} s"
+        except UNREACHABLE as e:
+            return f"the database is unreachable: {e}"
+        return None
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A view query: inline where the view store makes that cheap, else in the pool."""

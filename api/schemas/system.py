@@ -19,9 +19,10 @@ class Health(Document):
     # Readiness details may grow (projection lag, connections): readers must not break.
     model_config = ConfigDict(extra="allow")
 
-    status: Literal["ok", "degraded", "starting"] = Field(
+    status: Literal["ok", "degraded", "starting", "unavailable"] = Field(
         description="degraded: the views stopped following the log and serve what they hold;"
-        " starting (answered with 503): not ready yet, see detail"
+        " starting and unavailable (answered with 503): not ready, see detail (waiting for the"
+        " database, rebuilding views; the database unreachable)"
     )
     catalog: bool
     projection_position: int

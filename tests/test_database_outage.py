@@ -1,0 +1,99 @@
+"""A database that is unreachable at start, or goes away under a running engine (SPEC 8): the
+process waits and retries with backoff instead of exiting, says it is not ready on /healthz,
+answers 503 (never 500) meanwhile, and carries on by itself once the database is back.
+
+The outage is real: the engine reaches PostgreSQL through a TCP forwarder (tests/tcpproxy.py)
+that the test takes down (connections refused, open ones cut) and brings back.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from tests.conftest import _require_postgres
+from tests.harness import Server, base_env, free_port, postgres_database
+from tests.tcpproxy import TcpProxy
+from tests.test_lifecycle import SEEDANCE, market, submit_ok, wait_until
+
+
+@pytest.fixture
+def proxied() -> Iterator[tuple[str, TcpProxy]]:
+    """A fresh database, and its URL through a forwarder that starts down."""
+    _require_postgres()
+    with postgres_database() as url:
+        parsed = urlparse(url)
+        proxy = TcpProxy(parsed.hostname or "127.0.0.1", parsed.port or 5432)
+        try:
+            netloc = parsed.netloc.replace(f":{parsed.port or 5432}", f":{proxy.port}")
+            if f":{proxy.port}" not in netloc:
+                netloc = f"{netloc}:{proxy.port}"
+            yield parsed._replace(netloc=netloc).geturl(), proxy
+        finally:
+            proxy.close()
+
+
+def health(server: Server) -> tuple[int, dict[str, object]]:
+    r = server.client.get("/healthz")
+    return r.status, r.json()
+
+
+@pytest.fixture
+def server(proxied: tuple[str, TcpProxy], tmp_path: Path) -> Iterator[Server]:
+    port = free_port()
+    started = Server(tmp_path, base_env(proxied[0], port), port, [])
+    try:
+        yield started
+    finally:
+        started.kill()
+
+
+@pytest.mark.postgres
+def test_a_server_waits_for_the_database_and_survives_an_outage(
+    server: Server, proxied: tuple[str, TcpProxy]
+) -> None:
+    proxy = proxied[1]
+    server.start(wait=False)
+
+    # Listening, not ready, retrying: and not exiting.
+    def waiting() -> bool:
+        tries = re.findall(r'"event": "database_unreachable"', server.logs())
+        return len(tries) >= 2
+
+    wait_until(waiting, timeout=30, what="two logged tries")
+    status, body = health(server)
+    assert status == 503 and body["status"] == "starting", body
+    assert "waiting for the database" in str(body["detail"]), body
+    r = server.client.get(f"/v1/video/generations/{uuid.uuid4()}", key="k")
+    assert r.status == 503 and r.json()["error"]["code"] == "engine_starting", r.body
+    assert server.proc is not None and server.proc.poll() is None
+
+    proxy.up()
+    server.wait_ready(60)
+    assert '"event": "database_reached"' in server.logs()
+
+    c = server.client
+    _, buyer_key, seller_key = market(c)
+    c.create_offer(seller_key, SEEDANCE, "sim_ok", "0.80")
+    done = submit_ok(c, buyer_key)
+    c.wait_terminal(done["id"], buyer_key)
+
+    # The database goes away under the running engine.
+    proxy.down()
+    r = c.get(f"/v1/video/generations/{done['id']}", key=buyer_key)
+    assert r.status == 503 and r.json()["error"]["code"] == "database_unavailable", r.body
+    assert r.headers.get("retry-after") == "2"
+    status, body = health(server)
+    assert status == 503 and body["status"] == "unavailable", body
+
+    proxy.up()
+    wait_until(lambda: health(server)[0] == 200, timeout=30, what="health again")
+    assert c.get(f"/v1/video/generations/{done['id']}", key=buyer_key).status == 200
+    after = submit_ok(c, buyer_key, prompt="after the outage")
+    assert c.wait_terminal(after["id"], buyer_key)["status"] == "succeeded"
+    assert server.proc is not None and server.proc.poll() is None
