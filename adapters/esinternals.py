@@ -110,6 +110,10 @@ class TrackingTable:
 # Our own key in an eventsourcing environment: the PostgreSQL ``application_name`` of every
 # connection the environment's pool opens.
 APPLICATION_NAME_KEY = "MM_APPLICATION_NAME"
+# ...and "no" to keep psycopg from preparing any statement (the library prepares its own with
+# ``prepare=True``; a ``prepare_threshold`` of None overrides that): behind PgBouncer in
+# transaction mode (before 1.21) a prepared statement is gone on the next server connection.
+PREPARED_STATEMENTS_KEY = "MM_PREPARED_STATEMENTS"
 
 
 def name_connections(factory: InfrastructureFactory, env: Any) -> None:
@@ -123,6 +127,8 @@ def name_connections(factory: InfrastructureFactory, env: Any) -> None:
     application_name = env.get(APPLICATION_NAME_KEY)
     if application_name:
         kwargs["application_name"] = application_name
+    if env.get(PREPARED_STATEMENTS_KEY) == "no":
+        kwargs["prepare_threshold"] = None
     schema = env.get("POSTGRES_SCHEMA")
     if schema:
         kwargs["options"] = f"-c search_path={schema}"
@@ -235,6 +241,7 @@ def _postgres_rows(
         statement += SQL(" ORDER BY notification_id LIMIT %s")
         params.append(limit)
         with recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as c:
+            # Prepared unless the connection says no statement may be (PgBouncer).
             c.execute(statement, params, prepare=True)
             return c.fetchall()
 

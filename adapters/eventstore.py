@@ -7,6 +7,7 @@ only within one application, so the whole market is one application with one log
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlparse
 from uuid import UUID
@@ -16,7 +17,12 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import InfrastructureFactory, Recording
 from eventsourcing.utils import Environment
 
-from adapters.esinternals import APPLICATION_NAME_KEY, create_tables, name_connections
+from adapters.esinternals import (
+    APPLICATION_NAME_KEY,
+    PREPARED_STATEMENTS_KEY,
+    create_tables,
+    name_connections,
+)
 from adapters.settings import sqlite_dir
 from domain.aggregates import BuyerAccount
 
@@ -66,15 +72,22 @@ class MarketApp(Application[UUID]):
         return recordings
 
 
+@dataclass(frozen=True)
+class Connections:
+    """How a process connects to PostgreSQL (SPEC 8): at most ``pool_size`` connections in its
+    one pool, each named ``application_name`` in ``pg_stat_activity``, and whether statements
+    may be prepared on the server (not behind PgBouncer in transaction mode)."""
+
+    pool_size: int = DEFAULT_POOL_SIZE
+    application_name: str = ""
+    prepared_statements: bool = True
+
+
 def store_env(
-    database_url: str,
-    *,
-    role: str = "events",
-    pool_size: int = DEFAULT_POOL_SIZE,
-    application_name: str = "",
+    database_url: str, *, role: str = "events", connections: Connections = Connections()
 ) -> dict[str, str]:
-    """The eventsourcing environment for ``role`` ("events" or a projection's name): on
-    PostgreSQL a pool of at most ``pool_size`` connections named ``application_name``."""
+    """The eventsourcing environment for ``role`` ("events" or a projection's name)."""
+    pool_size = connections.pool_size
     url = urlparse(database_url)
     if url.scheme == "sqlite":
         directory = sqlite_dir(database_url)
@@ -100,7 +113,8 @@ def store_env(
             "POSTGRES_LOCK_TIMEOUT": "5",
             # Also how long a thread waits for a free connection of the pool.
             "POSTGRES_CONNECT_TIMEOUT": "10",
-            APPLICATION_NAME_KEY: application_name,
+            APPLICATION_NAME_KEY: connections.application_name,
+            PREPARED_STATEMENTS_KEY: "yes" if connections.prepared_statements else "no",
         }
     raise ValueError(f"unsupported DATABASE_URL scheme: {url.scheme!r}")
 
@@ -124,11 +138,9 @@ def probe(database_url: str, timeout: float = 5.0) -> None:
     connection.close()
 
 
-def open_market(
-    database_url: str, *, pool_size: int = DEFAULT_POOL_SIZE, application_name: str = ""
-) -> MarketApp:
+def open_market(database_url: str, connections: Connections = Connections()) -> MarketApp:
     env: dict[str, Any] = {
-        **store_env(database_url, pool_size=pool_size, application_name=application_name),
+        **store_env(database_url, connections=connections),
         "AGGREGATE_CACHE_MAXSIZE": "20000",
         "AGGREGATE_CACHE_FASTFORWARD": "y",
     }

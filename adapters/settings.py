@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     # runner share one pool); 8 lets ten processes fit in max_connections=100 beside the CLI's
     # two each. At least 2: the runner and a request each need one.
     DATABASE_POOL_SIZE: int = Field(default=8, ge=2, le=1000)
+    # False behind PgBouncer in transaction mode (before 1.21, or without
+    # max_prepared_statements): no statement is prepared on the server.
+    DATABASE_PREPARED_STATEMENTS: bool = True
     PORT: int = Field(default=8080, ge=0, le=65535)
     HOST: str = "127.0.0.1"
     MEDIAMARKET_ADMIN_TOKEN: str | None = None

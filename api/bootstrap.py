@@ -23,7 +23,7 @@ from eventsourcing.persistence import InterfaceError, OperationalError
 
 from adapters.artifacts import ArtifactStore, LocalArtifactStore, S3ArtifactStore, parse_s3_store
 from adapters.crypto import SecretError, Secrets
-from adapters.eventstore import MarketApp, open_market, probe, store_env
+from adapters.eventstore import Connections, MarketApp, open_market, probe, store_env
 from adapters.logs import mask_in_logs
 from adapters.outbound import Outbound, OutboundPolicy, parse_allowed_hosts
 from adapters.settings import ConfigError, Settings
@@ -102,21 +102,21 @@ def resolve_secrets(settings: Settings) -> tuple[Secrets, str]:
         raise ConfigError(str(e)) from None
 
 
-def open_stores(
-    database_url: str, pool_size: int, application_name: str
-) -> tuple[MarketApp, Views, bool]:
+def open_stores(database_url: str, connections: Connections) -> tuple[MarketApp, Views, bool]:
     """The market and its views, in one connection pool on PostgreSQL (SPEC 8: a bounded
-    number of connections per process); and whether the views must be rebuilt (a new schema,
-    or a database they were never built in)."""
+    number of connections per process); and whether the views must be rebuilt beside the
+    ones being served (built by a release of another schema)."""
     probe(database_url)
-    market = open_market(database_url, pool_size=pool_size, application_name=application_name)
+    market = open_market(database_url, connections)
     try:
-        env = store_env(
-            database_url, role=VIEWS_NAME, pool_size=pool_size, application_name=application_name
-        )
+        env = store_env(database_url, role=VIEWS_NAME, connections=connections)
         shared = None if env["PERSISTENCE_MODULE"] == "eventsourcing.sqlite" else market.datastore
         views = open_views(env, shared)
-        return market, views, not views.schema_is_current()
+        built = views.built_version()
+        if built is None:
+            # Never built here: nobody serves them, so they are built in place.
+            views.ensure_schema(market.name)
+        return market, views, built is not None and built != views.schema_version
     except BaseException:
         market.close()
         raise
@@ -171,6 +171,7 @@ class Engine:
     router: Router
     store: ArtifactStore
     fees: FeeSchedule
+    connections: Connections
     catalog: Catalog | None = None
     worker: Worker | None = None
     worker_task: asyncio.Task[None] | None = None
@@ -273,14 +274,18 @@ class Engine:
         # Threads beyond the pool's connections would only queue for one (PostgreSQL); SQLite
         # files have no pool to outrun.
         blocking = Blocking(max_workers=16 if settings.is_sqlite else pool_size + 2)
-        application_name = f"mediamarket-{role}-{os.getpid()}"
+        connections = Connections(
+            pool_size=pool_size,
+            application_name=f"mediamarket-{role}-{os.getpid()}",
+            prepared_statements=settings.DATABASE_PREPARED_STATEMENTS,
+        )
         deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
         tries = 0
         while True:
             tries += 1
             try:
                 market, views, outdated = await blocking(
-                    open_stores, settings.DATABASE_URL, pool_size, application_name
+                    open_stores, settings.DATABASE_URL, connections
                 )
                 break
             except UNREACHABLE as e:
@@ -308,12 +313,7 @@ class Engine:
             log.info("views_rebuilding_for_new_schema")
             if on_state is not None:
                 on_state("rebuilding the views for a new schema")
-            views_env = store_env(
-                settings.DATABASE_URL,
-                role=VIEWS_NAME,
-                pool_size=pool_size,
-                application_name=application_name,
-            )
+            views_env = store_env(settings.DATABASE_URL, role=VIEWS_NAME, connections=connections)
             try:
                 await blocking(rebuild_live, market, views, views_env, only_if_outdated=True)
             except BaseException:
@@ -349,6 +349,7 @@ class Engine:
             router=router,
             store=store,
             fees=fees,
+            connections=connections,
             base_urls={"venice": base_url},
         )
 
@@ -371,12 +372,7 @@ class Engine:
         by a runner of its own in this process."""
         if self.work is None:
             settings = self.settings
-            env = store_env(
-                settings.DATABASE_URL,
-                role=WORK_NAME,
-                pool_size=settings.DATABASE_POOL_SIZE,
-                application_name=f"mediamarket-work-{os.getpid()}",
-            )
+            env = store_env(settings.DATABASE_URL, role=WORK_NAME, connections=self.connections)
             shared = None if settings.is_sqlite else self.market.datastore
 
             def open_it() -> WorkStore:
@@ -434,6 +430,11 @@ class Engine:
         self._wake_on_work(sender.wake)
         self.webhook_sender = sender
         self.webhook_task = asyncio.create_task(sender.run())
+
+    def store_env(self, role: str) -> dict[str, str]:
+        """The environment of this process's store for ``role`` (a scratch store is opened
+        beside it for rebuilds and replays)."""
+        return store_env(self.settings.DATABASE_URL, role=role, connections=self.connections)
 
     async def close(self) -> None:
         self.watchers.close()

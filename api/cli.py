@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 
 from adapters.crypto import sha256_hex
-from adapters.eventstore import open_market, store_env
+from adapters.eventstore import Connections, open_market
 from adapters.logs import configure_logging
 from adapters.settings import ConfigError, Settings, load_settings
 from api import finance as finance_api
@@ -202,7 +202,7 @@ async def projections(settings: Settings, action: str) -> int:
             # waiting on the switch's lock while the switch reads the log with the other.
             await engine.blocking(engine.runner.stop)
             before = await engine.blocking(views.digest)
-            env = store_env(settings.DATABASE_URL, role=VIEWS_NAME)
+            env = engine.store_env(VIEWS_NAME)
             source = LogSource(settings.DATABASE_URL, env)
             position = await engine.blocking(rebuild_live, market, views, env, source=source)
             after = await engine.blocking(views.digest)
@@ -257,12 +257,12 @@ async def audit(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     # The event store alone: no projection runner, secrets or provider sessions are needed.
     try:
-        market = await asyncio.to_thread(
-            open_market,
-            settings.DATABASE_URL,
+        connections = Connections(
             pool_size=2,
             application_name=f"mediamarket-audit-{os.getpid()}",
+            prepared_statements=settings.DATABASE_PREPARED_STATEMENTS,
         )
+        market = await asyncio.to_thread(open_market, settings.DATABASE_URL, connections)
     except Exception as e:
         raise ConfigError(f"cannot open the database at DATABASE_URL: {e}") from None
     try:
@@ -311,7 +311,7 @@ async def ledger(settings: Settings, args: argparse.Namespace) -> int:
 async def replay(settings: Settings) -> int:
     engine = await Engine.open(settings, role="replay", tool=True, wait_seconds=TOOL_WAIT)
     try:
-        env = store_env(settings.DATABASE_URL, role=VIEWS_NAME)
+        env = engine.store_env(VIEWS_NAME)
         name = engine.market.name
 
         def verify() -> Verification:

@@ -320,13 +320,10 @@ class Store:
             self.q(f"INSERT INTO {self.schema_table} (version) VALUES (?)"), (self.schema_version,)
         )
 
-    def schema_is_current(self) -> bool:
-        """Whether the tables are of this code's schema version (else they must be rebuilt)."""
-        try:
-            row = self.one(f"SELECT version FROM {self.schema_table}")
-        except Exception:  # no such table: a database the views were never built in
-            return False
-        return row is not None and int(row["version"]) == self.schema_version
+    def built_version(self) -> int | None:
+        """The schema version the tables were built at (None: never built here)."""
+        with self.datastore.transaction(commit=True) as c:
+            return self._version(c)
 
     def replace_with(
         self,
