@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg.sql import SQL, Identifier
 
-from adapters.esinternals import open_tracking
+from adapters.esinternals import APPLICATION_NAME_KEY, open_tracking
 from projections.store import Projection, Store
 
 # Arbitrary constants, each with the views' schema the key of an advisory lock: the one that
@@ -212,10 +212,20 @@ def scratch_env(env: dict[str, str]) -> Iterator[dict[str, str]]:
             yield {**env, "SQLITE_DBNAME": f"{directory}/views.db"}
         return
     schema = f"mm_replay_{uuid.uuid4().hex[:12]}"
-    admin = psycopg.connect(**_pg_connect_args(env), autocommit=True)
+    admin = psycopg.connect(
+        **_pg_connect_args(env),
+        autocommit=True,
+        application_name=env.get(APPLICATION_NAME_KEY) or "mediamarket-scratch",
+    )
     try:
         admin.execute(SQL("CREATE SCHEMA {}").format(Identifier(schema)))
-        yield {**env, "POSTGRES_SCHEMA": schema}
+        # One runner folds into it: two connections at most, beside the process's own pool.
+        yield {
+            **env,
+            "POSTGRES_SCHEMA": schema,
+            "POSTGRES_POOL_SIZE": "1",
+            "POSTGRES_MAX_OVERFLOW": "1",
+        }
     finally:
         admin.execute(SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(Identifier(schema)))
         admin.close()
