@@ -168,8 +168,11 @@ async def serve(settings: Settings, *, worker: bool) -> None:
         else:
             print(f"mediamarket is running on http://{settings.HOST}:{settings.PORT}", flush=True)
         if worker:
+            # Unique per process, so no two workers share leases; the one process of an embedded
+            # SQLite engine keeps one name, so a restart takes its own jobs back at once.
+            solo = embedded and settings.is_sqlite
             await engine.start_worker(
-                "embedded" if embedded else f"{socket.gethostname()}:{os.getpid()}"
+                "embedded" if solo else f"{socket.gethostname()}:{os.getpid()}"
             )
         await _wait_for_signal()
     finally:
@@ -179,7 +182,7 @@ async def serve(settings: Settings, *, worker: bool) -> None:
 
 async def run_worker(settings: Settings) -> None:
     engine = await Engine.open(settings, role="worker")
-    worker_id = os.environ.get("WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}"
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
     try:
         await engine.start_worker(worker_id)
         print(f"mediamarket worker {worker_id} running", flush=True)
