@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     PROVIDER_QUOTE_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0)
     PROVIDER_QUEUE_TIMEOUT_SECONDS: float = Field(default=30.0, gt=0)
     WORKER_CONCURRENCY: int = Field(default=256, gt=0)
+    # A `mediamarket worker`'s name in the work queue (default host:pid). Give a stable one only
+    # if no two running workers can share it (a StatefulSet's pod name): a restart under it then
+    # takes back what its last life held at once instead of after the 10 s lease.
+    WORKER_ID: str | None = Field(default=None, min_length=1, max_length=200)
     WEBHOOK_ALLOW_HTTP: bool = False
     # SPEC 7: seconds between a webhook's failed tries, comma-separated; empty: the default
     # schedule (5 s, 5 min, 30 min, 2 h, 5 h, then 10 h, for 87.6 h in all).

@@ -182,7 +182,7 @@ async def serve(settings: Settings, *, worker: bool) -> None:
 
 async def run_worker(settings: Settings) -> None:
     engine = await Engine.open(settings, role="worker")
-    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    worker_id = settings.WORKER_ID or f"{socket.gethostname()}:{os.getpid()}"
     try:
         await engine.start_worker(worker_id)
         print(f"mediamarket worker {worker_id} running", flush=True)
