@@ -9,6 +9,7 @@ that the test takes down (connections refused, open ones cut) and brings back.
 from __future__ import annotations
 
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from urllib.parse import urlparse
 import pytest
 
 from tests.conftest import _require_postgres
-from tests.harness import Server, base_env, free_port, postgres_database
+from tests.harness import BIN, Server, base_env, free_port, postgres_database
 from tests.tcpproxy import TcpProxy
 from tests.test_lifecycle import SEEDANCE, market, submit_ok, wait_until
 
@@ -97,3 +98,66 @@ def test_a_server_waits_for_the_database_and_survives_an_outage(
     after = submit_ok(c, buyer_key, prompt="after the outage")
     assert c.wait_terminal(after["id"], buyer_key)["status"] == "succeeded"
     assert server.proc is not None and server.proc.poll() is None
+
+
+@pytest.mark.postgres
+def test_processes_started_together_on_a_fresh_database_all_come_up(tmp_path: Path) -> None:
+    """Four at once (two API processes, two workers) race to create the same tables: each must
+    come up, none crash (the race once crashed a worker on a duplicate key)."""
+    _require_postgres()
+    with postgres_database() as url:
+        servers = []
+        workers = []
+        try:
+            for n in range(2):
+                port = free_port()
+                directory = tmp_path / f"api{n}"
+                directory.mkdir()
+                servers.append(Server(directory, base_env(url, port), port, ["--no-worker"]))
+            for server in servers:
+                server.start(wait=False)
+            for n in range(2):
+                log = open(tmp_path / f"worker{n}.log", "wb")  # noqa: SIM115
+                workers.append(
+                    (
+                        subprocess.Popen(
+                            [str(BIN), "worker"],
+                            cwd=tmp_path,
+                            env=base_env(
+                                url,
+                                free_port(),
+                                # The first API process serves the simulator (embedded there).
+                                PROVIDER_BASE_URL_VENICE=(
+                                    f"http://127.0.0.1:{servers[0].port}/sim/api/v1"
+                                ),
+                            ),
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                        ),
+                        tmp_path / f"worker{n}.log",
+                    )
+                )
+            for server in servers:
+                server.wait_ready(60)
+
+            def workers_running() -> bool:
+                return all("worker_started" in path.read_text() for _, path in workers)
+
+            wait_until(workers_running, timeout=60, what="both workers to start")
+            for proc, path in workers:
+                assert proc.poll() is None, path.read_text()[-2000:]
+                assert "Traceback" not in path.read_text(), path.read_text()[-3000:]
+            for server in servers:
+                assert "Traceback" not in server.logs(), server.logs()[-3000:]
+            # And they work together: a job submitted on one API is driven by a worker.
+            c = servers[0].client
+            _, buyer_key, seller_key = market(c)
+            c.create_offer(seller_key, SEEDANCE, "sim_ok", "0.80")
+            job = submit_ok(c, buyer_key)
+            assert servers[1].client.wait_terminal(job["id"], buyer_key)["status"] == "succeeded"
+        finally:
+            for server in servers:
+                server.kill()
+            for proc, _ in workers:
+                proc.kill()
+                proc.wait(10)
