@@ -19,6 +19,7 @@ from aiohttp import web
 from adapters.crypto import sha256_hex
 from adapters.eventstore import open_market, store_env
 from adapters.logs import configure_logging
+from adapters.progress import Progress
 from adapters.settings import ConfigError, Settings, load_settings
 from api import finance as finance_api
 from api.app import create_app, is_embedded_simulator
@@ -176,7 +177,8 @@ async def projections(settings: Settings, action: str) -> int:
             await engine.blocking(engine.runner.stop)
             before = await engine.blocking(views.digest)
             await engine.blocking(views.reset, market.name)
-            applied = await engine.blocking(engine.runner.catch_up)
+            with Progress(0, "rebuild") as progress:
+                applied = await engine.blocking(engine.runner.catch_up, on_progress=progress.update)
             after = await engine.blocking(views.digest)
             print(f"rebuilt the views from {applied} notifications")
             _print_digest(after, before)
@@ -281,9 +283,17 @@ async def replay(settings: Settings) -> int:
         name = engine.market.name
 
         def verify() -> Verification:
-            with scratch_views(env, name) as fresh:
+            with scratch_views(env, name) as fresh, Progress(0, "replay") as progress:
+
+                def replayed(done: int, total: int) -> None:
+                    progress.update(done, total)
+                    if done >= total:
+                        progress.close()  # the comparison that follows is not the replay's
+
                 source = LogSource(settings.DATABASE_URL, env)
-                return verify_replay(engine.market, engine.views, fresh, source)
+                return verify_replay(
+                    engine.market, engine.views, fresh, source, on_progress=replayed
+                )
 
         result = await engine.blocking(verify)
         print(result.render())
