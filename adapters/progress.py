@@ -81,7 +81,8 @@ class Progress:
         now = time.monotonic()
         if now >= self._next_line:
             self._next_line = now + self.every
-            self._line(self._progress_line(now - self._since()))
+            assert self._started is not None
+            self._line(self._progress_line(now - self._started))
 
     def close(self) -> None:
         if self._closed:
@@ -90,7 +91,8 @@ class Progress:
         if self._bar is not None:
             self._bar.close()  # the finished bar stays, with the count, time and rate
             return
-        elapsed = time.monotonic() - self._since()
+        now = time.monotonic()
+        elapsed = now - (self._started if self._started is not None else now)
         rate = f", {self.done / elapsed:,.0f}/s" if elapsed > 0 and self.done else ""
         self._line(f"{self.label}: {self.done:,} {self.unit} in {elapsed:.1f} s{rate}")
 
@@ -117,17 +119,11 @@ class Progress:
                 dynamic_ncols=sized,
                 ncols=None if sized else 80,
                 nrows=None if sized else 24,
-                # Mostly the recent rate, not the average since the start, for the time left:
-                # a fold slows down as its tables grow.
-                smoothing=0.1,
                 bar_format=(
                     "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}"
                     " [{elapsed}<{remaining}, {rate_fmt}]"
                 ),
             )
-
-    def _since(self) -> float:
-        return self._started if self._started is not None else time.monotonic()
 
     def _progress_line(self, elapsed: float) -> str:
         rate = self.done / elapsed if elapsed > 0 else 0.0
