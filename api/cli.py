@@ -19,6 +19,7 @@ from aiohttp import web
 from adapters.crypto import sha256_hex
 from adapters.eventstore import Connections, open_market
 from adapters.logs import configure_logging
+from adapters.progress import Progress
 from adapters.settings import ConfigError, Settings, load_settings
 from api import finance as finance_api
 from api.app import create_app, is_embedded_simulator
@@ -207,7 +208,10 @@ async def projections(settings: Settings, action: str) -> int:
             before = await engine.blocking(views.digest)
             env = engine.store_env(VIEWS_NAME)
             source = LogSource(settings.DATABASE_URL, env)
-            position = await engine.blocking(rebuild_live, market, views, env, source=source)
+            with Progress(0, "rebuild") as progress:
+                position = await engine.blocking(
+                    rebuild_live, market, views, env, source=source, on_progress=progress.update
+                )
             after = await engine.blocking(views.digest)
             # Served from the old tables until this moment, the new ones from now on.
             print(f"rebuilt the views from the log and switched them in at position {position}")
@@ -318,9 +322,17 @@ async def replay(settings: Settings) -> int:
         name = engine.market.name
 
         def verify() -> Verification:
-            with scratch_views(env, name) as fresh:
+            with scratch_views(env, name) as fresh, Progress(0, "replay") as progress:
+
+                def replayed(done: int, total: int) -> None:
+                    progress.update(done, total)
+                    if done >= total:
+                        progress.close()  # the comparison that follows is not the replay's
+
                 source = LogSource(settings.DATABASE_URL, env)
-                return verify_replay(engine.market, engine.views, fresh, source)
+                return verify_replay(
+                    engine.market, engine.views, fresh, source, on_progress=replayed
+                )
 
         result = await engine.blocking(verify)
         print(result.render())

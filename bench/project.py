@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from adapters.crypto import Secrets
 from adapters.eventstore import MarketApp, open_market, store_env
+from adapters.progress import Progress
 from adapters.settings import Settings
 from adapters.simulator import CATALOG, catalog_entry, parse_video_request
 from adapters.venice import parse_venice_models
@@ -39,6 +40,7 @@ __all__ = [
     "LogSource",
     "MarketApp",
     "Offer",
+    "Progress",
     "Route",
     "RoutingError",
     "Secrets",

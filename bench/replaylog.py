@@ -11,7 +11,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from operator import methodcaller
 from statistics import median
@@ -52,6 +52,7 @@ OFFER_MULTIPLIERS = ("0.80", "0.85", "0.90")
 WORKER_ID = "bench-replay-worker"
 FEES = FeeSchedule()
 FLUSH_EVENTS = 10_000  # events per MarketApp.save while generating
+PROGRESS_EVERY_JOBS = 100  # how often the generator reports the jobs it has finished
 
 # What becomes of the jobs, by share. Refused-then-failover jobs are refused by the first
 # offer they are dispatched to, which backs it off (later jobs route around it or skip it).
@@ -147,8 +148,18 @@ PROMPT_WORDS = PROMPT_TEXT.split()
 
 
 class LogGenerator:
-    def __init__(self, app: MarketApp, jobs: int, rate: float, seed: int) -> None:
+    def __init__(
+        self,
+        app: MarketApp,
+        jobs: int,
+        rate: float,
+        seed: int,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """``on_progress(done, jobs)`` is called at the start, every ``PROGRESS_EVERY_JOBS``
+        finished jobs (all their events emitted) and at the end."""
         self.jobs = jobs
+        self.on_progress = on_progress
         self.rate = rate
         self.rng = random.Random(seed)
         self.market = BufferedMarket(app)
@@ -167,6 +178,8 @@ class LogGenerator:
 
     def generate(self) -> dict[str, Any]:
         c = self.commands
+        if self.on_progress is not None:
+            self.on_progress(0, self.jobs)
         for n in range(BUYERS):
             buyer_id, _, _ = c.create_buyer(f"bench buyer {n}")
             c.deposit(buyer_id, 10**12)
@@ -186,6 +199,8 @@ class LogGenerator:
         self.sim.start(self._arrivals())
         self.sim.run()
         self.market.flush()
+        if self.on_progress is not None:
+            self.on_progress(len(self.spans), self.jobs)
         return {
             "jobs": self.submitted,
             "rejected_submits": self.rejected,
@@ -400,3 +415,5 @@ class LogGenerator:
     def _done(self, job_id: UUID) -> None:
         self.spans.append(self.market.emitted - self.started_at.pop(job_id))
         self.market.forget(job_id, settlement_id(job_id))
+        if self.on_progress is not None and len(self.spans) % PROGRESS_EVERY_JOBS == 0:
+            self.on_progress(len(self.spans), self.jobs)

@@ -18,7 +18,7 @@ from eventsourcing.persistence import StoredEvent
 
 from bench.common import ROOT
 from bench.databases import database_url, pg_admin, sqlite_url
-from bench.project import open_market
+from bench.project import Progress, open_market
 from bench.replaylog import VERSION, LogGenerator
 
 CACHE = ROOT / "bench" / ".cache"
@@ -41,7 +41,11 @@ def sqlite_log(jobs: int, rate: float, say: Callable[[str], None]) -> tuple[str,
         started = time.perf_counter()
         app = open_market(sqlite_url(scratch))
         try:
-            meta = LogGenerator(app, jobs, rate, seed=jobs * 1000 + VERSION).generate()
+            with Progress(jobs, "generate", unit="jobs") as progress:
+                generator = LogGenerator(
+                    app, jobs, rate, seed=jobs * 1000 + VERSION, on_progress=progress.update
+                )
+                meta = generator.generate()
             meta["notifications"] = app.recorder.max_notification_id() or 0
         finally:
             app.close()
@@ -85,20 +89,23 @@ def postgres_log(
     )
     source, target = open_market(source_url), open_market(url)
     try:
-        position = 0
-        while True:
-            batch = source.recorder.select_notifications(
-                start=position, limit=COPY_BATCH, inclusive_of_start=False
-            )
-            if not batch:
-                break
-            target.recorder.insert_events(
-                [
-                    StoredEvent(n.originator_id, n.originator_version, n.topic, n.state)
-                    for n in batch
-                ]
-            )
-            position = batch[-1].id
+        with Progress(meta["notifications"], "copy") as progress:
+            position = 0
+            progress.update(0)
+            while True:
+                batch = source.recorder.select_notifications(
+                    start=position, limit=COPY_BATCH, inclusive_of_start=False
+                )
+                if not batch:
+                    break
+                target.recorder.insert_events(
+                    [
+                        StoredEvent(n.originator_id, n.originator_version, n.topic, n.state)
+                        for n in batch
+                    ]
+                )
+                position = batch[-1].id
+                progress.update(position)
         copied = target.recorder.max_notification_id() or 0
     finally:
         source.close()

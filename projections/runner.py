@@ -147,16 +147,32 @@ class ProjectionRunner:
         )
         raise ProjectionFailed(failure) from error
 
-    def catch_up(self, until: int | None = None) -> int:
-        """Apply the log up to its end (or up to ``until``); returns how many were applied."""
-        total = 0
+    def catch_up(
+        self,
+        until: int | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Apply the log up to its end (or up to ``until``); returns how many were applied.
+
+        ``on_progress(done, total)`` is called after every batch with the notifications covered
+        since the start and how many there are to cover (more, when the log grows meanwhile)."""
+        applied = start = end = 0
+        if on_progress is not None:
+            start = self.views.position(self.app.name)
+            end = self._log_end() if until is None else min(until, self._log_end())
+            on_progress(0, max(end - start, 0))
         while True:
             n = self.run_once(until, CATCH_UP_BATCH_SIZE)
-            total += n
+            applied += n
             if n == 0:
                 end = self._log_end() if until is None else min(until, self._log_end())
-                if self.views.position(self.app.name) >= end:
-                    return total
+            if on_progress is not None:
+                # From the views' tracked position, not the batches' counts: a batch another
+                # runner applied first (a lost race) is done too.
+                done = self.views.position(self.app.name) - start
+                on_progress(done, max(end - start, done))
+            if n == 0 and self.views.position(self.app.name) >= end:
+                return applied
 
     def _log_end(self) -> int:
         return self.app.recorder.max_notification_id() or 0

@@ -12,7 +12,7 @@ import structlog
 from adapters.eventstore import MarketApp
 from projections.runner import ProjectionRunner
 from projections.views import Views, open_scratch_views, scratch_env
-from services.replay import LogSource, rebuild
+from services.replay import LogSource, OnProgress, rebuild
 
 log = structlog.get_logger("rebuild")
 
@@ -24,6 +24,7 @@ def rebuild_live(
     *,
     source: LogSource | None = None,
     only_if_outdated: bool = False,
+    on_progress: OnProgress | None = None,
 ) -> int | None:
     """Rebuild ``live`` (opened from ``live_env``) from the log; returns the log position the
     new tables took over at, or None when another process switched first (``only_if_outdated``:
@@ -36,7 +37,7 @@ def rebuild_live(
         fresh = open_scratch_views(fresh_env, app.name)
         try:
             end = app.recorder.max_notification_id() or 0
-            folded = rebuild(app, fresh, end, source)
+            folded = rebuild(app, fresh, end, source, on_progress=on_progress)
             log.info("rebuild_folded", events=folded, position=end)
             tail = ProjectionRunner(app, fresh)
             tail.catch_up()

@@ -6,8 +6,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from multiprocessing.sharedctypes import Synchronized
 
 from adapters.eventstore import MarketApp, open_market
 from projections.runner import ProjectionRunner
@@ -26,6 +28,13 @@ PROJECTION_OF = {table: p.name for p in PROJECTIONS for table in p.tables}
 MAX_NAMED_ROWS = 10
 # Below this many events a second process costs more (its start-up, the merge) than it saves.
 PARALLEL_MIN_EVENTS = 100_000
+# How often the progress of a second process's fold is looked at once this one's is done.
+PROGRESS_POLL_SECONDS = 0.5
+
+# ``(done, total)``: notifications folded so far and how many there are (see ``catch_up``).
+OnProgress = Callable[[int, int], None]
+# In the second process of a parallel rebuild: where it publishes how far its fold has got.
+_published: Synchronized[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -42,9 +51,11 @@ def rebuild(
     until: int,
     source: LogSource | None = None,
     parallel: bool | None = None,
+    on_progress: OnProgress | None = None,
 ) -> int:
     """Fold the log up to ``until`` into ``fresh`` (empty scratch views); returns how many
-    notifications that covered.
+    notifications that covered. ``on_progress`` sees how far the fold has got (in a parallel
+    rebuild, the part that is behind).
 
     The fold is CPU-bound Python, so given a ``source`` and a long log (or ``parallel``), a
     second process folds one part of the views (``REBUILD_PARTS``) into scratch storage of its
@@ -59,22 +70,46 @@ def rebuild(
             and until - start >= PARALLEL_MIN_EVENTS
         )
     if not parallel:
-        return ProjectionRunner(app, fresh).catch_up(until=until)
+        return ProjectionRunner(app, fresh).catch_up(until=until, on_progress=on_progress)
     if source is None:
         raise ValueError("a parallel rebuild needs the log's source")
     spawn = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
+    theirs = spawn.Value("q", 0)  # how far the other process's fold has got
     with (
         scratch_env(source.views_env) as other_env,
-        ProcessPoolExecutor(1, mp_context=spawn) as pool,
+        ProcessPoolExecutor(
+            1, mp_context=spawn, initializer=_publish_progress_in, initargs=(theirs,)
+        ) as pool,
     ):
         here, there = REBUILD_PARTS
         other = pool.submit(fold_part, source.database_url, other_env, app.name, there, until)
-        applied = ProjectionRunner(app, fresh, part=here).catch_up(until=until)
+
+        def behind(done_here: int, total: int) -> None:
+            """Reports the part that is behind: the rebuild is done that far."""
+            if on_progress is not None:
+                on_progress(min(done_here, theirs.value), total)
+
+        report = behind if on_progress is not None else None
+        applied = ProjectionRunner(app, fresh, part=here).catch_up(until=until, on_progress=report)
+        if on_progress is not None:
+            while wait([other], PROGRESS_POLL_SECONDS, FIRST_COMPLETED).not_done:
+                behind(until - start, until - start)
         other_applied = other.result()
+        behind(until - start, until - start)
         if other_applied != applied:
             raise RuntimeError(f"the parts covered {applied} and {other_applied} notifications")
         fresh.copy_tables_from(other_env, part_tables(there))
     return applied
+
+
+def _publish_progress_in(value: Synchronized[int]) -> None:
+    global _published
+    _published = value
+
+
+def _publish(done: int, _: int) -> None:
+    if _published is not None:
+        _published.value = done
 
 
 def fold_part(
@@ -85,7 +120,8 @@ def fold_part(
     try:
         views = open_scratch_views(views_env, application_name)
         try:
-            return ProjectionRunner(app, views, part=part).catch_up(until=until)
+            runner = ProjectionRunner(app, views, part=part)
+            return runner.catch_up(until=until, on_progress=_publish)
         finally:
             views.datastore.close()
     finally:
@@ -145,11 +181,13 @@ def verify(
     fresh: Views,
     source: LogSource | None = None,
     parallel: bool | None = None,
+    on_progress: OnProgress | None = None,
 ) -> Verification:
-    """Replay the log into ``fresh`` (empty views) up to the live views' position; compare."""
+    """Replay the log into ``fresh`` (empty views) up to the live views' position; compare.
+    ``on_progress`` sees the replay's progress (see ``rebuild``)."""
     position, live_rows = live.row_hashes(app.name)
     started = time.perf_counter()
-    events = rebuild(app, fresh, position, source, parallel)
+    events = rebuild(app, fresh, position, source, parallel, on_progress)
     seconds = time.perf_counter() - started
     replayed_position, replayed_rows = fresh.row_hashes(app.name)
     tables = []

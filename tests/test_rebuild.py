@@ -64,10 +64,21 @@ def test_a_two_process_rebuild_equals_the_live_views(database_url: str) -> None:
         digests = []
         for parallel in (True, False):
             with scratch_views(env, app.name) as fresh:
-                result = verify(app, live, fresh, LogSource(database_url, env), parallel=parallel)
+                seen: list[tuple[int, int]] = []
+                result = verify(
+                    app,
+                    live,
+                    fresh,
+                    LogSource(database_url, env),
+                    parallel=parallel,
+                    on_progress=lambda done, total, seen=seen: seen.append((done, total)),
+                )
                 assert result.ok, result.render()
                 assert result.events == app.recorder.max_notification_id()
                 digests.append(fresh.digest())
+            # Progress only goes forward, to the whole log (in two processes: both parts).
+            assert seen[0] == (0, result.events) and seen[-1] == (result.events, result.events)
+            assert [done for done, _ in seen] == sorted(done for done, _ in seen), seen
         assert digests[0] == digests[1] == live.digest()
         # Both parts' tables are filled (the log has no buyer keys or deposits' principals).
         for table in ("mm_job_views", "mm_offers", "mm_trades", "mm_ledger_postings"):
