@@ -560,6 +560,7 @@ def test_connections_per_process_within_budget(cluster: Outcome) -> None:
 
 
 @pytest.mark.xfail(
+    LEASE_SECONDS > TAKEOVER_LIMIT,
     strict=False,
     reason=f"worker leases are {LEASE_SECONDS:.0f} s (services/worker.py LEASE_SECONDS), so a"
     " dead worker's jobs wait up to that long; heartbeat leases of <= 15 s are being made",
