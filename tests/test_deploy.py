@@ -24,9 +24,6 @@ from tests.harness import Server, base_env, free_port
 from tests.s3server import S3Server
 
 ROOT = Path(__file__).resolve().parent.parent
-# What the engine's processes may be given besides its settings: WORKER_ID is read by
-# `mediamarket worker` itself; DATABASE_POOL_SIZE is SPEC 8's connection budget.
-ENGINE_EXTRAS = {"WORKER_ID", "DATABASE_POOL_SIZE"}
 # .env.example's names that compose.yaml uses to wire the services rather than the engine.
 COMPOSE_ONLY = {"POSTGRES_PASSWORD", "S3_BUCKET", "MEDIAMARKET_IMAGE_TAG", "SEAWEEDFS_IMAGE_TAG"}
 SECRETS = (
@@ -122,7 +119,7 @@ def test_compose_runs_the_tested_topology() -> None:
         assert env["DATABASE_URL"].startswith("postgresql://"), name
         assert env["ARTIFACT_STORE"].startswith("s3://"), name
         assert env["HOST"] == "0.0.0.0", name  # reachable from outside its container
-        unknown = set(env) - set(Settings.model_fields) - ENGINE_EXTRAS
+        unknown = set(env) - set(Settings.model_fields)
         assert not unknown, f"{name} sets what the engine does not read: {unknown}"
         for secret in SECRETS[1:]:
             if secret in env:
@@ -136,7 +133,7 @@ def test_compose_runs_the_tested_topology() -> None:
 
 def test_env_example_names_only_settings_and_holds_no_secret() -> None:
     example = env_example()
-    unknown = set(example) - set(Settings.model_fields) - ENGINE_EXTRAS - COMPOSE_ONLY
+    unknown = set(example) - set(Settings.model_fields) - COMPOSE_ONLY
     assert not unknown, unknown
     for secret in SECRETS:
         assert example[secret] == "", f"{secret} has a value in .env.example"
