@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench install clean
+.PHONY: run test test-cluster lint typecheck bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,7 +17,12 @@ run: $(STAMP)
 	$(VENV)/bin/mediamarket serve
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not cluster"
+
+# The production topology under kills (tests/test_cluster.py): alone, since it runs five
+# processes on one PostgreSQL and measures their connections and takeover times.
+test-cluster: $(STAMP)
+	$(PY) -m pytest -q -m cluster -rsx tests/test_cluster.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
