@@ -6,6 +6,7 @@ only within one application, so the whole market is one application with one log
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -133,7 +134,7 @@ def probe(database_url: str, timeout: float = 5.0) -> None:
         user=env["POSTGRES_USER"],
         password=env["POSTGRES_PASSWORD"] or None,
         connect_timeout=max(1, int(timeout)),
-        application_name="mediamarket-probe",
+        application_name=f"mediamarket-probe-{os.getpid()}",
     )
     connection.close()
 

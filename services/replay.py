@@ -11,7 +11,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
 
-from adapters.eventstore import MarketApp, open_market
+from adapters.esinternals import APPLICATION_NAME_KEY, PREPARED_STATEMENTS_KEY
+from adapters.eventstore import Connections, MarketApp, open_market
 from projections.runner import ProjectionRunner
 from projections.views import (
     PROJECTIONS,
@@ -115,8 +116,15 @@ def _publish(done: int, _: int) -> None:
 def fold_part(
     database_url: str, views_env: dict[str, str], application_name: str, part: Part, until: int
 ) -> int:
-    """One part of a parallel rebuild, in its own process and scratch storage."""
-    app = open_market(database_url)
+    """One part of a parallel rebuild, in its own process and scratch storage: two connections,
+    named as its parent's with a ``-part`` suffix and its pid."""
+    parent = views_env.get(APPLICATION_NAME_KEY) or "mediamarket"
+    connections = Connections(
+        pool_size=2,
+        application_name=f"{parent.rsplit('-', 1)[0]}-part-{os.getpid()}",
+        prepared_statements=views_env.get(PREPARED_STATEMENTS_KEY) != "no",
+    )
+    app = open_market(database_url, connections)
     try:
         views = open_scratch_views(views_env, application_name)
         try:
