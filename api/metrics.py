@@ -98,8 +98,9 @@ def degraded_reasons(failure: Failure | None, lag: Lag) -> list[str]:
 class Metrics:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        # Outcomes that ended before this engine started are history, not news: views rebuilt
-        # at start (a new schema) apply the whole log again and must not count it twice.
+        # Outcomes that ended before this engine started are history, not news: views built in
+        # place from the log (none there yet, or reset) apply it all again through the runner,
+        # and must not count it twice.
         self.counting_since = clock()
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
