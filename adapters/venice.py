@@ -21,11 +21,12 @@ import os
 import re
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiohttp
 
@@ -34,6 +35,7 @@ from domain.catalog import ModelSpec
 from domain.money import MoneyError, usd_to_micros
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 # Upstream bodies kept for logs are cut short: enough to diagnose, not a place to dump data.
 MAX_DETAIL_CHARS = 300
@@ -62,6 +64,10 @@ _STATUS_TEXT = {
 
 
 class ProviderError(Exception):
+    # What kind of failure this is, for the operator's counts (``error_kind``): one word per
+    # class, so the label stays bounded whatever a provider answers.
+    kind = "error"
+
     def __init__(self, status: int, message: str, detail: str = "", code: str = "") -> None:
         super().__init__(f"{status}: {message}" if status else message)
         self.status = status
@@ -76,17 +82,25 @@ class ProviderError(Exception):
 class QuoteFailed(ProviderError):
     """No price could be obtained; the offer is simply not a candidate for this request."""
 
+    kind = "quote_failed"
+
 
 class ProviderRefused(ProviderError):
     """The provider answered and did not accept the job: failing over is safe."""
+
+    kind = "refused"
 
 
 class ProviderRejected(ProviderError):
     """The request itself is invalid; another seller would reject it too."""
 
+    kind = "rejected"
+
 
 class ProviderUnknown(ProviderError):
     """It is unknown whether the provider accepted (and billed) the job."""
+
+    kind = "unknown"
 
     def __init__(self, message: str, detail: str = "") -> None:
         super().__init__(0, message, detail)
@@ -95,17 +109,21 @@ class ProviderUnknown(ProviderError):
 class ProviderLost(ProviderError):
     """The provider no longer knows the job (unknown or expired queue id or download link)."""
 
+    kind = "lost"
+
 
 class ProviderContentPolicy(ProviderError):
-    pass
+    kind = "content_policy"
 
 
 class ProviderInferenceFailed(ProviderError):
-    pass
+    kind = "inference_failed"
 
 
 class ProviderTransient(ProviderError):
     """Try again later; nothing is known to be wrong with the job itself."""
+
+    kind = "transient"
 
 
 @dataclass(frozen=True)
@@ -325,6 +343,30 @@ def describe(status: int, code: str = "") -> str:
     return f"{text} (HTTP {status}{', ' + code if code else ''})"
 
 
+def error_kind(error: ProviderError) -> str:
+    """A bounded name for what went wrong: the class's kind, or ``timeout`` when the provider
+    (or the link) did not answer in time, whatever that meant for the job."""
+    return "timeout" if isinstance(error.__cause__, TimeoutError) else error.kind
+
+
+def _reported(
+    call: Callable[Concatenate[VeniceClient, _P], Awaitable[_T]],
+) -> Callable[Concatenate[VeniceClient, _P], Awaitable[_T]]:
+    """Tell ``on_error`` of every failure a call ends in, once, as it leaves the client: the
+    classes above are the classification, so no raise site has to remember to count."""
+
+    @wraps(call)
+    async def reported(self: VeniceClient, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await call(self, *args, **kwargs)
+        except ProviderError as e:
+            if self._on_error is not None:
+                self._on_error(error_kind(e))
+            raise
+
+    return reported
+
+
 class VeniceClient:
     """One provider base URL. ``outbound`` carries the HTTP sessions and, for a URL a seller or
     buyer supplied, the outbound policy every call passes through (SPEC 9)."""
@@ -338,8 +380,11 @@ class VeniceClient:
         queue_timeout: float = 30.0,
         retrieve_timeout: float = 120.0,
         download_timeout: float = 600.0,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self._outbound = outbound
+        # Told the kind of each failure (``error_kind``), for the operator's metrics.
+        self._on_error = on_error
         self._base = base_url.rstrip("/")
         self._quote_timeout = quote_timeout
         self._queue_timeout = queue_timeout
@@ -414,6 +459,7 @@ class VeniceClient:
         except (aiohttp.ClientError, TimeoutError) as e:
             raise silent(0, "the provider did not answer", self._safe(e, api_key)) from e
 
+    @_reported
     async def list_models(self) -> list[dict[str, Any]]:
         try:
             async with self._outbound.request(
@@ -436,6 +482,7 @@ class VeniceClient:
             raise ProviderTransient(200, "the model catalog's data is not a list")
         return [m for m in data if isinstance(m, dict)]
 
+    @_reported
     async def quote(self, api_key: str, params: VideoParams) -> int:
         """The provider's list price for ``params`` in microdollars (rounded up)."""
         status, text = await self._exchange(
@@ -452,6 +499,7 @@ class VeniceClient:
                 status, "the provider's quote is unusable", self._detail(text, api_key)
             ) from e
 
+    @_reported
     async def check_key(self, api_key: str, model: str) -> None:
         """Whether the provider accepts ``api_key``, at no cost: Venice's quote is public, so a
         retrieve of a queue id that cannot exist is the probe (404 means the key got through).
@@ -466,6 +514,7 @@ class VeniceClient:
             raise self._failure(ProviderRefused, status, text, api_key)
         raise self._failure(ProviderTransient, status, text, api_key)
 
+    @_reported
     async def queue(
         self, api_key: str, params: VideoParams, prompt: str, image_url: str | None
     ) -> Queued:
@@ -526,6 +575,7 @@ class VeniceClient:
             download_url = None
         return Queued(queue_id, download_url)
 
+    @_reported
     async def retrieve(self, api_key: str, model: str, queue_id: str, dest: Path) -> Retrieved:
         """Poll a job; when the video comes with the answer it is streamed to ``dest``."""
         body = {"model": model, "queue_id": queue_id}
@@ -580,6 +630,7 @@ class VeniceClient:
             execution_duration_ms=_optional_int(payload.get("execution_duration")),
         )
 
+    @_reported
     async def download(self, url: str, dest: Path) -> Completed:
         """Fetch a finished video from a pre-signed ``download_url`` (no API key: the URL is
         the credential), through the outbound policy whoever's URL it is."""
@@ -641,6 +692,7 @@ class VeniceClient:
             raise
         return size
 
+    @_reported
     async def complete(self, api_key: str, model: str, queue_id: str) -> None:
         """Ask the provider to delete its copy. Already gone counts as done: 404/410, or 400,
         which is how Venice answers an unknown request id here (REQUEST_ID_NOT_FOUND)."""

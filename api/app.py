@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from aiohttp import web
@@ -13,7 +12,8 @@ from api import accounts, docs, finance, jobs, market, sellers
 from api.artifacts import ARTIFACT_ROUTES
 from api.body import MAX_BODY_BYTES
 from api.bootstrap import Engine
-from api.http import METRICS, PRINCIPALS, STARTUP, Startup, engine_of, reply, request_context
+from api.http import PRINCIPALS, STARTUP, Startup, engine_of, reply, request_context
+from api.metrics import CONTENT_TYPE, degraded_reasons
 from api.openapi import openapi_document
 from api.routes import Reply, Route, register
 from api.schemas.system import Health
@@ -51,12 +51,17 @@ async def healthz(request: web.Request) -> web.Response:
             status=503,
         )
     failure = engine.runner.failure
+    lag = await engine.blocking(engine.metrics.projection_lag, engine.market, engine.views)
+    # Degraded, not down: the views keep serving what they hold, but stopped following the
+    # log at an event they could not apply, or follow it too far behind (SPEC 8).
+    reasons = degraded_reasons(failure, lag)
     body: dict[str, Any] = {
-        # Degraded, not down: the views keep serving what they hold, but stopped following
-        # the log at an event they could not apply (SPEC 8: a stuck projection).
-        "status": "ok" if failure is None else "degraded",
+        "status": "degraded" if reasons else "ok",
+        "degraded_reasons": reasons,
         "catalog": engine.catalog is not None,
         "projection_position": engine.runner.position,
+        "projection_lag_events": lag.events,
+        "projection_lag_seconds": round(lag.seconds, 3),
     }
     if failure is not None:
         body["projection_failure"] = {
@@ -69,37 +74,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     engine = engine_of(request)
-    failure = engine.runner.failure
-    webhook_backlog = await engine.read(engine.views.webhook_backlog)
-    lines = [
-        "# HELP mediamarket_http_requests_total HTTP requests by route and status.",
-        "# TYPE mediamarket_http_requests_total counter",
-    ]
-    for (method, route, status), count in sorted(request.app[METRICS].items()):
-        lines.append(
-            f'mediamarket_http_requests_total{{method="{method}",route="{route}",'
-            f'status="{status}"}} {count}'
-        )
-    lines += [
-        "# HELP mediamarket_projection_position Last log position applied to the views.",
-        "# TYPE mediamarket_projection_position gauge",
-        f"mediamarket_projection_position {engine.runner.position}",
-        "# HELP mediamarket_projection_failed 1 when the projection stopped on an event it could"
-        " not apply (see /healthz), else 0.",
-        "# TYPE mediamarket_projection_failed gauge",
-        f"mediamarket_projection_failed {0 if failure is None else 1}",
-        "# HELP mediamarket_projection_failed_position Log position of the event the projection"
-        " stopped on (0 while it runs).",
-        "# TYPE mediamarket_projection_failed_position gauge",
-        f"mediamarket_projection_failed_position {0 if failure is None else failure.position}",
-        "# HELP mediamarket_worker_active_jobs Jobs this process is driving now.",
-        "# TYPE mediamarket_worker_active_jobs gauge",
-        f"mediamarket_worker_active_jobs {engine.worker.active_jobs if engine.worker else 0}",
-        "# HELP mediamarket_webhook_backlog Webhooks not yet delivered and still to be tried.",
-        "# TYPE mediamarket_webhook_backlog gauge",
-        f"mediamarket_webhook_backlog {webhook_backlog}",
-    ]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+    body = await engine.blocking(engine.metrics.scrape, engine)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -168,7 +144,6 @@ def create_app(
     when it is ready (until then: 503, see ``Startup``)."""
     app = web.Application(middlewares=[request_context], client_max_size=MAX_BODY_BYTES)
     app[STARTUP] = Startup(engine)
-    app[METRICS] = Counter()
     app[PRINCIPALS] = {}
     register(app, ROUTES)
     settings = settings or (engine.settings if engine is not None else None)

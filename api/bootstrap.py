@@ -28,6 +28,7 @@ from adapters.logs import mask_in_logs
 from adapters.outbound import Outbound, OutboundPolicy, parse_allowed_hosts
 from adapters.settings import ConfigError, Settings
 from adapters.venice import ProviderError, parse_venice_models
+from api.metrics import Metrics
 from api.stream import JobWatchers
 from domain.catalog import Catalog
 from domain.money import FeeSchedule, MoneyError
@@ -172,6 +173,9 @@ class Engine:
     store: ArtifactStore
     fees: FeeSchedule
     connections: Connections
+    metrics: Metrics = field(default_factory=Metrics)
+    # (pending, claimed) jobs for /metrics, blocking; None reads as (0, 0).
+    work_counts: Callable[[], tuple[int, int]] | None = None
     catalog: Catalog | None = None
     worker: Worker | None = None
     worker_task: asyncio.Task[None] | None = None
@@ -321,6 +325,8 @@ class Engine:
                 market.close()
                 raise
         runner = ProjectionRunner(market, views)
+        metrics = Metrics()
+        runner.on_applied.append(partial(metrics.count_outcomes, views))
         market.on_saved.append(runner.wake)
         runner.start()
         base_url = settings.PROVIDER_BASE_URL_VENICE or sim_url or embedded_sim_url(settings)
@@ -330,6 +336,7 @@ class Engine:
             {"venice": base_url},
             quote_timeout=settings.PROVIDER_QUOTE_TIMEOUT_SECONDS,
             queue_timeout=settings.PROVIDER_QUEUE_TIMEOUT_SECONDS,
+            on_error=metrics.provider_error,
         )
         commands = Commands(market, secrets)
         health = OfferHealth(commands, blocking)
@@ -350,6 +357,7 @@ class Engine:
             store=store,
             fees=fees,
             connections=connections,
+            metrics=metrics,
             base_urls={"venice": base_url},
         )
 

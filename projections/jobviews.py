@@ -216,6 +216,18 @@ def job_versions(r: Reader, job_ids: Sequence[str]) -> dict[str, int]:
     return found
 
 
+def job_models(r: Reader, job_ids: Sequence[str]) -> dict[str, str]:
+    """Each of ``job_ids`` that has a view: the catalog model it asked for."""
+    found: dict[str, str] = {}
+    for chunk in chunks(sorted(set(job_ids))):
+        for row in r.all(
+            f"SELECT job_id, doc FROM mm_job_views WHERE job_id IN ({placeholders(chunk)})",
+            chunk,
+        ):
+            found[row["job_id"]] = json.loads(row["doc"])["model"]
+    return found
+
+
 def list_jobs(
     r: Reader, buyer_id: str, limit: int, after: str | None, status: str | None
 ) -> list[JobDoc] | None:

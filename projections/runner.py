@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import structlog
 from eventsourcing.persistence import OperationalError, Tracking
@@ -76,6 +76,10 @@ class ProjectionRunner:
         self._thread: threading.Thread | None = None
         self._caught_up = threading.Condition()
         self.on_advance: list[Callable[[int], None]] = []
+        # Called in the runner's thread with the items of each batch this runner applied, once
+        # committed: across every process sharing the views, each event reaches exactly one
+        # runner's callbacks (a loser of the race applied nothing), so counts made here add up.
+        self.on_applied: list[Callable[[Sequence[tuple[int, Any]]], None]] = []
         # Set once, when the views fail on an event: the runner has stopped for good.
         self.failure: Failure | None = None
         self.failed = threading.Event()
@@ -112,8 +116,18 @@ class ProjectionRunner:
             except LostRace:
                 self._advance(self.views.position(self.app.name))
                 return 0
+        else:
+            self._applied(batch.items)
         self._advance(batch.last)
         return batch.count
+
+    def _applied(self, items: Sequence[tuple[int, Any]]) -> None:
+        for callback in self.on_applied:
+            try:
+                callback(items)
+            except Exception:
+                # The batch is committed: a callback's bug must not stop the views.
+                log.exception("projection_callback_failed")
 
     def _apply_singly(self, start: int, batch: LogBatch, error: Exception) -> None:
         """After a batch failed (and was rolled back): apply its events one notification at a
@@ -129,6 +143,7 @@ class ProjectionRunner:
                 raise
             except Exception as e:
                 self._record_failure(seq, e)
+            self._applied([(seq, event)])
             start = seq
             self._advance(seq)
         if start != batch.last:

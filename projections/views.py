@@ -89,6 +89,9 @@ class Views(Store):
     ) -> list[JobDoc] | None:
         return jobviews.list_jobs(self, buyer_id, limit, after, status)
 
+    def job_models(self, job_ids: Sequence[str]) -> dict[str, str]:
+        return jobviews.job_models(self, job_ids)
+
     def webhook_backlog(self) -> int:
         return webhooks.backlog(self)
 

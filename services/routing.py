@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -87,9 +88,12 @@ class Providers:
         quote_timeout: float,
         queue_timeout: float,
         clock: Callable[[], float] = time.monotonic,
+        on_error: Callable[[str, str], None] | None = None,
     ) -> None:
         self.outbound = outbound
         self.default_base_urls = default_base_urls
+        # ``on_error(provider, kind)`` for every failed provider call (the engine's metrics).
+        self.on_error = on_error
         self.quote_timeout = quote_timeout
         self.queue_timeout = queue_timeout
         self.clock = clock
@@ -106,6 +110,8 @@ class Providers:
                 url,
                 quote_timeout=self.quote_timeout,
                 queue_timeout=self.queue_timeout,
+                # Labelled by provider, never by URL: a seller may type any base URL.
+                on_error=None if self.on_error is None else partial(self.on_error, provider),
             )
             self._clients[url] = client
         return client

@@ -265,7 +265,7 @@ def test_openapi_health_and_metrics(server: Server) -> None:
     assert "# TYPE mediamarket_http_requests_total counter" in text
     sample = re.compile(
         r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"'
-        r'(,[a-zA-Z_][a-zA-Z0-9_]*="[^"]*")*\})? -?[0-9.e+]+$'
+        r'(,[a-zA-Z_][a-zA-Z0-9_]*="[^"]*")*\})? -?[0-9.e+-]+$'
     )
     for line in text.splitlines():
         assert line.startswith("# ") or sample.match(line), line

@@ -96,7 +96,7 @@ def test_a_stopped_projection_shows_in_healthz_and_metrics_and_the_api_still_ans
     health = c.get("/healthz").json()
     assert health["status"] == "ok" and "projection_failure" not in health
     metrics = c.get("/metrics").body.decode()
-    assert re.search(r"^mediamarket_projection_failed 0$", metrics, re.M)
+    assert re.search(r"^mediamarket_projection_failed 0\.0$", metrics, re.M)
 
     # The next deposit lands at the next log position; its journal entry collides.
     next_position = health["projection_position"] + 1
@@ -120,8 +120,8 @@ def test_a_stopped_projection_shows_in_healthz_and_metrics_and_the_api_still_ans
     assert "IntegrityError" in health["projection_failure"]["error"]
     assert health["projection_position"] == next_position - 1
     metrics = c.get("/metrics").body.decode()
-    assert re.search(r"^mediamarket_projection_failed 1$", metrics, re.M)
-    assert re.search(rf"^mediamarket_projection_failed_position {next_position}$", metrics, re.M)
+    assert re.search(r"^mediamarket_projection_failed 1\.0$", metrics, re.M)
+    assert re.search(rf"^mediamarket_projection_failed_position {next_position}\.0$", metrics, re.M)
 
     # What the views hold is still served: the buyer's key still authenticates.
     me = c.get("/v1/buyer/me", key=buyer_key)

@@ -69,13 +69,16 @@ async def connect() -> AsyncIterator[Connect]:
     outbounds: list[Outbound] = []
 
     def make(
-        base_url: str, policy: OutboundPolicy | None = None, **timeouts: float
+        base_url: str,
+        policy: OutboundPolicy | None = None,
+        on_error: Callable[[str], None] | None = None,
+        **timeouts: float,
     ) -> VeniceClient:
         if policy is None:
             policy = OutboundPolicy(trusted_prefixes=(base_url.rstrip("/") + "/",))
         outbound = Outbound(policy)
         outbounds.append(outbound)
-        return VeniceClient(outbound, base_url, **timeouts)
+        return VeniceClient(outbound, base_url, on_error=on_error, **timeouts)
 
     yield make
     for outbound in outbounds:
@@ -460,6 +463,34 @@ async def test_queue_timeout_is_unknown(connect: Connect, sim_url: str) -> None:
         await venice.queue("sim_queue_timeout", RUNWAY, PROMPT, None)
     assert time.monotonic() - started < 3
     assert err.value.status == 0
+
+
+async def test_every_failed_call_is_reported_once_by_its_kind(
+    connect: Connect, sim_url: str, aiohttp_server: MakeServer, tmp_path: Path
+) -> None:
+    kinds: list[str] = []
+    venice = connect(sim_url, on_error=kinds.append, queue_timeout=0.3)
+    queued = await venice.queue("sim_ok", RUNWAY, PROMPT, None)
+    await venice.quote("sim_ok", RUNWAY)
+    assert kinds == []
+    with pytest.raises(ProviderUnknown):
+        await venice.queue("sim_queue_timeout", RUNWAY, PROMPT, None)
+    with pytest.raises(ProviderRefused):
+        await venice.queue("sim_429", RUNWAY, PROMPT, None)
+    with pytest.raises(ProviderRejected):
+        await venice.queue("sim_ok", VideoParams("runway-gen4-5-text", 7), PROMPT, None)
+    with pytest.raises(ProviderLost):
+        await venice.retrieve("sim_ok", RUNWAY.model, "no-such-job", tmp_path / "v")
+    assert kinds == ["timeout", "refused", "rejected", "lost"]
+
+    kinds.clear()
+    broken = await stub(aiohttp_server, answer(503))
+    venice = connect(broken.url, on_error=kinds.append)
+    with pytest.raises(ProviderTransient):
+        await venice.retrieve("sim_ok", RUNWAY.model, queued.queue_id, tmp_path / "v")
+    with pytest.raises(QuoteFailed):
+        await venice.quote("sim_ok", RUNWAY)
+    assert kinds == ["transient", "quote_failed"]
 
 
 @pytest.mark.parametrize(

@@ -16,16 +16,30 @@ class ProjectionFailure(Document):
 
 
 class Health(Document):
-    # Readiness details may grow (projection lag, connections): readers must not break.
+    # Readiness details may grow (connections, ...): readers must not break.
     model_config = ConfigDict(extra="allow")
 
     status: Literal["ok", "degraded", "starting", "unavailable"] = Field(
-        description="degraded: the views stopped following the log and serve what they hold;"
-        " starting and unavailable (answered with 503): not ready, see detail (waiting for the"
-        " database, rebuilding views; the database unreachable)"
+        description="degraded: the views stopped following the log, or follow it more than 30 s"
+        " behind; either way they serve what they hold. starting and unavailable (answered with"
+        " 503): not ready, see detail (waiting for the database, rebuilding views; the database"
+        " unreachable)"
+    )
+    degraded_reasons: list[Literal["projection_failed", "projection_lagging"]] = Field(
+        default_factory=list,
+        description="Why the status is degraded (empty when ok): projection_failed (see "
+        "projection_failure), projection_lagging (see projection_lag_seconds)",
     )
     catalog: bool
     projection_position: int
+    projection_lag_events: int | None = Field(
+        default=None, ge=0, description="Log notifications the views have not applied yet"
+    )
+    projection_lag_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        description="Age of the oldest log event the views have not applied (0: caught up)",
+    )
     projection_failure: ProjectionFailure | None = None
     detail: str | None = Field(
         default=None, description="What a starting engine waits for (the database, a rebuild)"
