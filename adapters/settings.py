@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     PROVIDER_QUOTE_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0)
     PROVIDER_QUEUE_TIMEOUT_SECONDS: float = Field(default=30.0, gt=0)
     WORKER_CONCURRENCY: int = Field(default=256, gt=0)
+    # A `mediamarket worker` serves /healthz and /metrics on this port when set (it serves no
+    # API): its provider errors, job outcomes and active jobs are seen nowhere else.
+    METRICS_PORT: int | None = Field(default=None, ge=1, le=65535)
     # A `mediamarket worker`'s name in the work queue (default host:pid). Give a stable one only
     # if no two running workers can share it (a StatefulSet's pod name): a restart under it then
     # takes back what its last life held at once instead of after the 10 s lease.

@@ -55,6 +55,10 @@ async def healthz(request: web.Request) -> web.Response:
     # Degraded, not down: the views keep serving what they hold, but stopped following the
     # log at an event they could not apply, or follow it too far behind (SPEC 8).
     reasons = degraded_reasons(failure, lag)
+    work_failure = engine.work_runner.failure if engine.work_runner is not None else None
+    if work_failure is not None:
+        # The work queue stopped following the log: no new job is dispatched by this process.
+        reasons.append("work_queue_failed")
     body: dict[str, Any] = {
         "status": "degraded" if reasons else "ok",
         "degraded_reasons": reasons,
@@ -63,12 +67,13 @@ async def healthz(request: web.Request) -> web.Response:
         "projection_lag_events": lag.events,
         "projection_lag_seconds": round(lag.seconds, 3),
     }
-    if failure is not None:
-        body["projection_failure"] = {
-            "position": failure.position,
-            "error": failure.error,
-            "failed_at": int(failure.at),
-        }
+    for key, stopped in (("projection_failure", failure), ("work_queue_failure", work_failure)):
+        if stopped is not None:
+            body[key] = {
+                "position": stopped.position,
+                "error": stopped.error,
+                "failed_at": int(stopped.at),
+            }
     return reply(Health, body)
 
 
@@ -156,6 +161,16 @@ def create_app(
                 state_path=settings.data_dir / "simulator.db",
             ),
         )
+    return app
+
+
+def create_ops_app(engine: Engine) -> web.Application:
+    """What a ``mediamarket worker`` serves on ``METRICS_PORT``: ``/healthz`` and ``/metrics``
+    only (its provider errors, outcomes and active jobs are seen nowhere else)."""
+    app = web.Application(middlewares=[request_context])
+    app[STARTUP] = Startup(engine)
+    app[PRINCIPALS] = {}
+    register(app, [r for r in PUBLIC_ROUTES if r.path in ("/healthz", "/metrics")])
     return app
 
 

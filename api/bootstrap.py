@@ -8,6 +8,7 @@ import heapq
 import os
 import random
 import secrets as pysecrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +36,8 @@ from domain.money import FeeSchedule, MoneyError
 from projections.jobviews import job_versions
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, Views, open_views
+from projections.work import JOB, WorkStore, open_work
 from projections.work import NAME as WORK_NAME
-from projections.work import WorkStore, open_work
 from services.commands import Commands
 from services.market import Market
 from services.rebuild import rebuild_live
@@ -175,13 +176,13 @@ class Engine:
     connections: Connections
     metrics: Metrics = field(default_factory=Metrics)
     # (pending, claimed) jobs for /metrics, blocking; None reads as (0, 0).
-    work_counts: Callable[[], tuple[int, int]] | None = None
     catalog: Catalog | None = None
     worker: Worker | None = None
     worker_task: asyncio.Task[None] | None = None
     # The work queue and its own runner: opened by the first worker of the process.
     work: WorkStore | None = None
     work_runner: ProjectionRunner | None = None
+    _work_lock: threading.Lock = field(default_factory=threading.Lock)
     webhooks: WebhookCommands = field(init=False)
     webhook_sender: WebhookSender | None = None
     webhook_task: asyncio.Task[None] | None = None
@@ -378,20 +379,23 @@ class Engine:
     async def open_work(self) -> WorkStore:
         """The work queue (SPEC 8: claimed by every worker of every process), kept up to date
         by a runner of its own in this process."""
-        if self.work is None:
-            settings = self.settings
-            env = store_env(settings.DATABASE_URL, role=WORK_NAME, connections=self.connections)
-            shared = None if settings.is_sqlite else self.market.datastore
+        if self.work_runner is None:
+            if self.work is None:
+                env, shared = self.store_env(WORK_NAME), self._shared_datastore()
 
-            def open_it() -> WorkStore:
-                work = open_work(env, shared)
-                work.ensure_schema(self.market.name)
-                return work
+                def open_it() -> None:
+                    with self._work_lock:
+                        if self.work is None:
+                            work = open_work(env, shared)
+                            work.ensure_schema(self.market.name)
+                            self.work = work
 
-            self.work = await self.blocking(open_it)
+                await self.blocking(open_it)
+            assert self.work is not None
             self.work_runner = ProjectionRunner(self.market, self.work)
             self.market.on_saved.append(self.work_runner.wake)
             self.work_runner.start()
+        assert self.work is not None
         return self.work
 
     def _wake_on_work(self, wake: Callable[[], None]) -> None:
@@ -438,6 +442,19 @@ class Engine:
         self._wake_on_work(sender.wake)
         self.webhook_sender = sender
         self.webhook_task = asyncio.create_task(sender.run())
+
+    def work_counts(self) -> tuple[int, int]:
+        """Blocking: jobs due and waiting for a worker, and jobs a worker holds, across the
+        deployment (the work queue's store is opened for it in a process without a worker)."""
+        with self._work_lock:
+            if self.work is None:
+                work = open_work(self.store_env(WORK_NAME), self._shared_datastore())
+                work.ensure_schema(self.market.name)
+                self.work = work
+        return self.work.counts(time.time())[JOB]
+
+    def _shared_datastore(self) -> Any:
+        return None if self.settings.is_sqlite else self.market.datastore
 
     def store_env(self, role: str) -> dict[str, str]:
         """The environment of this process's store for ``role`` (a scratch store is opened

@@ -22,7 +22,7 @@ from adapters.logs import configure_logging
 from adapters.progress import Progress
 from adapters.settings import ConfigError, Settings, load_settings
 from api import finance as finance_api
-from api.app import create_app, is_embedded_simulator
+from api.app import create_app, create_ops_app, is_embedded_simulator
 from api.bootstrap import Engine
 from api.http import STARTUP
 from projections.views import VIEWS_NAME, scratch_views
@@ -162,6 +162,9 @@ async def serve(settings: Settings, *, worker: bool) -> None:
         raise
     try:
         startup.engine = engine
+        # Fed in every serving process, not only where a worker runs: /metrics' pending jobs
+        # must count what waits even when every worker is down.
+        await engine.open_work()
         await engine.load_catalog()
         if settings.MEDIAMARKET_DEMO:
             demo = await seed_demo(engine)
@@ -184,11 +187,23 @@ async def serve(settings: Settings, *, worker: bool) -> None:
 async def run_worker(settings: Settings) -> None:
     engine = await Engine.open(settings, role="worker")
     worker_id = settings.WORKER_ID or f"{socket.gethostname()}:{os.getpid()}"
+    ops: web.AppRunner | None = None
     try:
         await engine.start_worker(worker_id)
+        if settings.METRICS_PORT is not None:
+            ops = web.AppRunner(create_ops_app(engine), access_log=None, handle_signals=False)
+            await ops.setup()
+            try:
+                await web.TCPSite(ops, settings.HOST, settings.METRICS_PORT).start()
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot listen on {settings.HOST}:{settings.METRICS_PORT}: {e.strerror}"
+                ) from None
         print(f"mediamarket worker {worker_id} running", flush=True)
         await _wait_for_signal()
     finally:
+        if ops is not None:
+            await ops.cleanup()
         await engine.close()
 
 

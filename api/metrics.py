@@ -234,9 +234,9 @@ class Metrics:
         self.projection_lag_seconds.set(lag.seconds)
         self.worker_active_jobs.set(engine.worker.active_jobs if engine.worker else 0)
         self.webhook_backlog.set(engine.views.webhook_backlog())
-        # The work table provides these counts through ``engine.work_counts``; until an engine
-        # has one, they read 0.
-        pending, claimed = engine.work_counts() if engine.work_counts is not None else (0, 0)
+        # From the work queue every worker claims from, so any process (an API one included)
+        # reports the whole deployment's.
+        pending, claimed = engine.work_counts()
         self.jobs_pending.set(pending)
         self.jobs_claimed.set(claimed)
         return prometheus_client.generate_latest(self.registry)

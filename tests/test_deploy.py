@@ -127,8 +127,12 @@ def test_compose_runs_the_tested_topology() -> None:
                 assert env[secret] == f"${{{secret}:?set {secret} in .env}}", (name, secret)
     for name in ("api-1", "api-2"):
         assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in (*workers, "admin", "s3-bucket", "sim"):
+    for name in ("admin", "s3-bucket", "sim"):
         assert services[name]["healthcheck"] == {"disable": True}, name
+    for name in workers:
+        # A worker's health is on its METRICS_PORT, the only HTTP it serves.
+        assert services[name]["environment"]["METRICS_PORT"] == "9100", name
+        assert "METRICS_PORT" in " ".join(services[name]["healthcheck"]["test"]), name
 
 
 def test_env_example_names_only_settings_and_holds_no_secret() -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import random
 import string
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +24,7 @@ from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, open_views
 from services.commands import Commands
 from tests.conftest import ServerFactory
-from tests.harness import Client, Server
+from tests.harness import BIN, Client, Server, free_port
 from tests.test_lifecycle import RUNWAY, SEEDANCE, market, submit_ok, wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -307,3 +309,66 @@ def test_each_engine_counts_in_its_own_registry() -> None:
     errors = {"provider": "venice", "kind": "transient"}
     assert a.registry.get_sample_value("mediamarket_provider_errors_total", errors) == 1
     assert b.registry.get_sample_value("mediamarket_provider_errors_total", errors) is None
+
+
+def _sample(text: str, name: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def test_pending_jobs_are_counted_with_every_worker_down_and_a_worker_has_its_own_metrics(
+    make_server: ServerFactory, database_url: str, tmp_path: Path
+) -> None:
+    api = make_server("--no-worker")
+    c = api.client
+    _, buyer_key, seller_key = market(c)
+    c.create_offer(seller_key, SEEDANCE, "sim_ok", "0.80")
+    jobs = [submit_ok(c, buyer_key, prompt=f"waits {n}")["id"] for n in range(3)]
+
+    def pending() -> float:
+        return _sample(c.get("/metrics").body.decode(), "mediamarket_jobs_pending")
+
+    wait_until(lambda: pending() == 3, timeout=20, what="three pending jobs")
+    assert _sample(c.get("/metrics").body.decode(), "mediamarket_jobs_claimed") == 0
+
+    port = free_port()
+    env = {
+        **api.env,
+        "METRICS_PORT": str(port),
+        "PROVIDER_BASE_URL_VENICE": f"http://127.0.0.1:{api.port}/sim/api/v1",
+    }
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [str(BIN), "worker"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        for job_id in jobs:
+            assert c.wait_terminal(job_id, buyer_key, timeout=60)["status"] == "succeeded"
+        ops = Client(f"http://127.0.0.1:{port}")
+        assert ops.get("/healthz").json()["status"] == "ok"
+        text = ops.get("/metrics").body.decode()
+        succeeded = [
+            s
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "mediamarket_job_outcomes_total" and s.labels["status"] == "succeeded"
+        ]
+        assert sum(s.value for s in succeeded) + _succeeded_on(c) == 3
+        assert ops.get("/v1/video/generations").status == 404  # no API on a worker's port
+        assert pending() == 0
+    finally:
+        worker.terminate()
+        worker.wait(15)
+
+
+def _succeeded_on(c: Client) -> float:
+    """Outcomes are counted by whichever process applied the job's end."""
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(c.get("/metrics").body.decode())
+        for s in f.samples
+        if s.name == "mediamarket_job_outcomes_total" and s.labels["status"] == "succeeded"
+    )

@@ -25,10 +25,14 @@ class Health(Document):
         " 503): not ready, see detail (waiting for the database, rebuilding views; the database"
         " unreachable)"
     )
-    degraded_reasons: list[Literal["projection_failed", "projection_lagging"]] = Field(
+    degraded_reasons: list[
+        Literal["projection_failed", "projection_lagging", "work_queue_failed"]
+    ] = Field(
         default_factory=list,
         description="Why the status is degraded (empty when ok): projection_failed (see "
-        "projection_failure), projection_lagging (see projection_lag_seconds)",
+        "projection_failure), projection_lagging (see projection_lag_seconds), "
+        "work_queue_failed (this process's work queue stopped following the log: see "
+        "work_queue_failure)",
     )
     catalog: bool
     projection_position: int
@@ -41,6 +45,7 @@ class Health(Document):
         description="Age of the oldest log event the views have not applied (0: caught up)",
     )
     projection_failure: ProjectionFailure | None = None
+    work_queue_failure: ProjectionFailure | None = None
     detail: str | None = Field(
         default=None, description="What a starting engine waits for (the database, a rebuild)"
     )
