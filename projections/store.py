@@ -288,19 +288,13 @@ class Store:
         """
         with self.datastore.transaction(commit=True) as c:
             self._lock_schema(c)
-            table = self.schema_table
-            c.execute(self.q(f"CREATE TABLE IF NOT EXISTS {table} (version BIGINT NOT NULL)"), ())
-            c.execute(self.q(f"SELECT version FROM {table}"), ())
-            row = c.fetchone()
-            if row is not None and int(row["version"]) == self.schema_version:
+            if self._version(c) == self.schema_version:
                 return False
-            for table_name in self.tables:
-                c.execute(self.q(f"DROP TABLE IF EXISTS {table_name}"), ())
+            for table in self.tables:
+                c.execute(self.q(f"DROP TABLE IF EXISTS {table}"), ())
             for statement in self.create_statements(list(self.projections.values())):
                 c.execute(self.q(statement), ())
-            self.tracking.reset(c, application_name)
-            c.execute(self.q(f"DELETE FROM {table}"), ())
-            c.execute(self.q(f"INSERT INTO {table} (version) VALUES (?)"), (self.schema_version,))
+            self._set_version(c, application_name, 0)
             return True
 
     def _version(self, c: Any) -> int | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -20,7 +20,6 @@ from adapters.eventstore import store_env
 from domain.webhooks import WebhookDelivery
 from projections.work import EXPIRE, JOB, PURGE, WEBHOOK, WorkStore, open_work
 from services.worker import WORK_LEASE_SECONDS
-from tests.conftest import BACKENDS, _require_postgres
 from tests.fakes import (
     TTL_SECONDS,
     Gate,
@@ -29,20 +28,9 @@ from tests.fakes import (
     in_process_engine,
     skip_worker_waits,
 )
-from tests.harness import postgres_database
 
 # A dead worker's jobs must be taken over within this (SPEC 8).
 TAKEOVER_SECONDS = 15.0
-
-
-@pytest.fixture(params=BACKENDS)
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/data"
-        return
-    _require_postgres()
-    with postgres_database() as database:
-        yield database
 
 
 @pytest.fixture
@@ -51,8 +39,10 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> WorkerAsyncio:
 
 
 @pytest.fixture
-async def engine(tmp_path: Path, url: str, waits: WorkerAsyncio) -> AsyncIterator[InProcessEngine]:
-    async with in_process_engine(tmp_path, database_url=url) as e:
+async def engine(
+    tmp_path: Path, database_url: str, waits: WorkerAsyncio
+) -> AsyncIterator[InProcessEngine]:
+    async with in_process_engine(tmp_path, database_url=database_url) as e:
         yield e
 
 
@@ -147,8 +137,8 @@ def fill(work: WorkStore, n: int) -> None:
     )
 
 
-def test_concurrent_claimers_never_take_the_same_row(url: str) -> None:
-    env = store_env(url, role="work")
+def test_concurrent_claimers_never_take_the_same_row(database_url: str) -> None:
+    env = store_env(database_url, role="work")
     stores = [open_work(env) for _ in range(4)]
     try:
         stores[0].ensure_schema("market")
@@ -175,8 +165,8 @@ def test_concurrent_claimers_never_take_the_same_row(url: str) -> None:
             store.datastore.close()
 
 
-def test_leases_heartbeats_and_takeover(url: str) -> None:
-    env = store_env(url, role="work")
+def test_leases_heartbeats_and_takeover(database_url: str) -> None:
+    env = store_env(database_url, role="work")
     work = open_work(env)
     try:
         work.ensure_schema("market")
