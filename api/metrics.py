@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from adapters.eventstore import MarketApp
 from adapters.logreader import LogReader, UnreadableEvent
 from domain.aggregates import Job
+from domain.rules import JOB_FAILURE_CODES
 from projections.ids import id_text
 from projections.views import Views
 
@@ -29,17 +30,6 @@ if TYPE_CHECKING:
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 # Any other method a client sends (HTTP allows any token) is counted as "other".
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
-# SPEC 4's job failure codes; a code outside it (a newer worker's) is counted as "other".
-FAILURE_CODES = frozenset(
-    {
-        "upstream_rejected",
-        "inference_failed",
-        "content_policy",
-        "upstream_unknown",
-        "price_changed",
-        "no_sellers_available",
-    }
-)
 # A poll takes about a millisecond and a submit tens; long polls and streams last seconds.
 LATENCY_BUCKETS = (
     0.001,
@@ -198,7 +188,8 @@ class Metrics:
         for job_id, status, e in ended:
             code = "none"
             if status == "failed":
-                code = e.code if e.code in FAILURE_CODES else "other"
+                # A code outside SPEC's (a newer worker's) is counted as "other".
+                code = e.code if e.code in JOB_FAILURE_CODES else "other"
             self.job_outcomes.labels(models.get(job_id, "unknown"), status, code).inc()
 
     # ---------------------------------------------------------------- at scrape time

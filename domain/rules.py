@@ -49,3 +49,16 @@ def settlement_status(resolved: bool, charged: int) -> str:
     if not resolved:
         return SETTLEMENT_PENDING
     return SETTLEMENT_CONFIRMED if charged else SETTLEMENT_RELEASED
+
+
+# SPEC 4.5: why a job failed, in its ``error.code``; nothing else may appear there.
+JOB_FAILURE_CODES = frozenset(
+    {
+        "upstream_rejected",
+        "inference_failed",
+        "content_policy",
+        "upstream_unknown",
+        "price_changed",
+        "no_sellers_available",
+    }
+)

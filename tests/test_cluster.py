@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 from uuid import UUID
 
 import pytest
@@ -44,7 +43,14 @@ from tests.harness import (
     postgres_available,
     postgres_database,
 )
-from tests.test_lifecycle import PENDING, SEEDANCE, TERMINAL, assert_money_invariants, list_jobs
+from tests.test_lifecycle import (
+    PENDING,
+    SEEDANCE,
+    TERMINAL,
+    assert_money_invariants,
+    list_jobs,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.postgres, pytest.mark.slow]
 
@@ -324,17 +330,6 @@ class Load:
 
     def ids(self) -> list[str]:
         return [s.job_id for s in self.submitted if s.job_id]
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def cli(api: Server, *args: str) -> subprocess.CompletedProcess[str]:

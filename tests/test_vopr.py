@@ -49,6 +49,7 @@ from typing import Any
 import pytest
 
 from adapters.crypto import sha256_hex
+from domain.rules import JOB_FAILURE_CODES
 from tests.harness import ADMIN_TOKEN, BIN, Client, Response, Server
 from tests.test_lifecycle import (
     PENDING,
@@ -113,14 +114,6 @@ MAGIC_KEYS = (
     "sim_never",
 )
 MULTIPLIERS = ["0.05", "0.30", "0.50", "0.70", "0.75", "0.80", "0.85", "0.90", "1.00"]
-FAILURE_CODES = {
-    "upstream_rejected",
-    "inference_failed",
-    "content_policy",
-    "upstream_unknown",
-    "price_changed",
-    "no_sellers_available",
-}
 SUBMIT_REFUSALS = {
     402: {"insufficient_balance"},
     404: {"no_sellers_for_model"},
@@ -811,7 +804,7 @@ class Vopr:
             assert (result["width"], result["height"]) == HEIGHTS[resolution], doc
             assert result["duration_seconds"] == duration and result["bytes"] > 0, doc
         elif status == "failed":
-            assert doc["error"]["code"] in FAILURE_CODES, doc
+            assert doc["error"]["code"] in JOB_FAILURE_CODES, doc
             assert doc["results"] == [], doc
         elif status == "expired":
             assert doc["results"] == [], doc
