@@ -60,7 +60,7 @@ def test_projections_rebuild_serves_the_old_views_until_it_switches(
 ) -> None:
     server = make_server()
     c = server.client
-    buyer_key, job_ids = jobs_done(c, 12)
+    buyer_key, job_ids = jobs_done(c, 5)
 
     with polling(c, buyer_key, job_ids) as seen:
         # Jobs submitted during the rebuild are in the views after it, exactly once.
@@ -95,7 +95,7 @@ def test_a_new_schema_is_built_beside_the_old_views_and_never_404s(
 ) -> None:
     old = make_server()
     c = old.client
-    buyer_key, job_ids = jobs_done(c, 12)
+    buyer_key, job_ids = jobs_done(c, 5)
     _outdate_views(database_url, old)
     sqlite = database_url.startswith("sqlite")
     if sqlite:
