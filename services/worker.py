@@ -105,8 +105,10 @@ class Worker:
         self._timers = TasksByKey()
         self._wake = asyncio.Event()
         self._stopping = False
-        # When our leases were last renewed (monotonic), and the jobs a heartbeat found taken.
+        # When our leases were last renewed by heartbeat (monotonic); the job rows we hold and
+        # when each was claimed; the held jobs a heartbeat found taken by another worker.
         self._renewed_at = 0.0
+        self._holding: dict[str, float] = {}
         self._lost: set[str] = set()
 
     @property
@@ -157,8 +159,8 @@ class Worker:
         )
         self._renewed_at = started
         jobs = {subject for kind, subject in held if kind == JOB}
-        for job_id in self._active.running():
-            if job_id not in jobs and job_id not in self._lost:
+        for job_id, claimed_at in list(self._holding.items()):
+            if job_id not in jobs and job_id not in self._lost and claimed_at < started:
                 # Our lease ran out (a stall longer than the lease) and another worker took the
                 # job: stop driving it at the next step.
                 log.warning("job_lease_lost", job_id=job_id, worker_id=self.worker_id)
@@ -167,8 +169,9 @@ class Worker:
     def _lease_lapsed(self, job_id: str) -> bool:
         """Whether our work-queue lease on the job may have run out: taken by another worker,
         or not renewed for nearly its whole length (the database unreachable, say)."""
+        renewed = max(self._renewed_at, self._holding.get(job_id, 0.0))
         return job_id in self._lost or (
-            time.monotonic() - self._renewed_at > WORK_LEASE_SECONDS - LEASE_MARGIN_SECONDS
+            time.monotonic() - renewed > WORK_LEASE_SECONDS - LEASE_MARGIN_SECONDS
         )
 
     async def _schedule(self) -> None:
@@ -180,10 +183,9 @@ class Worker:
         claimed = await self.blocking(
             self.work.claim, JOB, self.worker_id, now, WORK_LEASE_SECONDS, min(free, 100), now
         )
-        if claimed:
-            # A fresh claim is a fresh lease, as good as a heartbeat for these jobs.
-            self._renewed_at = max(self._renewed_at, started) if self._active else started
         for job_id in claimed:
+            # A fresh claim is a fresh lease for this job, as good as a heartbeat.
+            self._holding[job_id] = started
             self._lost.discard(job_id)
             self._active.start(job_id, partial(self._drive_claimed, job_id))
 
@@ -208,6 +210,8 @@ class Worker:
             log.exception("job_drive_failed", job_id=job_id)
             outcome = WAITING
         finally:
+            # Handed back or finished below: a heartbeat must not take it for lost.
+            self._holding.pop(job_id, None)
             self._lost.discard(job_id)
         if outcome == ENDED:
             await self.blocking(self.work.done, JOB, job_id, self.worker_id)

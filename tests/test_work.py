@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -262,4 +263,37 @@ async def test_an_expiry_runs_once_with_many_workers_and_none_driving(
     assert expired
     assert len(expired) == 2
     assert rows(engine, EXPIRE) == {} and rows(engine, JOB) == {}
+    engine.assert_money_invariants(buyer)
+
+
+async def test_a_worker_that_stalled_past_its_lease_stops_driving_the_job(
+    engine: InProcessEngine,
+) -> None:
+    """The other side of a takeover: the stalled worker comes back, learns from its heartbeat
+    that the job is another's, and stops at its next step; the job runs once."""
+    buyer = engine.buyer()
+    engine.offer("key-a")
+    hang = Gate()
+    engine.provider.script("retrieve", "key-a", hang)
+    job_id = await engine.submit(buyer)
+    stalled = engine.worker("stalled", poll_interval=0.01)
+    engine.project()
+    [claimed] = engine.work.claim(
+        JOB, "stalled", engine.clock(), WORK_LEASE_SECONDS, 10, engine.clock()
+    )
+    stalled._holding[claimed] = time.monotonic()
+    driving = asyncio.create_task(stalled.drive(job_id, claimed=True))
+    await hang.entered.wait()
+
+    engine.clock.advance(TAKEOVER_SECONDS)  # no heartbeat all that time
+    heir = engine.worker("heir", poll_interval=0.01)
+    async with engine.running(heir):
+        await engine.until(lambda: engine.job(job_id).is_terminal)
+    await stalled._heartbeat()
+    assert claimed in stalled._lost
+
+    hang.release()
+    assert await asyncio.wait_for(driving, 10) == "lost"
+    assert engine.job(job_id).status == "succeeded"
+    assert engine.provider.billed("key-a") == 1
     engine.assert_money_invariants(buyer)
