@@ -30,7 +30,7 @@ from typing import Any
 from domain.aggregates import TERMINAL
 from projections.jobviews import JobRow, changed_jobs
 
-MAX_ENTRIES = 10_000  # about 2 KB each: bounded memory however many jobs are polled
+MAX_ENTRIES = 4096  # up to 4 KB each (a succeeded job's): 16 MB at most, however many are polled
 
 
 class JobCache:
