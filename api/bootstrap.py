@@ -29,11 +29,12 @@ from adapters.logs import mask_in_logs
 from adapters.outbound import Outbound, OutboundPolicy, parse_allowed_hosts
 from adapters.settings import ConfigError, Settings
 from adapters.venice import ProviderError, parse_venice_models
+from api.jobcache import JobCache
 from api.metrics import Metrics
 from api.stream import JobWatchers
 from domain.catalog import Catalog
 from domain.money import FeeSchedule, MoneyError
-from projections.jobviews import job_versions
+from projections.jobviews import JobRow, job_versions
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, Views, open_views
 from projections.work import JOB, WorkStore, open_work
@@ -53,6 +54,10 @@ PROVIDERS = ("venice",)
 MAX_RETRY_SECONDS = 30.0
 # How long /healthz waits for the database before it says it is unreachable.
 HEALTH_PROBE_SECONDS = 2.0
+# Finished jobs are polled from the process's cache only while its projection runner looked at
+# the views this recently (it looks every 50 ms): how stale a change another process made can
+# be here, at worst, when this runner stalls.
+JOB_CACHE_FRESH_SECONDS = 0.5
 # The errors of a PostgreSQL server that is down, restarting or out of connections.
 UNREACHABLE = (OperationalError, InterfaceError, psycopg.OperationalError)
 
@@ -189,6 +194,7 @@ class Engine:
     base_urls: dict[str, str] = field(default_factory=dict)
     market_data: Market = field(init=False)
     watchers: JobWatchers = field(init=False)
+    job_cache: JobCache = field(default_factory=JobCache)
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
 
@@ -197,6 +203,7 @@ class Engine:
         self.market_data = Market(self.read, self.views, self.router)
         self.webhooks = WebhookCommands(self.market, self.secrets)
         self.views.bind_inline_reader()
+        self.runner.on_passed.append(self.job_cache.passed)
         self.runner.on_advance.append(self._runner_advanced)
         self.watchers = JobWatchers(self._loop, self._job_versions)
         self.runner.on_advance.append(self.watchers.advanced)
@@ -221,6 +228,22 @@ class Engine:
         if self.views.inline_reads:
             return fn(*args, **kwargs)
         return await self.blocking(fn, *args, **kwargs)
+
+    async def job_row(self, job_id: str) -> JobRow | None:
+        """A job's view for a poll: a finished job's from ``job_cache`` while this process's
+        runner keeps up with the views (see api/jobcache.py), else from the database."""
+        cache = self.job_cache
+        if time.monotonic() - self.runner.fresh_at < JOB_CACHE_FRESH_SECONDS:
+            row = cache.get(job_id)
+            if row is not None:
+                return row
+        cache.begin(job_id)
+        row = None
+        try:
+            row = await self.read(self.views.get_job, job_id)
+        finally:
+            cache.end(job_id, row)
+        return row
 
     def _runner_advanced(self, position: int) -> None:
         # Called from the runner's thread; only bother the loop when someone is waiting.

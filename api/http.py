@@ -208,8 +208,9 @@ def require_admin(request: web.Request) -> None:
         raise unauthenticated("a valid admin token is required")
 
 
-async def job_access(request: web.Request, job_id: str) -> JobRow:
-    """A buyer's own job (buyer key) or the one job a job token names; 404 otherwise."""
+async def job_access(request: web.Request, job_id: str, poll: bool = False) -> JobRow:
+    """A buyer's own job (buyer key) or the one job a job token names; 404 otherwise. A
+    ``poll`` may be answered from the process's cache of finished jobs (api/jobcache.py)."""
     try:
         job_uuid = uuid.UUID(job_id)
     except ValueError:
@@ -219,7 +220,10 @@ async def job_access(request: web.Request, job_id: str) -> JobRow:
     buyer_id: str | None = None
     if token is None:
         buyer_id = await require(request, "buyer")
-    row = await engine.read(engine.views.get_job, str(job_uuid))
+    if poll:
+        row = await engine.job_row(str(job_uuid))
+    else:
+        row = await engine.read(engine.views.get_job, str(job_uuid))
     if token is not None and (row is None or not _token_opens(token, row.token_hash)):
         if bearer(request) is None:
             # A token that opens no job is a wrong credential, answered alike whether the id

@@ -194,7 +194,7 @@ async def _answer(
 
 async def poll(request: web.Request) -> web.Response:
     min_discount_of(request)
-    row = await job_access(request, request.match_info["job_id"])
+    row = await job_access(request, request.match_info["job_id"], poll=True)
     wait = preferred_wait(request.headers.get("Prefer"))
     if wait is None:
         return job_response(request, row.doc)

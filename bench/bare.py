@@ -1,13 +1,16 @@
 """The baseline: a bare aiohttp server with the same runner settings as ``mediamarket serve``.
 
-``GET /json`` answers a small job-like document; ``POST /json`` reads a JSON body and answers
-202 with a similar document. Run as its own process: ``python -m bench.bare --port N``.
+``GET /json`` answers what the engine's poll of a finished job answers: 200 and a document of
+the same shape and size (a canceled job's, 568 bytes; ``bench.servers`` checks the engine's
+against it), with an ``X-Request-Id`` as the engine sends. ``POST /json`` reads a JSON body and
+answers 202 with a similar document. Run as its own process: ``python -m bench.bare --port N``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import signal
 import time
@@ -15,8 +18,29 @@ import uuid
 
 from aiohttp import web
 
+JOB_ID = str(uuid.UUID(int=1))
+# A canceled job's poll document as the engine serves it (projections/jobdoc.py), key for key.
 JOB = {
-    "id": str(uuid.UUID(int=1)),
+    "id": JOB_ID,
+    "object": "media.job",
+    "kind": "video",
+    "status": "canceled",
+    "created": 1_795_666_551,
+    "expires_at": 1_795_668_351,
+    "model": "venice-seedance-2-fast-t2v",
+    "estimated_cost_usdc": "128000",
+    "max_cost_usdc": "140800",
+    "poll_url": f"/v1/video/generations/{JOB_ID}",
+    "cancel_url": f"/v1/video/generations/{JOB_ID}",
+    "metadata": {},
+    "progress": 0.0,
+    "eta_seconds": None,
+    "results": [],
+    "usage": {"seller_cost_usdc": "0", "buyer_cost_usdc": "0", "settlement_status": "released"},
+}
+# What ``POST /json`` answers (with a fresh id), as before: the submit rows' baseline.
+SUBMITTED = {
+    "id": JOB_ID,
     "object": "video.generation",
     "model": "venice-seedance-2-fast-t2v",
     "status": "queued",
@@ -29,11 +53,12 @@ JOB = {
     "results": [],
     "error": None,
 }
+REQUEST_IDS = itertools.count()
 
 
 async def get_json(request: web.Request) -> web.Response:
-    response = web.json_response(JOB, status=202)
-    response.headers["Retry-After"] = "1"
+    response = web.json_response(JOB)
+    response.headers["X-Request-Id"] = f"req_000000000000{next(REQUEST_IDS):010x}"
     return response
 
 
@@ -42,7 +67,12 @@ async def post_json(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         return web.json_response({"error": "body must be an object"}, status=400)
     return web.json_response(
-        {**JOB, "id": str(uuid.uuid4()), "prompt": body.get("prompt"), "created_at": time.time()},
+        {
+            **SUBMITTED,
+            "id": str(uuid.uuid4()),
+            "prompt": body.get("prompt"),
+            "created_at": time.time(),
+        },
         status=202,
     )
 

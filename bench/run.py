@@ -49,21 +49,29 @@ from bench.common import QUICK_REPLAY_JOBS, REPLAY_JOBS, ROOT, say
 from bench.databases import POSTGRES_URL, postgres_database, postgres_version, sqlite_url
 from bench.measure import Load, Processes, run_load, wait_for_quiet
 from bench.report import ReplayRow, Row, render, update_readme
-from bench.servers import SUBMIT_BODY, running_bare, running_engine
+from bench.servers import SUBMIT_BODY, answer_of, running_bare, running_engine
 from bench.sse import SseResult, measure_sse
 
 OFFER_COUNTS = (1, 10, 100)  # offers on the model in the "submit, N offers" rows
+PARTS = ("poll", "submit", "offers", "sse", "replay")  # what --only can choose
 
 
 # ---------------------------------------------------------------------- the rows
 
 
-def measure_bare(procs: Processes, load: Load, workdir: Path) -> dict[str, Row]:
-    """The baseline rows, by the engine row they are the baseline of ("poll", "submit")."""
+def measure_bare(
+    procs: Processes, load: Load, workdir: Path, only: set[str]
+) -> tuple[dict[str, Row], tuple[int, int]]:
+    """The baseline rows, by the engine row they are the baseline of ("poll", "submit"), and
+    what ``GET /json`` answers: (status, body bytes)."""
     rows = {}
     with running_bare(procs, workdir) as (proc, base):
-        res, cpu = run_load(procs, proc, load, method="GET", url=base + "/json", ok=[200, 202])
-        rows["poll"] = Row("bare aiohttp", "GET /json", res, None, cpu)
+        answer = answer_of(base, "/json")
+        if "poll" in only:
+            res, cpu = run_load(procs, proc, load, method="GET", url=base + "/json", ok=[200])
+            rows["poll"] = Row("bare aiohttp", "GET /json", res, None, cpu)
+        if only.isdisjoint(("submit", "offers")):
+            return rows, answer
         res, cpu = run_load(
             procs,
             proc,
@@ -74,7 +82,20 @@ def measure_bare(procs: Processes, load: Load, workdir: Path) -> dict[str, Row]:
             body=SUBMIT_BODY,
         )
         rows["submit"] = Row("bare aiohttp", "POST /json", res, None, cpu)
-    return rows
+    return rows, answer
+
+
+def check_like_with_like(
+    backend: str, engine: tuple[int, int], bare: tuple[int, int], skipped: list[str]
+) -> None:
+    """The poll row is only comparable with its baseline if both answer the same status and
+    the same number of body bytes; say so in the report when they do not."""
+    if engine != bare:
+        skipped.append(
+            f"**Warning:** the {backend} poll answers {engine[0]} with {engine[1]} body bytes, "
+            f"bare aiohttp's GET {bare[0]} with {bare[1]}: the poll row is not like with like."
+        )
+        say(skipped[-1])
 
 
 def measure_engine(
@@ -85,10 +106,17 @@ def measure_engine(
     workdir: Path,
     baseline: dict[str, Row],
     buyers: int,
+    only: set[str],
+    bare_answer: tuple[int, int],
+    skipped: list[str],
 ) -> list[Row]:
-    rows = []
+    rows: list[Row] = []
+    names = [name for name in ("poll", "submit") if name in only]
+    if not names:
+        return rows
     with running_engine(procs, database_url, workdir, buyers) as engine:
-        for name in ("poll", "submit"):
+        check_like_with_like(backend, engine.poll_answer, bare_answer, skipped)
+        for name in names:
             res, cpu = run_load(
                 procs, engine.proc, load, db_name=engine.db_name, **engine.workload(name)
             )
@@ -137,6 +165,8 @@ def measure_postgres(
     buyers: int,
     counts: list[int],
     skipped: list[str],
+    only: set[str],
+    bare_answer: tuple[int, int],
 ) -> tuple[list[Row], str | None, str | None]:
     """The engine rows on PostgreSQL, each engine on a fresh database: (rows, the server's
     version, why it is not reachable); why rows are missing is added to ``skipped``."""
@@ -150,7 +180,18 @@ def measure_postgres(
     rows: list[Row] = []
     try:
         with postgres_database(admin_url) as url:
-            rows += measure_engine(procs, load, "PostgreSQL", url, workdir, baseline, buyers)
+            rows += measure_engine(
+                procs,
+                load,
+                "PostgreSQL",
+                url,
+                workdir,
+                baseline,
+                buyers,
+                only,
+                bare_answer,
+                skipped,
+            )
         rows += measure_offers(
             procs,
             load,
@@ -219,6 +260,15 @@ def offer_counts(text: str) -> list[int]:
     return counts
 
 
+def parts(text: str) -> set[str]:
+    """``--only``: comma-separated parts of the run."""
+    chosen = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = chosen.difference(PARTS)
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(PARTS)}: not {text!r}")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run",
@@ -249,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         help="an admin URL to create and drop a scratch database with",
     )
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument(
+        "--only",
+        type=parts,
+        default=set(PARTS),
+        metavar="PART,...",
+        help=f"run only these parts ({', '.join(PARTS)}; default all), e.g. --only poll",
+    )
     parser.add_argument(
         "--replay-jobs",
         type=int,
@@ -288,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     pg_problem: str | None = "--no-postgres" if args.no_postgres else None
     replays: list[ReplayRow] = []
     sse: SseResult | str | None = None
+    offers = args.offers if "offers" in args.only else []
     replay_jobs = args.replay_jobs
     if replay_jobs is None:
         replay_jobs = QUICK_REPLAY_JOBS if args.quick else REPLAY_JOBS
@@ -299,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="mm_bench_") as tmp:
             workdir = Path(tmp)
             say(f"bare aiohttp baseline ({load.warmup:g}+{load.duration:g} s per row)")
-            baseline = measure_bare(procs, load, workdir)
+            baseline, bare_answer = measure_bare(procs, load, workdir, args.only)
             rows = list(baseline.values())
             say("engine on SQLite")
             rows += measure_engine(
@@ -310,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
                 workdir / "sqlite",
                 baseline,
                 args.buyers,
+                args.only,
+                bare_answer,
+                skipped,
             )
             rows += measure_offers(
                 procs,
@@ -319,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 workdir / "sqlite",
                 baseline,
                 args.buyers,
-                args.offers,
+                offers,
             )
             if args.no_postgres:
                 skipped.append("PostgreSQL rows skipped: --no-postgres.")
@@ -331,11 +392,13 @@ def main(argv: list[str] | None = None) -> int:
                     workdir / "postgres",
                     baseline,
                     args.buyers,
-                    args.offers,
+                    offers,
                     skipped,
+                    args.only,
+                    bare_answer,
                 )
                 rows += pg_rows
-            if args.sse_clients > 0:
+            if args.sse_clients > 0 and "sse" in args.only:
                 say(f"SSE fan-out, {args.sse_clients:,} clients on SQLite (bench.sse)")
                 try:
                     sse = measure_sse(
@@ -348,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                 except (RuntimeError, OSError, ValueError) as e:
                     sse = f"failed: {e}"
                     say(f"SSE row {sse}")
-            if replay_jobs > 0:
+            if replay_jobs > 0 and "replay" in args.only:
                 say(f"replay of {replay_jobs:,} jobs' events (bench.replay)")
                 pg_url = None if pg_problem is not None else args.postgres_url
                 replays = measure_replay(procs, replay_jobs, pg_url, pg_problem)

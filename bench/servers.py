@@ -45,6 +45,18 @@ def call(base: str, method: str, path: str, key: str | None = None, body: Any = 
         return e.code, json.loads(e.read() or b"null")
 
 
+def answer_of(base: str, path: str, key: str | None = None) -> tuple[int, int]:
+    """A GET's status and body size: what the poll row and its baseline must agree on."""
+    req = urllib.request.Request(base + path)
+    if key is not None:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, len(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, len(e.read())
+
+
 def expect(result: tuple[int, Any], *statuses: int) -> Any:
     status, body = result
     if status not in statuses:
@@ -111,7 +123,7 @@ def engine_env(database_url: str, port: int) -> dict[str, str]:
 @dataclass
 class EngineRun:
     """A running, set-up ``mediamarket serve``: funded buyers, offers (one unless asked for
-    more), one queued job."""
+    more), one finished (canceled) job, and what its poll answers: (status, body bytes)."""
 
     proc: subprocess.Popen[bytes]
     base: str
@@ -119,6 +131,7 @@ class EngineRun:
     keys: list[str]
     job_id: str
     db_name: str | None
+    poll_answer: tuple[int, int]
 
     def workload(self, name: str) -> dict[str, Any]:
         """``run_load`` arguments for a workload ("poll" or "submit")."""
@@ -126,7 +139,7 @@ class EngineRun:
             return {
                 "method": "GET",
                 "url": f"{self.base}/v1/video/generations/{self.job_id}",
-                "ok": [200, 202],
+                "ok": [200],
                 "keys": [self.keys[0]],
             }
         return {
@@ -215,8 +228,12 @@ def running_engine(
             keys.append(buyer["api_key"])
         create_offers(base, offers)
         job = expect(call(base, "POST", "/v1/video/generations", keys[0], SUBMIT_BODY), 202)
+        # Polled finished, as a client's last poll of a job is: no worker runs, so cancel it.
+        path = f"/v1/video/generations/{job['id']}"
+        expect(call(base, "DELETE", path, keys[0]), 200)
+        poll_answer = answer_of(base, path, keys[0])
         db_name = None if database_url.startswith("sqlite") else database_url.rsplit("/", 1)[1]
-        yield EngineRun(proc, base, log, keys, job["id"], db_name)
+        yield EngineRun(proc, base, log, keys, job["id"], db_name, poll_answer)
         if proc.poll() is not None:
             raise RuntimeError(f"server died during the run: {log.read_text()[-2000:]}")
     finally:

@@ -116,6 +116,16 @@ HANDLERS: dict[type, Handler] = {
 BY_JOB_ID = frozenset(SETTLEMENT_HANDLERS)
 
 
+def changed_jobs(items: Sequence[tuple[int, Any]]) -> set[str]:
+    """The ids of the jobs whose views ``items`` change (as the fold keys them)."""
+    handlers, by_job_id = HANDLERS, BY_JOB_ID
+    return {
+        e.job_id if type(e) in by_job_id else id_text(e.originator_id)
+        for _, e in items
+        if type(e) in handlers
+    }
+
+
 class JobViewsFold:
     def __init__(self, batch: Batch) -> None:
         self._batch = batch

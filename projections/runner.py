@@ -33,6 +33,9 @@ log = structlog.get_logger("projections")
 # Catching up (a rebuild, a replay, a backlog at start) applies big batches: fewer commits and
 # fewer reloads of the same job rows. Tailing the live log applies whatever is new.
 CATCH_UP_BATCH_SIZE = 5000
+# A range of the log other runners applied is read again for ``on_passed`` up to this long;
+# past it, its callbacks are told that anything may have changed.
+MAX_PASSED_READ = 20_000
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,14 @@ class ProjectionRunner:
         # committed: across every process sharing the views, each event reaches exactly one
         # runner's callbacks (a loser of the race applied nothing), so counts made here add up.
         self.on_applied: list[Callable[[Sequence[tuple[int, Any]]], None]] = []
+        # Called with the items of every range of the log the views moved past, before
+        # ``position`` does: applied here, or by another process's runner (read again here;
+        # None when too long or unreadable: anything may have changed). What a process keeps
+        # of the views (api/jobcache.py) is invalidated from these.
+        self.on_passed: list[Callable[[Sequence[tuple[int, Any]] | None], None]] = []
+        # When (time.monotonic()) the last look at the views' position started: every change
+        # committed to the views before it has been passed to ``on_passed``.
+        self.fresh_at = 0.0
         # Set once, when the views fail on an event: the runner has stopped for good.
         self.failure: Failure | None = None
         self.failed = threading.Event()
@@ -90,7 +101,11 @@ class ProjectionRunner:
         Raises ``ProjectionFailed`` (and stays failed) when the views can't apply an event."""
         if self.failure is not None:
             raise ProjectionFailed(self.failure)
+        looked = time.monotonic()
         start = self.views.position(self.app.name)
+        if start > self.position:
+            self._moved_elsewhere(start)
+        self.fresh_at = looked
         if until is not None and start >= until:
             return 0
         try:
@@ -106,7 +121,7 @@ class ProjectionRunner:
             )
         except LostRace:
             # Another runner applied (part of) this range first; start again from its position.
-            self._advance(self.views.position(self.app.name))
+            self._moved_elsewhere(self.views.position(self.app.name), batch)
             return 0
         except OperationalError:
             raise  # locked or unreachable: the loop tries again on its next tick
@@ -114,7 +129,7 @@ class ProjectionRunner:
             try:
                 self._apply_singly(start, batch, e)
             except LostRace:
-                self._advance(self.views.position(self.app.name))
+                self._moved_elsewhere(self.views.position(self.app.name), batch)
                 return 0
         else:
             self._applied(batch.items)
@@ -122,6 +137,7 @@ class ProjectionRunner:
         return batch.count
 
     def _applied(self, items: Sequence[tuple[int, Any]]) -> None:
+        self._passed(items)
         for callback in self.on_applied:
             try:
                 callback(items)
@@ -144,8 +160,8 @@ class ProjectionRunner:
             except Exception as e:
                 self._record_failure(seq, e)
             self._applied([(seq, event)])
-            start = seq
             self._advance(seq)
+            start = seq
         if start != batch.last:
             # Only notifications no view reads are left: move tracking past them.
             self.views.apply_batch([], Tracking(self.app.name, batch.last), start, self.part)
@@ -192,7 +208,49 @@ class ProjectionRunner:
     def _log_end(self) -> int:
         return self.app.recorder.max_notification_id() or 0
 
+    def _passed(self, items: Sequence[tuple[int, Any]] | None) -> None:
+        for callback in self.on_passed:
+            try:
+                callback(items)
+            except Exception:
+                log.exception("projection_callback_failed")
+
+    def _moved_elsewhere(self, position: int, batch: LogBatch | None = None) -> None:
+        """Advance to ``position``, which other runners brought the views to: what they applied
+        goes to ``on_passed`` first, from ``batch`` (read here, then lost to them) as far as it
+        goes, read from the log again beyond it."""
+        start = self.position
+        if batch is not None and batch.last is not None and self.on_passed:
+            known = min(position, batch.last)
+            self._passed([item for item in batch.items if start < item[0] <= known])
+            start = max(start, known)
+        self._passed_elsewhere(start, position)
+        self._advance(position)
+
+    def _passed_elsewhere(self, start: int, stop: int) -> None:
+        """Tell ``on_passed`` what is in ``(start, stop]``, which another runner applied: read
+        from the log again (the events, not their effects, are what it needs)."""
+        if not self.on_passed or stop <= start:
+            return
+        items: list[tuple[int, Any]] | None = []
+        if stop - start > MAX_PASSED_READ:
+            items = None
+        else:
+            try:
+                while items is not None and start < stop:
+                    batch = self.reader.read(start, CATCH_UP_BATCH_SIZE, stop)
+                    if batch.last is None:
+                        break
+                    items += batch.items
+                    start = batch.last
+            except Exception:
+                log.exception("projection_passed_read_failed")
+                items = None
+        self._passed(items)
+
     def _advance(self, position: int) -> None:
+        # Whatever it moves past has gone to ``on_passed`` already (``_applied`` or
+        # ``_moved_elsewhere``).
         with self._caught_up:
             advanced = position > self.position
             if advanced:
@@ -258,5 +316,5 @@ class ProjectionRunner:
         if self.position >= position:
             return True
         # Another process may own the progress (its runner applied it): ask the database.
-        self._advance(self.views.position(self.app.name))
+        self._moved_elsewhere(self.views.position(self.app.name))
         return self.position >= position
