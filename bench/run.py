@@ -53,27 +53,32 @@ from bench.servers import SUBMIT_BODY, running_bare, running_engine
 from bench.sse import SseResult, measure_sse
 
 OFFER_COUNTS = (1, 10, 100)  # offers on the model in the "submit, N offers" rows
+WORKLOADS = ("poll", "submit")
 
 
 # ---------------------------------------------------------------------- the rows
 
 
-def measure_bare(procs: Processes, load: Load, workdir: Path) -> dict[str, Row]:
+def measure_bare(
+    procs: Processes, load: Load, workdir: Path, workloads: tuple[str, ...] = WORKLOADS
+) -> dict[str, Row]:
     """The baseline rows, by the engine row they are the baseline of ("poll", "submit")."""
     rows = {}
     with running_bare(procs, workdir) as (proc, base):
-        res, cpu = run_load(procs, proc, load, method="GET", url=base + "/json", ok=[200, 202])
-        rows["poll"] = Row("bare aiohttp", "GET /json", res, None, cpu)
-        res, cpu = run_load(
-            procs,
-            proc,
-            load,
-            method="POST",
-            url=base + "/json",
-            ok=[202],
-            body=SUBMIT_BODY,
-        )
-        rows["submit"] = Row("bare aiohttp", "POST /json", res, None, cpu)
+        if "poll" in workloads:
+            res, cpu = run_load(procs, proc, load, method="GET", url=base + "/json", ok=[200, 202])
+            rows["poll"] = Row("bare aiohttp", "GET /json", res, None, cpu)
+        if "submit" in workloads:
+            res, cpu = run_load(
+                procs,
+                proc,
+                load,
+                method="POST",
+                url=base + "/json",
+                ok=[202],
+                body=SUBMIT_BODY,
+            )
+            rows["submit"] = Row("bare aiohttp", "POST /json", res, None, cpu)
     return rows
 
 
@@ -85,10 +90,11 @@ def measure_engine(
     workdir: Path,
     baseline: dict[str, Row],
     buyers: int,
+    workloads: tuple[str, ...] = WORKLOADS,
 ) -> list[Row]:
     rows = []
     with running_engine(procs, database_url, workdir, buyers) as engine:
-        for name in ("poll", "submit"):
+        for name in workloads:
             res, cpu = run_load(
                 procs, engine.proc, load, db_name=engine.db_name, **engine.workload(name)
             )
@@ -137,6 +143,7 @@ def measure_postgres(
     buyers: int,
     counts: list[int],
     skipped: list[str],
+    workloads: tuple[str, ...] = WORKLOADS,
 ) -> tuple[list[Row], str | None, str | None]:
     """The engine rows on PostgreSQL, each engine on a fresh database: (rows, the server's
     version, why it is not reachable); why rows are missing is added to ``skipped``."""
@@ -150,7 +157,9 @@ def measure_postgres(
     rows: list[Row] = []
     try:
         with postgres_database(admin_url) as url:
-            rows += measure_engine(procs, load, "PostgreSQL", url, workdir, baseline, buyers)
+            rows += measure_engine(
+                procs, load, "PostgreSQL", url, workdir, baseline, buyers, workloads
+            )
         rows += measure_offers(
             procs,
             load,
@@ -239,9 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--offers",
         type=offer_counts,
-        default=list(OFFER_COUNTS),
         metavar="N,N,...",
-        help="offer counts for the 'submit, N offers' rows (default 1,10,100; '' for none)",
+        help="offer counts for the 'submit, N offers' rows (default 1,10,100, none with --only; "
+        "'' for none)",
     )
     parser.add_argument(
         "--postgres-url",
@@ -249,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         help="an admin URL to create and drop a scratch database with",
     )
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument(
+        "--only",
+        choices=WORKLOADS,
+        help="only this workload's rows and its baseline: no offers, SSE or replay rows unless "
+        "asked for with --offers, --sse-clients or --replay-jobs",
+    )
     parser.add_argument(
         "--replay-jobs",
         type=int,
@@ -259,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sse-clients",
         type=int,
-        default=1000,
         metavar="N",
-        help="concurrent SSE clients on one job in the SSE row (default 1000; 0 for no row)",
+        help="concurrent SSE clients on one job in the SSE row (default 1000, none with --only; "
+        "0 for no row)",
     )
     parser.add_argument(
         "--wait-quiet",
@@ -270,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         help="first wait up to this long for other processes to go quiet (default 60; 0 quick)",
     )
     args = parser.parse_args(argv)
+    workloads = WORKLOADS if args.only is None else (args.only,)
+    if args.offers is None:
+        args.offers = list(OFFER_COUNTS) if args.only is None else []
+    if args.sse_clients is None:
+        args.sse_clients = 1000 if args.only is None else 0
     load = Load(
         warmup=args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0),
         duration=args.duration if args.duration is not None else (1.0 if args.quick else 5.0),
@@ -289,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     replays: list[ReplayRow] = []
     sse: SseResult | str | None = None
     replay_jobs = args.replay_jobs
+    if replay_jobs is None and args.only is not None:
+        replay_jobs = 0
     if replay_jobs is None:
         replay_jobs = QUICK_REPLAY_JOBS if args.quick else REPLAY_JOBS
     max_wait = args.wait_quiet if args.wait_quiet is not None else (0.0 if args.quick else 60.0)
@@ -299,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="mm_bench_") as tmp:
             workdir = Path(tmp)
             say(f"bare aiohttp baseline ({load.warmup:g}+{load.duration:g} s per row)")
-            baseline = measure_bare(procs, load, workdir)
+            baseline = measure_bare(procs, load, workdir, workloads)
             rows = list(baseline.values())
             say("engine on SQLite")
             rows += measure_engine(
@@ -310,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 workdir / "sqlite",
                 baseline,
                 args.buyers,
+                workloads,
             )
             rows += measure_offers(
                 procs,
@@ -333,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.buyers,
                     args.offers,
                     skipped,
+                    workloads,
                 )
                 rows += pg_rows
             if args.sse_clients > 0:
