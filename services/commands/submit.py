@@ -49,14 +49,13 @@ class SubmitCommands(CommandBase):
         fingerprint = request.fingerprint()
 
         def attempt() -> Submitted:
-            with self._account(buyer_id):
-                return create()
+            with self._account(buyer_id), self._owned(BuyerAccount, buyer_id) as buyer:
+                return create(buyer)
 
-        def create() -> Submitted:
+        def create(buyer: BuyerAccount) -> Submitted:
             # The account first: a duplicate that saved before this read is then certainly
             # visible to the replay check below, and one that saves after it makes our save
             # conflict on the account, so the retry finds it.
-            buyer = self._get(BuyerAccount, buyer_id)
             if idempotency_key is None:
                 job_id = uuid.uuid4()
             else:
