@@ -14,7 +14,8 @@ from urllib.parse import unquote, urlparse
 from uuid import UUID
 
 import psycopg
-from eventsourcing.application import Application
+from eventsourcing.application import Application, ProcessingEvent
+from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import InfrastructureFactory, Recording
 from eventsourcing.utils import Environment
 
@@ -66,11 +67,30 @@ class MarketApp(Application[UUID]):
         return self.recorder.datastore  # type: ignore[attr-defined]
 
     def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
-        recordings = super().save(*objs, **kwargs)
+        # Application.save, but collecting from our aggregates with a class check: the library
+        # tells events from aggregates by isinstance against runtime-checkable Protocols,
+        # which walks every protocol member on each call (2-5% of a submit's CPU).
+        processing_event = _Collected()
+        processing_event.collect_events(*objs, **kwargs)
+        recordings = self._record(processing_event)
+        self._take_snapshots(processing_event)
+        self._notify(recordings)
+        self.notify(processing_event.events)
         # Wakes this process's projection runner and worker at once, instead of on their timers.
         for callback in self.on_saved:
             callback()
         return recordings
+
+
+class _Collected(ProcessingEvent[UUID]):
+    def collect_events(self, *objs: Any, **kwargs: Any) -> None:
+        for obj in objs:
+            if isinstance(obj, Aggregate):
+                self.events.extend(obj.collect_events())
+                self.aggregates[obj.id] = obj
+            else:
+                super().collect_events(obj)  # an event, or None
+        self.saved_kwargs.update(kwargs)
 
 
 @dataclass(frozen=True)
