@@ -181,6 +181,38 @@ def test_concurrent_submits_never_overdraw(engine_on_each_backend: InProcessEngi
     assert (account.held, account.spent) == (0, 0)
 
 
+def test_a_submit_whose_save_conflicts_decides_again_on_the_stored_account(
+    engine_on_each_backend: InProcessEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The account a command service keeps between submits (not copied, services.commands.base)
+    is dropped when a save fails after the hold changed it: the retry must see the other
+    process's write that made the save conflict, not build on its own unsaved hold."""
+    engine = engine_on_each_backend
+    hold = 140_800
+    buyer = engine.buyer(deposit=3 * hold)
+    submit = submitter(engine, hold)
+    submit(engine.commands, buyer, prompt="first")  # the account is now kept
+    other = other_process(engine)
+    save = engine.market.save
+    interleaved = False
+
+    def another_process_writes_first(*objs: Any, **kwargs: Any) -> Any:
+        nonlocal interleaved
+        if not interleaved:
+            interleaved = True
+            other.deposit(buyer, 5, "in-between")
+        return save(*objs, **kwargs)
+
+    monkeypatch.setattr(engine.market, "save", another_process_writes_first)
+    submit(engine.commands, buyer, prompt="conflicts once")
+    assert interleaved
+    submit(engine.commands, buyer, prompt="third")
+    with pytest.raises(InsufficientBalance):
+        submit(engine.commands, buyer, prompt="fourth")
+    account = engine.account(buyer)
+    assert (account.held, account.available, account.jobs) == (3 * hold, 5, 3)
+
+
 def test_a_deposit_retried_with_its_id_is_credited_once(engine: InProcessEngine) -> None:
     buyer = engine.buyer(deposit=1)
     written = engine.commands.deposit(buyer, 1_000_000, "wire-001")
