@@ -22,7 +22,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
 
 from adapters.crypto import Secrets
-from adapters.eventstore import MarketApp
+from adapters.eventstore import GroupCommit, MarketApp
 
 T = TypeVar("T")
 A = TypeVar("A", bound=Aggregate)
@@ -86,6 +86,8 @@ class CommandBase:
         self._locks_guard = threading.Lock()
         self._owned_cache: OrderedDict[UUID, Aggregate] = OrderedDict()
         self._owned_guard = threading.Lock()
+        # Submits save through it: a busy buyer's lock is held until the batch commits.
+        self._group_commit = GroupCommit(app)
 
     @contextmanager
     def _serialised(self, *names: str) -> Iterator[None]:

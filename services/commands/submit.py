@@ -88,7 +88,8 @@ class SubmitCommands(CommandBase):
             )
             settlement = Settlement.for_job(job_id, str(buyer_id), hold)
             buyer.hold(job_id, hold)
-            recordings = self.app.save(job, settlement, buyer)
+            # Joined with other buyers' submits in one transaction when the process is busy.
+            recordings = self._group_commit.save(job, settlement, buyer)
             return Submitted(job_id, token, position_of(recordings), replayed=False)
 
         return self._retrying(attempt)
