@@ -113,6 +113,25 @@ class MarketApp(Application[UUID]):
                 outcomes.append(e)
         return outcomes
 
+    def _take_snapshots(self, processing_event: ProcessingEvent[UUID]) -> None:
+        # The library rebuilds the aggregate from the log at the snapshot's version (its last
+        # snapshot and up to 200 events, inside the save); the aggregate just saved is that
+        # state already when the event is its newest.
+        if self.snapshots is None:
+            return
+        for event in processing_event.events:
+            aggregate = processing_event.aggregates.get(event.originator_id)
+            if aggregate is None:
+                continue
+            interval = self.snapshotting_intervals.get(type(aggregate))
+            if not interval or event.originator_version % interval:
+                continue
+            snapshot_class = getattr(type(aggregate), "Snapshot", self.snapshot_class)
+            if aggregate.version == event.originator_version and snapshot_class is not None:
+                self.snapshots.put([snapshot_class.take(aggregate)])
+            else:
+                self.take_snapshot(event.originator_id, version=event.originator_version)
+
     def _save_collected(self, processing_event: ProcessingEvent[UUID]) -> list[Recording[UUID]]:
         recordings = self._record(processing_event)
         self._take_snapshots(processing_event)
