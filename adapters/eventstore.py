@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 from uuid import UUID
 
 import psycopg
-from eventsourcing.application import Application, ProcessingEvent
+from eventsourcing.application import Application, ProcessingEvent, project_aggregate
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import InfrastructureFactory, IntegrityError, Recording
 from eventsourcing.utils import Environment
@@ -66,6 +66,14 @@ class MarketApp(Application[UUID]):
         """The process's one PostgreSQL connection pool (or the SQLite file's), which the
         views share on PostgreSQL."""
         return self.recorder.datastore  # type: ignore[attr-defined]
+
+    def caught_up(self, aggregate: Aggregate) -> Aggregate | None:
+        """``aggregate`` with the events saved since its version applied (by anyone, in any
+        process): the one query of the library's fast-forward, without its copy."""
+        new_events = self.repository.event_store.get(
+            originator_id=aggregate.id, gt=aggregate.version
+        )
+        return project_aggregate(aggregate, new_events)
 
     def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
         # Application.save, but collecting from our aggregates with a class check: the library

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, project_aggregate
+from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
 
@@ -137,10 +137,7 @@ class CommandBase:
         if aggregate is None:
             loaded: Aggregate = self._get(cls, aggregate_id)
         else:
-            new_events = self.app.repository.event_store.get(
-                originator_id=aggregate_id, gt=aggregate.version
-            )
-            caught_up = project_aggregate(aggregate, new_events)
+            caught_up = self.app.caught_up(aggregate)
             if caught_up is None:
                 raise NotFound(str(aggregate_id))
             loaded = caught_up
