@@ -101,6 +101,12 @@ class BufferedMarket:
             self.flush()
         return []
 
+    def save_together(self, groups: list[list[Any]]) -> list[Any]:
+        return [self.save(*objs) for objs in groups]
+
+    def caught_up(self, aggregate: Any) -> Any:
+        return aggregate  # every aggregate lives here: nothing is saved behind its back
+
     def forget(self, *aggregate_ids: UUID) -> None:
         for aggregate_id in aggregate_ids:
             self.live.pop(aggregate_id, None)

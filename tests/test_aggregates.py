@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from eventsourcing.application import project_aggregate
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -289,6 +290,30 @@ def test_a_deposit_id_is_credited_once() -> None:
     # An account restored from a snapshot taken before deposit ids were kept still works.
     del account.deposit_ids
     assert account.deposit(1, "d3") and account.deposited == 1001
+
+
+def test_a_buyer_snapshot_taken_at_save_is_the_state_the_log_rebuilds(tmp_path: Path) -> None:
+    """MarketApp snapshots the aggregate it just saved instead of rebuilding it from the log:
+    the two must be the same state."""
+    market = open_market(f"sqlite:///{tmp_path}/data")
+    buyer = BuyerAccount(id=uuid.uuid4(), name="b", api_key_hash="h")
+    buyer.deposit(10_000, "d")
+    market.save(buyer)
+    jobs = [uuid.uuid4() for _ in range(100)]
+    for n, job in enumerate(jobs):  # created, deposited, 100 holds, 98 resolved: version 200
+        buyer.hold(job, 7)
+        market.save(buyer)
+        if n < 98:
+            buyer.resolve_hold(job, n % 8)
+            market.save(buyer)
+    assert buyer.version == 200
+    assert market.snapshots is not None
+    (snapshot,) = market.snapshots.get(buyer.id, desc=True, limit=1)
+    assert snapshot.originator_version == 200
+    rebuilt = project_aggregate(None, market.repository.event_store.get(buyer.id, lte=200))
+    restored = snapshot.mutate(None)
+    assert vars(restored) == vars(rebuilt)
+    market.close()
 
 
 def test_a_buyer_with_a_snapshot_loads_in_a_process_that_never_took_one(tmp_path: Path) -> None:

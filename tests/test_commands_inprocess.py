@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from eventsourcing.persistence import IntegrityError
 
 from adapters.venice import ProviderRefused, QuoteFailed
 from api.validation import validate_video_request
@@ -179,6 +180,78 @@ def test_concurrent_submits_never_overdraw(engine_on_each_backend: InProcessEngi
         engine.commands.cancel(submitted.job_id)
     account = engine.account(buyer)
     assert (account.held, account.spent) == (0, 0)
+
+
+def test_a_submit_whose_save_conflicts_decides_again_on_the_stored_account(
+    engine_on_each_backend: InProcessEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The account a command service keeps between submits (not copied, services.commands.base)
+    is dropped when a save fails after the hold changed it: the retry must see the other
+    process's write that made the save conflict, not build on its own unsaved hold."""
+    engine = engine_on_each_backend
+    hold = 140_800
+    buyer = engine.buyer(deposit=3 * hold)
+    submit = submitter(engine, hold)
+    submit(engine.commands, buyer, prompt="first")  # the account is now kept
+    other = other_process(engine)
+    save = engine.market.save
+    interleaved = False
+
+    def another_process_writes_first(*objs: Any, **kwargs: Any) -> Any:
+        nonlocal interleaved
+        if not interleaved:
+            interleaved = True
+            other.deposit(buyer, 5, "in-between")
+        return save(*objs, **kwargs)
+
+    monkeypatch.setattr(engine.market, "save", another_process_writes_first)
+    submit(engine.commands, buyer, prompt="conflicts once")
+    assert interleaved
+    submit(engine.commands, buyer, prompt="third")
+    with pytest.raises(InsufficientBalance):
+        submit(engine.commands, buyer, prompt="fourth")
+    account = engine.account(buyer)
+    assert (account.held, account.available, account.jobs) == (3 * hold, 5, 3)
+
+
+def test_saves_joined_in_one_transaction_keep_their_own_outcomes(
+    engine_on_each_backend: InProcessEngine,
+) -> None:
+    """Group commit (adapters.eventstore.GroupCommit): saves joined in one transaction each get
+    their own recordings, and a conflicting one fails alone, the others still saved."""
+    engine = engine_on_each_backend
+    market = engine.market
+    first, stale, last = (engine.buyer(deposit=1_000) for _ in range(3))
+    accounts = [engine.account(b) for b in (first, stale, last)]
+    overtaking = engine.account(stale)
+    overtaking.deposit(1, "overtakes")
+    market.save(overtaking)
+    for n, account in enumerate(accounts):
+        account.deposit(10, f"joined-{n}")
+
+    outcomes = market.save_together([[a] for a in accounts])
+
+    assert isinstance(outcomes[1], IntegrityError)
+    for n in (0, 2):
+        saved = outcomes[n]
+        assert isinstance(saved, list) and len(saved) == 1
+        assert saved[0].domain_event.originator_id == accounts[n].id
+    assert [engine.account(b).deposited for b in (first, stale, last)] == [1_010, 1_001, 1_010]
+
+    # Without a conflict: one transaction, and each save still gets its own recordings.
+    accounts = [engine.account(b) for b in (first, stale, last)]
+    for n, account in enumerate(accounts):
+        account.deposit(100, f"together-{n}")
+        account.deposit(100, f"together-again-{n}")
+    outcomes = market.save_together([[a] for a in accounts])
+    positions = []
+    for n, saved in enumerate(outcomes):
+        assert isinstance(saved, list)
+        assert [r.domain_event.originator_id for r in saved] == [accounts[n].id] * 2
+        positions += [r.notification.id for r in saved]
+    positions.sort()
+    assert positions == list(range(positions[0], positions[0] + 6))
+    assert [engine.account(b).deposited for b in (first, stale, last)] == [1_210, 1_201, 1_210]
 
 
 def test_a_deposit_retried_with_its_id_is_credited_once(engine: InProcessEngine) -> None:

@@ -49,14 +49,13 @@ class SubmitCommands(CommandBase):
         fingerprint = request.fingerprint()
 
         def attempt() -> Submitted:
-            with self._account(buyer_id):
-                return create()
+            with self._account(buyer_id), self._owned(BuyerAccount, buyer_id) as buyer:
+                return create(buyer)
 
-        def create() -> Submitted:
+        def create(buyer: BuyerAccount) -> Submitted:
             # The account first: a duplicate that saved before this read is then certainly
             # visible to the replay check below, and one that saves after it makes our save
             # conflict on the account, so the retry finds it.
-            buyer = self._get(BuyerAccount, buyer_id)
             if idempotency_key is None:
                 job_id = uuid.uuid4()
             else:
@@ -89,7 +88,8 @@ class SubmitCommands(CommandBase):
             )
             settlement = Settlement.for_job(job_id, str(buyer_id), hold)
             buyer.hold(job_id, hold)
-            recordings = self.app.save(job, settlement, buyer)
+            # Joined with other buyers' submits in one transaction when the process is busy.
+            recordings = self._group_commit.save(job, settlement, buyer)
             return Submitted(job_id, token, position_of(recordings), replayed=False)
 
         return self._retrying(attempt)
