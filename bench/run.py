@@ -49,6 +49,7 @@ from bench.common import QUICK_REPLAY_JOBS, REPLAY_JOBS, ROOT, say
 from bench.databases import POSTGRES_URL, postgres_database, postgres_version, sqlite_url
 from bench.measure import Load, Processes, run_load, wait_for_quiet
 from bench.report import ReplayRow, Row, render, update_readme
+from bench.scale import SCALE_JOBS, SMALL_JOBS, ScaleRun
 from bench.servers import SUBMIT_BODY, running_bare, running_engine
 from bench.sse import SseResult, measure_sse
 
@@ -202,7 +203,25 @@ def measure_replay(
     return [rows["SQLite"], rows["PostgreSQL"]]
 
 
-# ---------------------------------------------------------------------- main
+def measure_scale(
+    procs: Processes, load: Load, jobs: int, small: int
+) -> tuple[ScaleRun, ScaleRun] | str:
+    """The scale rows from one ``bench.scale`` process, or why there are none."""
+    args = [sys.executable, "-m", "bench.scale", "--json", "--jobs", str(jobs)]
+    args += ["--small", str(small), "--warmup", str(load.warmup)]
+    args += ["--duration", str(load.duration), "--concurrency", str(load.concurrency)]
+    proc = procs.start(args, cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        # The first run generates the big log and builds its views: many minutes.
+        out, _ = proc.communicate(timeout=4 * 3600)
+    except subprocess.TimeoutExpired:
+        out = b""
+    finally:
+        procs.stop(proc)
+    runs = [ScaleRun.from_json(json.loads(line)) for line in out.decode().splitlines() if line]
+    if len(runs) != 2:
+        return f"failed (exit {proc.returncode}; its output is above)"
+    return runs[0], runs[1]
 
 
 # ---------------------------------------------------------------------- main
@@ -264,6 +283,20 @@ def main(argv: list[str] | None = None) -> int:
         help="concurrent SSE clients on one job in the SSE row (default 1000; 0 for no row)",
     )
     parser.add_argument(
+        "--scale-jobs",
+        type=int,
+        metavar="N",
+        help=f"jobs in the scale rows' big log (default {SCALE_JOBS:,}, against {SMALL_JOBS:,}; "
+        "0 for no scale rows, the default with --quick)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=["http", "sse", "replay", "scale"],
+        action="append",
+        help="run only these rows (repeatable; default all): the HTTP rows, the SSE row, the "
+        "replay rows, the scale rows",
+    )
+    parser.add_argument(
         "--wait-quiet",
         type=float,
         metavar="SECONDS",
@@ -288,9 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     pg_problem: str | None = "--no-postgres" if args.no_postgres else None
     replays: list[ReplayRow] = []
     sse: SseResult | str | None = None
+    scale: tuple[ScaleRun, ScaleRun] | str | None = None
+    only = set(args.only or ["http", "sse", "replay", "scale"])
+    scale_jobs = args.scale_jobs
+    if scale_jobs is None:
+        scale_jobs = 0 if args.quick else SCALE_JOBS
+    if "scale" not in only:
+        scale_jobs = 0
     replay_jobs = args.replay_jobs
     if replay_jobs is None:
         replay_jobs = QUICK_REPLAY_JOBS if args.quick else REPLAY_JOBS
+    if "replay" not in only:
+        replay_jobs = 0
     max_wait = args.wait_quiet if args.wait_quiet is not None else (0.0 if args.quick else 60.0)
     if max_wait > 0:
         waited, busy = wait_for_quiet(max_wait)
@@ -298,44 +340,46 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="mm_bench_") as tmp:
             workdir = Path(tmp)
-            say(f"bare aiohttp baseline ({load.warmup:g}+{load.duration:g} s per row)")
-            baseline = measure_bare(procs, load, workdir)
-            rows = list(baseline.values())
-            say("engine on SQLite")
-            rows += measure_engine(
-                procs,
-                load,
-                "SQLite",
-                sqlite_url(workdir / "data"),
-                workdir / "sqlite",
-                baseline,
-                args.buyers,
-            )
-            rows += measure_offers(
-                procs,
-                load,
-                "SQLite",
-                lambda engine_dir: contextlib.nullcontext(sqlite_url(engine_dir / "data")),
-                workdir / "sqlite",
-                baseline,
-                args.buyers,
-                args.offers,
-            )
-            if args.no_postgres:
-                skipped.append("PostgreSQL rows skipped: --no-postgres.")
-            else:
-                pg_rows, pg_version, pg_problem = measure_postgres(
+            rows: list[Row] = []
+            if "http" in only:
+                say(f"bare aiohttp baseline ({load.warmup:g}+{load.duration:g} s per row)")
+                baseline = measure_bare(procs, load, workdir)
+                rows = list(baseline.values())
+                say("engine on SQLite")
+                rows += measure_engine(
                     procs,
                     load,
-                    args.postgres_url,
-                    workdir / "postgres",
+                    "SQLite",
+                    sqlite_url(workdir / "data"),
+                    workdir / "sqlite",
+                    baseline,
+                    args.buyers,
+                )
+                rows += measure_offers(
+                    procs,
+                    load,
+                    "SQLite",
+                    lambda engine_dir: contextlib.nullcontext(sqlite_url(engine_dir / "data")),
+                    workdir / "sqlite",
                     baseline,
                     args.buyers,
                     args.offers,
-                    skipped,
                 )
-                rows += pg_rows
-            if args.sse_clients > 0:
+                if args.no_postgres:
+                    skipped.append("PostgreSQL rows skipped: --no-postgres.")
+                else:
+                    pg_rows, pg_version, pg_problem = measure_postgres(
+                        procs,
+                        load,
+                        args.postgres_url,
+                        workdir / "postgres",
+                        baseline,
+                        args.buyers,
+                        args.offers,
+                        skipped,
+                    )
+                    rows += pg_rows
+            if args.sse_clients > 0 and "sse" in only:
                 say(f"SSE fan-out, {args.sse_clients:,} clients on SQLite (bench.sse)")
                 try:
                     sse = measure_sse(
@@ -352,12 +396,15 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"replay of {replay_jobs:,} jobs' events (bench.replay)")
                 pg_url = None if pg_problem is not None else args.postgres_url
                 replays = measure_replay(procs, replay_jobs, pg_url, pg_problem)
+            if scale_jobs > 0:
+                say(f"scale: {scale_jobs:,} jobs' log against {SMALL_JOBS:,} (bench.scale)")
+                scale = measure_scale(procs, load, scale_jobs, SMALL_JOBS)
     except KeyboardInterrupt:
         say("interrupted")
         return 130
     finally:
         procs.stop_all()
-    report = render(rows, load, args.buyers, args.quick, pg_version, skipped, replays, sse)
+    report = render(rows, load, args.buyers, args.quick, pg_version, skipped, replays, sse, scale)
     print(report)
     say(f"done in {time.monotonic() - started:.0f} s")
     if args.update_readme is not None:

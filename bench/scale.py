@@ -30,8 +30,6 @@ from typing import Any
 from bench import common
 from bench.databases import sqlite_url
 from bench.measure import Cpu, Load, Processes, run_load
-from bench.project import VIEWS_NAME, LogSource, open_market, open_views, rebuild, store_env
-from bench.replaystore import sqlite_log
 from bench.servers import SECRET_KEY, running_engine
 
 SCALE_JOBS = 1_000_000
@@ -70,6 +68,13 @@ class ScaleRun:
         rps = float(self.poll["ok_rps"])
         return self.poll_cpu.server / rps * 1000 if rps else float("nan")
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ScaleRun:
+        fields = {k: data[k] for k in cls.__dataclass_fields__}
+        fields["poll_cpu"] = Cpu(**data["poll_cpu"])
+        fields["submit_cpu"] = Cpu(**data["submit_cpu"])
+        return cls(**fields)
+
     def as_json(self) -> dict[str, Any]:
         return {
             **self.__dict__,
@@ -83,6 +88,11 @@ class ScaleRun:
 
 def scale_log(jobs: int, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
     """The cached directory of a log of ``jobs`` jobs with its views built: (path, meta)."""
+    # Imported here: ``bench.run`` and ``bench.report`` read this module's results without
+    # loading the project (the HTTP bench drives it only as a separate process).
+    from bench.project import VIEWS_NAME, LogSource, open_market, open_views, rebuild, store_env
+    from bench.replaystore import sqlite_log
+
     url, meta = sqlite_log(jobs, RATE, say, shards=SHARDS, secret_key=SECRET_KEY, name="scale")
     directory = Path(url.removeprefix("sqlite:///"))
     if not meta.get("views_built"):
