@@ -22,7 +22,7 @@ from domain.catalog import Catalog, VideoRequest
 from domain.money import FeeSchedule, parse_multiplier, price_offer, usd_to_micros
 from domain.routing import Candidate, RoutingError, choose
 from projections.runner import CATCH_UP_BATCH_SIZE
-from projections.views import VIEWS_NAME, Views, scratch_views
+from projections.views import VIEWS_NAME, Views, open_views, scratch_views
 from services.commands import Commands
 from services.replay import LogSource, rebuild
 from services.routing import MAX_ROUTE_OFFERS, Route, request_data, video_params
@@ -48,6 +48,7 @@ __all__ = [
     "choose",
     "job_view_count",
     "open_market",
+    "open_views",
     "parse_multiplier",
     "price_offer",
     "rebuild",

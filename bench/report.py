@@ -16,6 +16,8 @@ import aiohttp
 
 from bench.common import MODEL
 from bench.measure import Cpu, Load
+from bench.scale import RATIO_GOAL, RSS_GOAL_MB, ScaleRun
+from bench.scale import summary as scale_summary
 from bench.sse import SseResult
 
 START_MARK = "<!-- bench:start -->"
@@ -103,6 +105,7 @@ def render(
     skipped: list[str],
     replays: list[ReplayRow] | None = None,
     sse: SseResult | str | None = None,
+    scale: tuple[ScaleRun, ScaleRun] | str | None = None,
 ) -> str:
     replays = replays or []
     lines = [
@@ -115,65 +118,70 @@ def render(
     ]
     if quick:
         lines += ["**Quick smoke run (`--quick`): too short to be representative.**", ""]
-    lines += [
-        "| backend | workload | req/s | p50 ms | p99 ms | baseline req/s | % of baseline "
-        "| errors | server CPU ms/req | CPU server / db / loadgen / other |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for row in rows:
-        r = row.result
-        if r is None:
-            lines.append(f"| {row.backend} | {row.workload} | {row.note} | | | | | | | |")
-            continue
-        errors = str(r["errors"])
-        if r["errors"]:
-            bad = sorted(r["error_statuses"].items())
-            errors += " (" + ", ".join(f"{s}: {n}" for s, n in bad) + ")"
-        ratio = row.ratio
-        cpu = "-"
-        if row.cpu is not None:
-            c = row.cpu
-            db = "-" if c.db is None else f"{c.db:.0%}"
-            cpu = f"{c.server:.0%} / {db} / {c.loadgen:.0%} / {c.other:.0%}"
-        lines.append(
-            f"| {row.backend} | {row.workload} | {fmt(row.rps, 0)} | {fmt(r['p50_ms'], 2)} "
-            f"| {fmt(r['p99_ms'], 2)} "
-            f"| {fmt(row.baseline['ok_rps'] if row.baseline else None, 0)} "
-            f"| {'-' if ratio is None else f'{ratio:.0%}'} | {errors} | {fmt(row.cpu_ms, 2)} "
-            f"| {cpu} |"
-        )
-    lines += [
-        "",
-        f"Load: {load.concurrency} concurrent keep-alive connections from a separate aiohttp "
-        f"client process, {load.warmup:g} s warm-up then {load.duration:g} s measured per row, "
-        "loopback; one server process at a time. req/s counts successful responses only "
-        "(200 for polls, 202 for submits); p50/p99 are over every measured response. "
-        "The engine runs as `mediamarket serve --no-worker` (API, projection runner and "
-        "embedded simulator; no worker, so the submitted jobs are never dispatched) with "
-        "`LOG_LEVEL=info` (failed and slow requests are logged as JSON to a "
-        "file; the others at debug, so not). "
-        "Setup goes through the real API: "
-        f"{buyers} buyers funded by admin deposits, one seller offer for the model, one job, "
-        "canceled. Poll reads that finished job with its buyer's key (200, 568 bytes of JSON; "
-        "bare aiohttp's `GET /json` answers 200 with a document of the same shape and size, and "
-        "the run warns if the two differ); submit posts "
-        f'`{{"model": "{MODEL}", "prompt": "bench"}}` round-robin over the buyers; '
-        "poll runs first, then submit. Server CPU ms/req is the server process's CPU time "
-        "(all threads) per successful response: unlike req/s it hardly depends on what else "
-        "the machine is doing, so it is the fairer engine-versus-bare comparison on a busy "
-        "machine. The last column is in cores (100% = one core busy for the whole row): the "
-        "server process, the PostgreSQL backends of its database, the load generator, and "
-        "everything else on the machine meanwhile. To see where the engine's time goes: "
-        "`.venv/bin/pip install py-spy && .venv/bin/python -m bench.profile poll` (or "
-        "`submit`, `--backend postgres`).",
-    ]
+    if rows:  # none when only other rows were asked for (bench.run --only)
+        lines += [
+            "| backend | workload | req/s | p50 ms | p99 ms | baseline req/s | % of baseline "
+            "| errors | server CPU ms/req | CPU server / db / loadgen / other |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for row in rows:
+            r = row.result
+            if r is None:
+                lines.append(f"| {row.backend} | {row.workload} | {row.note} | | | | | | | |")
+                continue
+            errors = str(r["errors"])
+            if r["errors"]:
+                bad = sorted(r["error_statuses"].items())
+                errors += " (" + ", ".join(f"{s}: {n}" for s, n in bad) + ")"
+            ratio = row.ratio
+            cpu = "-"
+            if row.cpu is not None:
+                c = row.cpu
+                db = "-" if c.db is None else f"{c.db:.0%}"
+                cpu = f"{c.server:.0%} / {db} / {c.loadgen:.0%} / {c.other:.0%}"
+            lines.append(
+                f"| {row.backend} | {row.workload} | {fmt(row.rps, 0)} | {fmt(r['p50_ms'], 2)} "
+                f"| {fmt(r['p99_ms'], 2)} "
+                f"| {fmt(row.baseline['ok_rps'] if row.baseline else None, 0)} "
+                f"| {'-' if ratio is None else f'{ratio:.0%}'} | {errors} | {fmt(row.cpu_ms, 2)} "
+                f"| {cpu} |"
+            )
+        lines += [
+            "",
+            f"Load: {load.concurrency} concurrent keep-alive connections from a separate aiohttp "
+            f"client process, {load.warmup:g} s warm-up then {load.duration:g} s measured per row, "
+            "loopback; one server process at a time. req/s counts successful responses only "
+            "(200 for polls, 202 for submits); p50/p99 are over every measured response. "
+            "The engine runs as `mediamarket serve --no-worker` (API, projection runner and "
+            "embedded simulator; no worker, so the submitted jobs are never dispatched) with "
+            "`LOG_LEVEL=info` (failed and slow requests are logged as JSON to a "
+            "file; the others at debug, so not). "
+            "Setup goes through the real API: "
+            f"{buyers} buyers funded by admin deposits, one seller offer for the model, one job, "
+            "canceled. Poll reads that finished job with its buyer's key (200, 568 bytes of JSON; "
+            "bare aiohttp's `GET /json` answers 200 with a document of the same shape and size, "
+            "and the run warns if the two differ); submit posts "
+            f'`{{"model": "{MODEL}", "prompt": "bench"}}` round-robin over the buyers; '
+            "poll runs first, then submit. Server CPU ms/req is the server process's CPU time "
+            "(all threads) per successful response: unlike req/s it hardly depends on what else "
+            "the machine is doing, so it is the fairer engine-versus-bare comparison on a busy "
+            "machine. The last column is in cores (100% = one core busy for the whole row): the "
+            "server process, the PostgreSQL backends of its database, the load generator, and "
+            "everything else on the machine meanwhile. To see where the engine's time goes: "
+            "`.venv/bin/pip install py-spy && .venv/bin/python -m bench.profile poll` (or "
+            "`submit`, `--backend postgres`).",
+        ]
     if any(row.offers is not None for row in rows):
         lines += ["", offers_note(load)]
     if replays:
         lines += ["", *replay_table(replays)]
     if sse is not None:
         lines += ["", *sse_table(sse)]
+    if scale is not None:
+        lines += ["", *scale_table(scale, load)]
     noisy = max((row.cpu.other for row in rows if row.cpu is not None), default=0.0)
+    if not isinstance(scale, str) and scale is not None:
+        noisy = max([noisy, *(c.other for r in scale for c in (r.poll_cpu, r.submit_cpu))])
     noisy = max([noisy, *(float(r.result["cpu_other"]) for r in replays if r.result)])
     if noisy > 0.25:
         lines += [
@@ -220,8 +228,43 @@ def render(
             f"{replay.events_per_s:,.0f} events/s ({per_core:,.0f} events/s per fully busy core) "
             f"— {met}"
         )
+    if scale is not None and not isinstance(scale, str):
+        lines += [f"- {line}" for line in scale_summary(*scale)]
     lines += offers_scaling(rows)
     return "\n".join(lines) + "\n"
+
+
+def scale_table(scale: tuple[ScaleRun, ScaleRun] | str, load: Load) -> list[str]:
+    """The scale rows (``bench.scale``): the engine on a small and a big log, or why not."""
+    lines = [
+        "| backend | workload | log events | poll req/s | poll p99 ms | poll server CPU ms/req "
+        "| submit req/s | submit p99 ms | submit server CPU ms/req | server RSS now / peak |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    if isinstance(scale, str):
+        return [*lines, f"| SQLite | scale | {scale} | | | | | | | |"]
+    for run in scale:
+        lines.append(
+            f"| SQLite | log of {jobs_label(run.jobs)} jobs | {run.notifications:,} "
+            f"| {float(run.poll['ok_rps']):,.0f} | {run.poll_p99_ms:.2f} | {run.poll_cpu_ms:.2f} "
+            f"| {float(run.submit['ok_rps']):,.0f} | {float(run.submit['p99_ms']):.2f} "
+            f"| {run.submit_cpu_ms:.2f} | {run.rss_mb:.0f} / {run.peak_rss_mb:.0f} MB |"
+        )
+    small, big = scale
+    return [
+        *lines,
+        "",
+        "Scale rows (`python -m bench.scale`): the engine on a log of "
+        f"{big.jobs:,} jobs against one of {small.jobs:,}, each generated once by the replay "
+        "bench's market simulation (two markets generated at once in two processes, each with "
+        "100 buyers and a seller with three offers, their logs interleaved into one) and cached "
+        "in `bench/.cache/` with its views built by `services.replay.rebuild`. Each row starts "
+        "`serve --no-worker` on a copy of that directory, sets it up as the rows above (8 "
+        "buyers, one more offer, one queued job) and runs the poll and submit loads of the "
+        f"rows above ({load.warmup:g}+{load.duration:g} s each). Goals: poll p99 and submit "
+        f"server CPU per job at the big log within {RATIO_GOAL}x of the small one, and the "
+        f"server's peak resident memory (`VmHWM`) at the big log at most {RSS_GOAL_MB:.0f} MB.",
+    ]
 
 
 def sse_table(sse: SseResult | str) -> list[str]:

@@ -49,11 +49,12 @@ from bench.common import QUICK_REPLAY_JOBS, REPLAY_JOBS, ROOT, say
 from bench.databases import POSTGRES_URL, postgres_database, postgres_version, sqlite_url
 from bench.measure import Load, Processes, run_load, wait_for_quiet
 from bench.report import ReplayRow, Row, render, update_readme
+from bench.scale import SCALE_JOBS, SMALL_JOBS, ScaleRun
 from bench.servers import SUBMIT_BODY, answer_of, running_bare, running_engine
 from bench.sse import SseResult, measure_sse
 
 OFFER_COUNTS = (1, 10, 100)  # offers on the model in the "submit, N offers" rows
-PARTS = ("poll", "submit", "offers", "sse", "replay")  # what --only can choose
+PARTS = ("poll", "submit", "offers", "sse", "replay", "scale")  # what --only can choose
 
 
 # ---------------------------------------------------------------------- the rows
@@ -243,6 +244,27 @@ def measure_replay(
     return [rows["SQLite"], rows["PostgreSQL"]]
 
 
+def measure_scale(
+    procs: Processes, load: Load, jobs: int, small: int
+) -> tuple[ScaleRun, ScaleRun] | str:
+    """The scale rows from one ``bench.scale`` process, or why there are none."""
+    args = [sys.executable, "-m", "bench.scale", "--json", "--jobs", str(jobs)]
+    args += ["--small", str(small), "--warmup", str(load.warmup)]
+    args += ["--duration", str(load.duration), "--concurrency", str(load.concurrency)]
+    proc = procs.start(args, cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        # The first run generates the big log and builds its views: many minutes.
+        out, _ = proc.communicate(timeout=4 * 3600)
+    except subprocess.TimeoutExpired:
+        out = b""
+    finally:
+        procs.stop(proc)
+    runs = [ScaleRun.from_json(json.loads(line)) for line in out.decode().splitlines() if line]
+    if len(runs) != 2:
+        return f"failed (exit {proc.returncode}; its output is above)"
+    return runs[0], runs[1]
+
+
 # ---------------------------------------------------------------------- main
 
 
@@ -300,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument(
+        "--scale-jobs",
+        type=int,
+        metavar="N",
+        help=f"jobs in the scale rows' big log (default {SCALE_JOBS:,}, against {SMALL_JOBS:,}; "
+        "0 for no scale rows, the default with --quick)",
+    )
+    parser.add_argument(
         "--only",
         type=parts,
         default=set(PARTS),
@@ -346,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     replays: list[ReplayRow] = []
     sse: SseResult | str | None = None
     offers = args.offers if "offers" in args.only else []
+    scale: tuple[ScaleRun, ScaleRun] | str | None = None
+    scale_jobs = args.scale_jobs
+    if scale_jobs is None:
+        scale_jobs = 0 if args.quick else SCALE_JOBS
+    if "scale" not in args.only:
+        scale_jobs = 0
     replay_jobs = args.replay_jobs
     if replay_jobs is None:
         replay_jobs = QUICK_REPLAY_JOBS if args.quick else REPLAY_JOBS
@@ -415,12 +450,15 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"replay of {replay_jobs:,} jobs' events (bench.replay)")
                 pg_url = None if pg_problem is not None else args.postgres_url
                 replays = measure_replay(procs, replay_jobs, pg_url, pg_problem)
+            if scale_jobs > 0:
+                say(f"scale: {scale_jobs:,} jobs' log against {SMALL_JOBS:,} (bench.scale)")
+                scale = measure_scale(procs, load, scale_jobs, SMALL_JOBS)
     except KeyboardInterrupt:
         say("interrupted")
         return 130
     finally:
         procs.stop_all()
-    report = render(rows, load, args.buyers, args.quick, pg_version, skipped, replays, sse)
+    report = render(rows, load, args.buyers, args.quick, pg_version, skipped, replays, sse, scale)
     print(report)
     say(f"done in {time.monotonic() - started:.0f} s")
     if args.update_readme is not None:

@@ -19,7 +19,7 @@ import psycopg
 from psycopg.sql import SQL, Identifier
 
 from adapters.esinternals import APPLICATION_NAME_KEY, open_tracking
-from projections.store import Projection, Store
+from projections.store import Projection, Rows, Store, on_conflict_update
 
 # Arbitrary constants, each with the views' schema the key of an advisory lock: the one that
 # serialises view schema changes on PostgreSQL...
@@ -122,9 +122,78 @@ class SQLiteStore(Store):
         c.execute(self.tracking.lock_statement())
 
 
+def column_types(create_table: str) -> dict[str, str]:
+    """Each column's SQL type in a ``CREATE TABLE`` statement of ours (``name TYPE ...`` per
+    column; table constraints, such as a composite primary key, are not columns)."""
+    body = create_table[create_table.index("(") + 1 : create_table.rindex(")")]
+    parts, depth, current = [], 0, ""
+    for ch in body:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    types = {}
+    for part in parts:
+        words = part.split()
+        if words and words[0].upper() not in ("PRIMARY", "UNIQUE", "CONSTRAINT", "CHECK"):
+            types[words[0]] = "DOUBLE PRECISION" if words[1].upper() == "DOUBLE" else words[1]
+    return types
+
+
+class CopyAndUnnest:
+    """``Rows`` on PostgreSQL: new rows streamed in with ``COPY``, and the rows of an upsert
+    sent as one array per column to a single ``INSERT ... SELECT FROM unnest(...)``. Either is
+    one statement per table and batch where ``executemany`` was one per row, each parsed,
+    planned and executed by the server: most of a replay's time in PostgreSQL."""
+
+    def __init__(self, tables: dict[str, str]) -> None:
+        self.types = {table: column_types(statement) for table, statement in tables.items()}
+
+    def insert(
+        self, c: Any, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        if not rows:
+            return
+        statement = SQL("COPY {} ({}) FROM STDIN").format(
+            Identifier(table), SQL(", ").join(map(Identifier, columns))
+        )
+        with c.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def upsert(
+        self,
+        c: Any,
+        table: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        key: str,
+        keep: Sequence[str] = (),
+    ) -> None:
+        if not rows:
+            return
+        types = self.types[table]
+        arrays = ", ".join(f"%s::{types[k]}[]" for k in columns)
+        c.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays}) "
+            f"{on_conflict_update(columns, key, keep)}",
+            [list(values) for values in zip(*rows, strict=True)],
+        )
+
+
 class PostgresStore(Store):
     def q(self, statement: str) -> Any:
         return statement.replace("?", "%s")
+
+    _rows: CopyAndUnnest | None = None
+
+    def rows_writer(self) -> Rows:
+        if self._rows is None:
+            self._rows = CopyAndUnnest(self.tables)
+        return self._rows
 
     # Reads run on autocommit connections: one round trip, not BEGIN, SELECT and ROLLBACK.
     def one(self, statement: str, params: Sequence[Any] = ()) -> Any:

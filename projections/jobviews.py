@@ -159,15 +159,10 @@ class JobViewsFold:
         return found
 
     def write(self, c: Any, q: Callable[[str], Any]) -> None:
-        if not self.jobs:
-            return
-        c.executemany(
-            q(
-                f"INSERT INTO mm_job_views ({', '.join(COLUMNS)}) VALUES ({placeholders(COLUMNS)}) "
-                "ON CONFLICT (job_id) DO UPDATE SET status = excluded.status, "
-                "artifact_stored_at = excluded.artifact_stored_at, version = excluded.version, "
-                "doc = excluded.doc"
-            ),
+        self._batch.writer.upsert(
+            c,
+            "mm_job_views",
+            COLUMNS,
             [
                 (
                     r["job_id"],
@@ -181,6 +176,8 @@ class JobViewsFold:
                 )
                 for r in self.jobs.values()
             ],
+            key="job_id",
+            keep=("buyer_id", "seq", "token_hash"),  # a job's own, from its creation
         )
 
 

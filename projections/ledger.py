@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from domain.aggregates import BuyerAccount, Job, Settlement
 from domain.rules import settlement_status
 from projections.ids import id_text
-from projections.store import Batch, Projection, chunks, placeholders
+from projections.store import Batch, ExecuteMany, Projection, Rows, chunks, placeholders
 
 # Generated event classes (see projections.jobdoc).
 JobEvent: Any = Job
@@ -107,6 +107,18 @@ LEDGER_DIGEST_ORDER = {
 }
 # Entries per source event, at most one of each kind: the last digits of ``entry_no``.
 KIND_NUMBERS = {"deposit": 0, "hold": 0, "capture": 1, "release": 2}
+ENTRY_COLUMNS = (
+    "entry_no",
+    "entry_id",
+    "seq",
+    "posted_at",
+    "day",
+    "kind",
+    "buyer_id",
+    "job_id",
+    "reference",
+)
+POSTING_COLUMNS = ("entry_no", "line", "account", "debit", "credit")
 SETTLEMENT_COLUMNS = [
     "job_id",
     "seq",
@@ -189,8 +201,12 @@ def _new_settlement(job_id: str, seq: int, buyer_id: str) -> dict[str, Any]:
 class LedgerBatch:
     """Folds one batch of events into journal entries and settlement rows, then writes them."""
 
-    def __init__(self, load: Callable[[set[str]], dict[str, dict[str, Any]]]) -> None:
+    def __init__(
+        self, load: Callable[[set[str]], dict[str, dict[str, Any]]], rows: Rows | None = None
+    ) -> None:
+        """``rows``: how ``write`` writes (by default, a statement per row)."""
         self._load = load
+        self._rows = rows
         self.entries: list[Entry] = []
         self.settlements: dict[str, dict[str, Any]] = {}
         self.buyer_versions: dict[str, int] = {}
@@ -310,56 +326,51 @@ class LedgerBatch:
             row["dispatch_state"] = "accepted"
 
     def write(self, c: Any, q: Callable[[str], Any]) -> None:
-        if self.entries:
-            c.executemany(
-                q(
-                    "INSERT INTO mm_ledger_entries (entry_no, entry_id, seq, posted_at, day, kind, "
-                    "buyer_id, job_id, reference) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                ),
-                [
-                    (
-                        x.entry_no,
-                        x.entry_id,
-                        x.seq,
-                        x.posted_at,
-                        x.day,
-                        x.kind,
-                        x.buyer_id,
-                        x.job_id,
-                        x.reference,
-                    )
-                    for x in self.entries
-                ],
-            )
-            c.executemany(
-                q(
-                    "INSERT INTO mm_ledger_postings (entry_no, line, account, debit, credit) "
-                    "VALUES (?, ?, ?, ?, ?)"
-                ),
-                [
-                    (x.entry_no, line, p.account, p.debit, p.credit)
-                    for x in self.entries
-                    for line, p in enumerate(x.postings)
-                ],
-            )
-        if self.settlements:
-            columns = SETTLEMENT_COLUMNS
-            c.executemany(
-                q(
-                    f"INSERT INTO mm_settlements ({', '.join(columns)}) "
-                    f"VALUES ({', '.join('?' for _ in columns)}) ON CONFLICT (job_id) DO UPDATE "
-                    f"SET {', '.join(f'{k} = excluded.{k}' for k in columns[1:])}"
-                ),
-                [tuple(r[k] for k in columns) for r in self.settlements.values()],
-            )
-        if self.buyer_versions:
-            c.executemany(
-                q(
-                    "INSERT INTO mm_ledger_buyers (buyer_id, version) VALUES (?, ?) "
-                    "ON CONFLICT (buyer_id) DO UPDATE SET version = excluded.version"
-                ),
-                list(self.buyer_versions.items()),
-            )
+        rows = self._rows or ExecuteMany(q)
+        rows.insert(
+            c,
+            "mm_ledger_entries",
+            ENTRY_COLUMNS,
+            [
+                (
+                    x.entry_no,
+                    x.entry_id,
+                    x.seq,
+                    x.posted_at,
+                    x.day,
+                    x.kind,
+                    x.buyer_id,
+                    x.job_id,
+                    x.reference,
+                )
+                for x in self.entries
+            ],
+        )
+        rows.insert(
+            c,
+            "mm_ledger_postings",
+            POSTING_COLUMNS,
+            [
+                (x.entry_no, line, p.account, p.debit, p.credit)
+                for x in self.entries
+                for line, p in enumerate(x.postings)
+            ],
+        )
+        columns = SETTLEMENT_COLUMNS
+        rows.upsert(
+            c,
+            "mm_settlements",
+            columns,
+            [tuple(r[k] for k in columns) for r in self.settlements.values()],
+            key="job_id",
+        )
+        rows.upsert(
+            c,
+            "mm_ledger_buyers",
+            ("buyer_id", "version"),
+            list(self.buyer_versions.items()),
+            key="buyer_id",
+        )
 
 
 # Every event the ledger reads, by exact class. Every account event counts (the version the
@@ -403,7 +414,7 @@ def _fold(batch: Batch) -> LedgerBatch:
                 found[r["job_id"]] = {k: r[k] for k in SETTLEMENT_COLUMNS}
         return found
 
-    return LedgerBatch(load)
+    return LedgerBatch(load, batch.writer)
 
 
 PROJECTION = Projection(

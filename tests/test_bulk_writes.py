@@ -1,0 +1,75 @@
+"""How folds write many rows at once (``Store.rows_writer``: executemany on SQLite, COPY and
+unnest on PostgreSQL), and the collector setting a catch-up uses."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+from adapters.eventstore import open_market, store_env
+from projections.dialects import column_types
+from projections.ledger import LEDGER_TABLES
+from projections.runner import fewer_collections
+from projections.views import VIEWS_NAME, open_views
+
+
+def test_column_types_read_every_column_and_skip_table_constraints() -> None:
+    types = column_types(LEDGER_TABLES["mm_ledger_postings"])
+    assert types == {
+        "entry_no": "BIGINT",
+        "line": "BIGINT",
+        "account": "TEXT",
+        "debit": "BIGINT",
+        "credit": "BIGINT",
+    }
+    offers = "CREATE TABLE t (a TEXT PRIMARY KEY, b DOUBLE PRECISION NOT NULL, c BIGINT)"
+    assert column_types(offers) == {"a": "TEXT", "b": "DOUBLE PRECISION", "c": "BIGINT"}
+
+
+def test_insert_and_upsert_write_the_same_rows_on_either_database(database_url: str) -> None:
+    market = open_market(database_url)
+    views = open_views(store_env(database_url, role=VIEWS_NAME))
+    try:
+        views.ensure_schema(market.name)
+        rows = views.rows_writer()
+        columns = ("buyer_id", "version")
+        posting = ("entry_no", "line", "account", "debit", "credit")
+        with views.datastore.transaction(commit=True) as c:
+            # A quote and a tab: COPY's text format must escape them.
+            written = [(4, 0, "a", 5, 0), (4, 1, "b\tc", 0, 5), (8, 0, "o'neil", 0, 0)]
+            rows.insert(c, "mm_ledger_postings", posting, written)
+            rows.upsert(c, "mm_ledger_buyers", columns, [("x", 1), ("y", 2)], key="buyer_id")
+            rows.upsert(c, "mm_ledger_buyers", columns, [("y", 3), ("z", 4)], key="buyer_id")
+            rows.insert(c, "mm_ledger_postings", posting, [])
+            rows.upsert(c, "mm_ledger_buyers", columns, [], key="buyer_id")
+        postings = views.all(
+            "SELECT entry_no, line, account, debit, credit FROM mm_ledger_postings "
+            "ORDER BY entry_no, line"
+        )
+        read = [tuple(int(r[k]) if k != "account" else r[k] for k in posting) for r in postings]
+        assert read == written
+        buyers = views.all("SELECT buyer_id, version FROM mm_ledger_buyers ORDER BY buyer_id")
+        assert {r["buyer_id"]: int(r["version"]) for r in buyers} == {"x": 1, "y": 3, "z": 4}
+    finally:
+        views.datastore.close()
+        market.close()
+
+
+def test_overlapping_catch_ups_restore_the_collector_once_the_last_ends() -> None:
+    before = gc.get_threshold()
+    entered, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with fewer_collections():
+            entered.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert entered.wait(5)
+    with fewer_collections():
+        assert gc.get_threshold() != before
+    assert gc.get_threshold() != before  # the other catch-up is still running
+    release.set()
+    thread.join(5)
+    assert gc.get_threshold() == before
