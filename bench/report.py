@@ -24,8 +24,11 @@ START_MARK = "<!-- bench:start -->"
 END_MARK = "<!-- bench:end -->"
 QUOTE_CACHE_SECONDS = 5.0  # the engine's quote cache lifetime (services.routing), for the note
 POLL_GOAL = 1.5  # at most this many times bare aiohttp's server CPU per GET of the same body
-SUBMIT_GOAL = 500.0  # jobs/s on SQLite
-REPLAY_GOAL = 50_000.0  # events/s rebuilding the projections on SQLite
+# Issue 14: server CPU per submit (ms; PostgreSQL's own CPU shown apart), its p99 at 32
+# connections (ms, on an idle machine), replay events/s.
+SUBMIT_CPU_GOAL = {"SQLite": 1.5, "PostgreSQL": 2.5}
+SUBMIT_P99_GOAL = 50.0
+REPLAY_GOAL = {"SQLite": 100_000.0, "PostgreSQL": 50_000.0}
 
 
 # ---------------------------------------------------------------------- rows
@@ -206,25 +209,29 @@ def render(
             f"body on {row.backend}: {times:.2f}x ({poll_ms:.3f} ms against "
             f"{bare_ms:.3f} ms; {row.ratio or 0.0:.0%} of its rate) — {met}"
         )
-    sqlite_submit = [r for r in rows if r.backend == "SQLite" and r.workload == "submit"]
-    for row in sqlite_submit:
-        met = "met" if row.rps >= SUBMIT_GOAL else "**not met**"
-        cost = ""
-        if row.cpu_ms:
-            cost = (
-                f" ({row.cpu_ms:.1f} ms of server CPU per job, so about "
-                f"{1000 / row.cpu_ms:,.0f} jobs/s per fully busy core)"
-            )
+    for row in rows:
+        goal = SUBMIT_CPU_GOAL.get(row.backend)
+        if row.workload != "submit" or row.result is None or goal is None or not row.cpu_ms:
+            continue
+        p99 = float(row.result["p99_ms"])
+        met = "met" if row.cpu_ms <= goal else "**not met**"
+        met_p99 = "met" if p99 <= SUBMIT_P99_GOAL else "**not met** (judge on an idle machine)"
+        db = ""
+        if row.cpu is not None and row.cpu.db is not None and row.rps:
+            db = f", plus {row.cpu.db * 1000 / row.rps:.2f} ms of PostgreSQL's"
         lines.append(
-            f"- submit ≥ {SUBMIT_GOAL:.0f} jobs/s on SQLite: {row.rps:,.0f} jobs/s{cost} — {met}"
+            f"- submit ≤ {goal:g} ms of server CPU on {row.backend}: {row.cpu_ms:.2f} ms{db} "
+            f"({row.rps:,.0f} jobs/s) — {met}; p99 ≤ {SUBMIT_P99_GOAL:g} ms at "
+            f"{load.concurrency} connections: {p99:.0f} ms — {met_p99}"
         )
     for replay in replays:
-        if replay.backend != "SQLite" or replay.result is None:
+        goal = REPLAY_GOAL.get(replay.backend)
+        if goal is None or replay.result is None:
             continue
-        met = "met" if replay.events_per_s >= REPLAY_GOAL else "**not met**"
+        met = "met" if replay.events_per_s >= goal else "**not met**"
         per_core = 1e6 / float(replay.result["cpu_us_per_event"])
         lines.append(
-            f"- replay ≥ {REPLAY_GOAL:,.0f} events/s on SQLite ({replay.workload}): "
+            f"- replay ≥ {goal:,.0f} events/s on {replay.backend} ({replay.workload}): "
             f"{replay.events_per_s:,.0f} events/s ({per_core:,.0f} events/s per fully busy core) "
             f"— {met}"
         )
