@@ -28,6 +28,11 @@ SLOW_FILES_FIRST = [
     "test_webhooks.py",
     "test_vopr.py",
     "test_recovery.py",
+    "test_metrics.py",
+    "test_rebuild_live.py",
+    "test_database_outage.py",
+    "test_work.py",
+    "test_jobcache.py",
     "test_market.py",
     "test_lifecycle.py",
     "test_magic_keys.py",
@@ -39,6 +44,9 @@ SLOW_FILES_FIRST = [
     "test_projection_failure.py",
     "test_api_accounts.py",
     "test_api_jobs.py",
+    "test_pgbouncer.py",
+    "test_progress.py",
+    "test_deploy.py",
 ]
 
 
