@@ -19,35 +19,26 @@ from tests.s3server import S3Server, S3Unavailable, start_s3_server
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
-# The slowest files, slowest first (from `pytest --durations=0`, summed per file, 2026-11-26).
-# `make test` runs with xdist's loadfile, which hands out whole files in collection order: a
-# slow file collected last (and several are, alphabetically) runs alone at the end while the
-# other core idles.
+# The slowest files, slowest first (from `pytest --durations`). `make test` runs with xdist's
+# loadfile, which hands out whole files in collection order: a slow file collected last (and
+# several are, alphabetically) runs alone at the end while the other core idles.
 SLOW_FILES_FIRST = [
     "test_finance.py",
-    "test_recovery.py",
-    "test_webhooks.py",
     "test_routing_table.py",
+    "test_webhooks.py",
     "test_vopr.py",
+    "test_recovery.py",
     "test_market.py",
-    "test_schemathesis.py",
-    "test_magic_keys.py",
-    "test_database_outage.py",
     "test_lifecycle.py",
-    "test_audit.py",
-    "test_waiting.py",
-    "test_rebuild_live.py",
-    "test_metrics.py",
+    "test_magic_keys.py",
+    "test_schemathesis.py",
     "test_artifacts_s3.py",
-    "test_api_accounts.py",
+    "test_waiting.py",
+    "test_audit.py",
     "test_concurrency.py",
-    "test_api_jobs.py",
-    "test_jobcache.py",
     "test_projection_failure.py",
-    "test_api_contract.py",
-    "test_outbound_api.py",
-    "test_work.py",
-    "test_simulator.py",
+    "test_api_accounts.py",
+    "test_api_jobs.py",
 ]
 
 
