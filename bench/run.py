@@ -45,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import librarysave
 from bench.common import QUICK_REPLAY_JOBS, REPLAY_JOBS, ROOT, say
 from bench.databases import POSTGRES_URL, postgres_database, postgres_version, sqlite_url
 from bench.measure import Load, Processes, run_load, wait_for_quiet
@@ -53,6 +54,7 @@ from bench.scale import SCALE_JOBS, SMALL_JOBS, ScaleRun
 from bench.servers import SUBMIT_BODY, answer_of, running_bare, running_engine
 from bench.sse import SseResult, measure_sse
 
+LIBRARY_SAVES = 2000  # saves timed in the library baseline of the submit rows
 OFFER_COUNTS = (1, 10, 100)  # offers on the model in the "submit, N offers" rows
 PARTS = ("poll", "submit", "offers", "sse", "replay", "scale")  # what --only can choose
 
@@ -122,6 +124,11 @@ def measure_engine(
                 procs, engine.proc, load, db_name=engine.db_name, **engine.workload(name)
             )
             rows.append(Row(backend, name, res, baseline[name].result, cpu))
+    if "submit" in names:
+        # Beside the engine's database (its own tables), after the engine has stopped.
+        library_url = database_url if backend == "PostgreSQL" else sqlite_url(workdir / "library")
+        say(f"{backend}, the library's own save() of a submit's aggregates (bench.librarysave)")
+        rows.append(librarysave.measure(procs, library_url, LIBRARY_SAVES))
     return rows
 
 
