@@ -24,7 +24,7 @@ from adapters.settings import ConfigError, Settings, load_settings
 from api import finance as finance_api
 from api.app import create_app, create_ops_app, is_embedded_simulator
 from api.bootstrap import Engine
-from api.http import STARTUP
+from api.http import STARTUP, Runner
 from projections.views import VIEWS_NAME, scratch_views
 from services import exports, finance
 from services.audit import job_history, render_text
@@ -135,7 +135,7 @@ async def serve(settings: Settings, *, worker: bool) -> None:
     # operator) what the process waits for, and every other route answers 503 meanwhile.
     app = create_app(None, settings=settings, mount_simulator=embedded)
     startup = app[STARTUP]
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = Runner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, settings.HOST, settings.PORT, reuse_address=True)
     try:
@@ -191,7 +191,7 @@ async def run_worker(settings: Settings) -> None:
     try:
         await engine.start_worker(worker_id)
         if settings.METRICS_PORT is not None:
-            ops = web.AppRunner(create_ops_app(engine), access_log=None, handle_signals=False)
+            ops = Runner(create_ops_app(engine), access_log=None, handle_signals=False)
             await ops.setup()
             try:
                 await web.TCPSite(ops, settings.HOST, settings.METRICS_PORT).start()

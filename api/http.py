@@ -13,6 +13,8 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from eventsourcing.persistence import InterfaceError, OperationalError
 from pydantic import BaseModel
 
@@ -67,7 +69,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     """Request ids, the error shape of SPEC 4 for every failure, and one access-log line."""
     request_id = request.headers.get("X-Request-Id")
     if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-        request_id = f"req_{REQUEST_ID_PREFIX}{next(REQUEST_COUNTER):010x}"
+        request_id = _new_request_id()
     started = time.perf_counter()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
@@ -126,6 +128,76 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         return response
     finally:
         structlog.contextvars.clear_contextvars()
+
+
+# ---------------------------------------------------------------------- unparsable requests
+
+
+def _new_request_id() -> str:
+    return f"req_{REQUEST_ID_PREFIX}{next(REQUEST_COUNTER):010x}"
+
+
+_PARSE_ERRORS = {
+    "LineTooLong": "a line of the request is too long (at most 8190 bytes)",
+    "BadHttpMethod": "the request line is not valid HTTP/1.1",
+    "BadStatusLine": "the request line is not valid HTTP/1.1",
+    "InvalidURLError": "the request's URL is not valid",
+    "InvalidHeader": "a header of the request is not valid",
+    "TransferEncodingError": "the request's chunked body is not valid",
+    "ContentLengthError": "the request's body is shorter than its Content-Length",
+}
+
+
+class _ShapedErrors(RequestHandler):
+    """aiohttp's connection handler, answering requests its parser refuses (bad header bytes,
+    a line over 8,190 bytes, a bad request line, Content-Length or chunk size) in SPEC 4's error
+    shape: aiohttp's own answer is plain text quoting the client's bytes back, and logs a
+    traceback per request, which a client could use to flood the log (SPEC 9)."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            # aiohttp's own contract: the connection is broken, and it closes it.
+            raise ConnectionError("the response had begun; no error answer can follow")
+        if status >= 500:
+            # Not the client's fault: the middleware answers handlers' errors itself, so
+            # this is aiohttp's (a 504 of its own handler timeout, or a bug of ours there).
+            log.error("unhandled_error", status=status, exc_info=exc)
+            error = ApiError(status, "internal_error", "internal error")
+        elif status == 413:
+            error = ApiError(413, "request_too_large", "the request is too large")
+        else:
+            # The parser's reason, without the bytes it quotes.
+            reason = type(exc).__name__ if exc is not None else "BadHttpMessage"
+            what = _PARSE_ERRORS.get(reason, "the request is not valid HTTP/1.1")
+            error = ApiError(status, "invalid_request", what)
+            log.info("malformed_request", status=status, reason=reason)
+        response = error.response()
+        response.headers["X-Request-Id"] = _new_request_id()
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _ShapedErrors(self, loop=self._loop, **self._kwargs)
+
+
+class Runner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer unparsable requests in SPEC 4's shape."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # The app builds its own web.Server; only which connection handler it makes differs.
+        server.__class__ = _Server
+        return server
 
 
 # ---------------------------------------------------------------------- answers

@@ -355,3 +355,46 @@ def test_query_strings_are_read_strictly(world: World) -> None:
             assert r.status == 200, r.body  # a reversed range is simply empty
         else:
             assert_error(r, 400, "invalid_request")
+
+
+UNPARSABLE = {
+    "a control byte in a header name": b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Bad\x01: y\r\n",
+    "a header line over 8190 bytes": b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Long: "
+    + b"a" * 9000
+    + b"\r\n",
+    "no request line": b"GARBAGE\r\n",
+    "HTTP/2's preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n",
+    "a Content-Length that is no number": SUBMIT.encode().join(
+        (b"POST ", b" HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n")
+    ),
+    "a chunk size that is no number": SUBMIT.encode().join(
+        (b"POST ", b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    ),
+    "two Content-Lengths": SUBMIT.encode().join(
+        (b"POST ", b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n")
+    ),
+}
+
+
+@pytest.mark.parametrize("what", UNPARSABLE)
+def test_requests_the_http_parser_refuses_get_the_error_shape(
+    world: World, unchanged: None, what: str
+) -> None:
+    """aiohttp answers these itself, before any middleware: plain text quoting the bytes back,
+    and a traceback in the log per request, unless the engine answers them."""
+    request = UNPARSABLE[what]
+    before = world.server.logs()
+    with socket.create_connection(("127.0.0.1", world.server.port), timeout=30) as s:
+        s.sendall(request + b"\r\n")
+        data = b""
+        while chunk := s.recv(1 << 16):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    r = Response(int(lines[0].split()[1]), headers, payload)
+    error = assert_error(r, 400, "invalid_request")
+    assert r.headers["x-request-id"].startswith("req_")
+    assert b"aaaa" not in payload and "GARBAGE" not in error["message"]
+    logged = world.server.logs()[len(before) :]
+    assert "malformed_request" in logged and "Traceback" not in logged, logged
