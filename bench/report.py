@@ -409,6 +409,15 @@ def processes_goal(rows: list[Row]) -> list[str]:
     if one is None or not one.rps:
         return []
     lines = []
+    ceiling = processes_ceiling(one)
+    if ceiling is not None:
+        lines.append(
+            f"- the most 2 API processes can give on {os.cpu_count()} cores at the 1-process "
+            f"row's CPU per job (if one process can use at most one core): {ceiling:.2f}x "
+            "(cores x server ms / (server + PostgreSQL + load generator ms per job)); "
+            f"{PROCESSES_GOAL:g}x needs the database's and the load generator's CPU per job "
+            f"under {((os.cpu_count() or 1) / PROCESSES_GOAL - 1):.0%} of the server's"
+        )
     for two in (r for r in rows if r.processes == 2 and r.result):
         ratio = two.rps / one.rps
         met = "met" if ratio >= PROCESSES_GOAL else "**not met**"
@@ -426,6 +435,17 @@ def processes_goal(rows: list[Row]) -> list[str]:
             f"({label}): {ratio:.2f}x ({one.rps:,.0f} → {two.rps:,.0f} jobs/s{cost}) — {met}"
         )
     return lines
+
+
+def processes_ceiling(one: Row) -> float | None:
+    """The rate 2 API processes can reach against one on this machine's cores, from what one
+    job cost in the 1-process row: one process is capped by its own core (the GIL), two by
+    the cores every job's CPU shares (both servers, PostgreSQL, the load generator)."""
+    if one.cpu is None or one.cpu.db is None or not one.rps:
+        return None
+    server, db, loadgen = (x / one.rps for x in (one.cpu.server, one.cpu.db, one.cpu.loadgen))
+    cores = os.cpu_count() or 1
+    return min(2.0, cores * server / (server + db + loadgen))
 
 
 def cpu_total(cpu: Cpu) -> float:
