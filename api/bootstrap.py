@@ -10,7 +10,8 @@ import random
 import secrets as pysecrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -197,6 +198,9 @@ class Engine:
     job_cache: JobCache = field(default_factory=JobCache)
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
+    _turns: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
 
     def __post_init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -207,6 +211,20 @@ class Engine:
         self.runner.on_advance.append(self._runner_advanced)
         self.watchers = JobWatchers(self._loop, self._job_versions)
         self.runner.on_advance.append(self.watchers.advanced)
+
+    @contextlib.asynccontextmanager
+    async def buyer_turn(self, buyer_id: str) -> AsyncIterator[None]:
+        """One submit of a buyer at a time in the thread pool, the others waiting here in
+        arrival order. The command serialises a buyer's writes with a thread lock anyway
+        (services.commands.base); waiting for it in a pool thread held that thread idle while
+        other requests queued for one, and a thread lock is not first come, first served, so a
+        busy buyer's unlucky submit could lose the race again and again: most of a submit's
+        tail at 32 connections was those two waits."""
+        turn = self._turns.get(buyer_id)
+        if turn is None:
+            turn = self._turns[buyer_id] = asyncio.Lock()
+        async with turn:
+            yield
 
     async def _job_versions(self, job_ids: Sequence[str]) -> dict[str, int]:
         return await self.read(job_versions, self.views, job_ids)

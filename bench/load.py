@@ -3,6 +3,11 @@
 Reads one JSON spec from argv, hammers one URL for ``warmup + duration`` seconds (or until
 ``max_requests``), and prints one JSON result line: counts, rate, latency percentiles, status
 histogram and this process's CPU use. Only what completes after the warm-up is counted.
+
+With ``urls`` (several servers of one engine, e.g. two API processes on one database) the
+connections are dealt out over them in turn, as a round-robin balancer would; the keys stay
+round-robin over all requests, so every buyer reaches every server, unless ``keys_by_url``
+gives each server its own share of the keys (a balancer sticky by API key).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 
 async def hammer(spec: dict[str, Any]) -> dict[str, Any]:
     method: str = spec["method"]
-    url: str = spec["url"]
+    urls: list[str] = spec.get("urls") or [spec["url"]]
     concurrency: int = spec["concurrency"]
     keys: list[str | None] = spec.get("keys") or [None]
     ok_statuses = set(spec["ok_statuses"])
@@ -40,6 +45,10 @@ async def hammer(spec: dict[str, Any]) -> dict[str, Any]:
         if key is not None:
             h["Authorization"] = f"Bearer {key}"
         headers_by_key.append(h)
+    if spec.get("keys_by_url") and len(urls) > 1:
+        shares = [headers_by_key[n :: len(urls)] or headers_by_key for n in range(len(urls))]
+    else:
+        shares = [headers_by_key] * len(urls)
 
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
@@ -51,13 +60,14 @@ async def hammer(spec: dict[str, Any]) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=per_request_timeout) as session:
 
-        async def one_connection() -> None:
+        async def one_connection(n: int) -> None:
             nonlocal issued
+            url, share = urls[n % len(urls)], shares[n % len(urls)]
             while issued < max_requests:
                 t0 = time.perf_counter()
                 if t0 >= stop_at:
                     return
-                headers = headers_by_key[issued % len(headers_by_key)]
+                headers = share[issued % len(share)]
                 issued += 1
                 try:
                     async with session.request(method, url, data=body, headers=headers) as r:
@@ -71,7 +81,7 @@ async def hammer(spec: dict[str, Any]) -> dict[str, Any]:
                     statuses[status] += 1
 
         cpu0 = time.process_time()
-        await asyncio.gather(*(one_connection() for _ in range(concurrency)))
+        await asyncio.gather(*(one_connection(n) for n in range(concurrency)))
         cpu1 = time.process_time()
     wall = time.perf_counter() - start
     latencies.sort()
@@ -85,6 +95,12 @@ async def hammer(spec: dict[str, Any]) -> dict[str, Any]:
         "ok_rps": (measured - errors) / spec["duration"],
         "p50_ms": None if p50 is None else p50 * 1000,
         "p99_ms": None if p99 is None else p99 * 1000,
+        # The tail's shape, for telling a few long stalls from a uniformly slow queue.
+        "tail_ms": {
+            str(q): None if v is None else v * 1000
+            for q in (0.9, 0.95, 0.999, 1.0)
+            for v in [percentile(latencies, q)]
+        },
         "errors": errors,
         "statuses": dict(statuses),
         "error_statuses": {s: n for s, n in statuses.items() if s not in ok_statuses},

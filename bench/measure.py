@@ -139,20 +139,27 @@ class Cpu:
 
 def run_load(
     procs: Processes,
-    server: subprocess.Popen[bytes],
+    server: subprocess.Popen[bytes] | list[subprocess.Popen[bytes]],
     load: Load,
     *,
     method: str,
-    url: str,
+    url: str | list[str],
     ok: list[int],
     keys: list[str] | None = None,
     body: Any = None,
     db_name: str | None = None,
+    keys_by_url: bool = False,
 ) -> tuple[dict[str, Any], Cpu]:
-    """One load-generator process against one server: its result and who used the CPU."""
+    """One load-generator process against one server, or against several (``url`` a list, the
+    connections dealt out over them; ``server`` their processes, whose CPU is added up): its
+    result and who used the CPU."""
+    servers = server if isinstance(server, list) else [server]
+    urls = url if isinstance(url, list) else [url]
     spec = {
         "method": method,
-        "url": url,
+        "url": urls[0],
+        "urls": urls,
+        "keys_by_url": keys_by_url,
         "keys": keys,
         "body": body,
         "ok_statuses": [str(s) for s in ok],
@@ -164,7 +171,8 @@ def run_load(
     db_names = () if db_name is None else (db_name,)
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     db0 = db_seconds(*db_names)
-    busy0, cpu0, t0 = busy_seconds(), cpu_seconds(server.pid), time.monotonic()
+    busy0, t0 = busy_seconds(), time.monotonic()
+    cpu0 = sum(cpu_seconds(s.pid) for s in servers)
     gen = procs.start(
         [sys.executable, "-m", "bench.load", json.dumps(spec)],
         cwd=ROOT,
@@ -174,7 +182,8 @@ def run_load(
         out, _ = gen.communicate(timeout=load.warmup + load.duration + 60)
     finally:
         procs.stop(gen)
-    busy1, cpu1, t1 = busy_seconds(), cpu_seconds(server.pid), time.monotonic()
+    busy1, t1 = busy_seconds(), time.monotonic()
+    cpu1 = sum(cpu_seconds(s.pid) for s in servers)
     db1 = db_seconds(*db_names)
     children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if gen.returncode != 0:

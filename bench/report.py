@@ -28,6 +28,7 @@ POLL_GOAL = 1.5  # at most this many times bare aiohttp's server CPU per GET of 
 # connections (ms, on an idle machine), replay events/s.
 SUBMIT_CPU_GOAL = {"SQLite": 1.5, "PostgreSQL": 2.5}
 SUBMIT_P99_GOAL = 50.0
+PROCESSES_GOAL = 1.7  # 2 API processes' submit rate against one's, on PostgreSQL
 REPLAY_GOAL = {"SQLite": 100_000.0, "PostgreSQL": 50_000.0}
 LIBRARY_SAVE = "library save() of a submit's 3 aggregates"  # bench.librarysave's row
 
@@ -44,6 +45,7 @@ class Row:
     cpu: Cpu | None = None
     note: str = ""
     offers: int | None = None  # the offer count of a "submit, N offers" row
+    processes: int | None = None  # API processes of a "submit, N API processes" row
 
     @property
     def rps(self) -> float:
@@ -179,6 +181,8 @@ def render(
         lines += ["", LIBRARY_NOTE]
     if any(row.offers is not None for row in rows):
         lines += ["", offers_note(load)]
+    if any(row.processes is not None for row in rows):
+        lines += ["", processes_note()]
     if replays:
         lines += ["", *replay_table(replays)]
     if sse is not None:
@@ -237,6 +241,7 @@ def render(
             f"{beside} ({row.rps:,.0f} jobs/s) — {met}; p99 ≤ {SUBMIT_P99_GOAL:g} ms at "
             f"{load.concurrency} connections: {p99:.0f} ms — {met_p99}"
         )
+    lines += processes_goal(rows)
     for replay in replays:
         goal = REPLAY_GOAL.get(replay.backend)
         if goal is None or replay.result is None:
@@ -406,6 +411,70 @@ def offers_note(load: Load) -> str:
         "aiohttp's `POST /json`, like the submit row's; the list after the goals compares them "
         "with the 1-offer row of the same backend."
     )
+
+
+def processes_note() -> str:
+    return (
+        "Submit, 1 and 2 API processes (PostgreSQL): one fresh database; the submit load on one "
+        "`serve --no-worker`, then a second one is started on the same database (the "
+        "production topology's API role: each process runs its own projection runner over the "
+        "shared views) and the same load is dealt out over the two ports by the load "
+        "generator, connection by connection (no balancer in between): first with the buyers' "
+        "keys round-robin over all requests, so every buyer's account is written by both "
+        "processes, then with the buyers split between the processes (a balancer sticky by "
+        "API key). The load generator, both servers and PostgreSQL all share the machine's "
+        "cores: the ratio is capped by what the engine leaves of them, so server CPU ms/req "
+        "(both processes added up) shows whether the engine itself got dearer per job."
+    )
+
+
+def processes_goal(rows: list[Row]) -> list[str]:
+    """The goal line: 2 API processes' submit rate against one's, and what each cost."""
+    one = next((r for r in rows if r.processes == 1 and r.result), None)
+    if one is None or not one.rps:
+        return []
+    lines = []
+    ceiling = processes_ceiling(one)
+    if ceiling is not None:
+        lines.append(
+            f"- the most 2 API processes can give on {os.cpu_count()} cores at the 1-process "
+            f"row's CPU per job (if one process can use at most one core): {ceiling:.2f}x "
+            "(cores x server ms / (server + PostgreSQL + load generator ms per job)); "
+            f"{PROCESSES_GOAL:g}x needs the database's and the load generator's CPU per job "
+            f"under {((os.cpu_count() or 1) / PROCESSES_GOAL - 1):.0%} of the server's"
+        )
+    for two in (r for r in rows if r.processes == 2 and r.result):
+        ratio = two.rps / one.rps
+        met = "met" if ratio >= PROCESSES_GOAL else "**not met**"
+        cost = ""
+        if one.cpu is not None and two.cpu is not None and one.cpu_ms and two.cpu_ms:
+            cost = (
+                f"; server CPU {one.cpu_ms:.2f} → {two.cpu_ms:.2f} ms/job, cores busy "
+                f"(servers + db + loadgen + other) {cpu_total(one.cpu):.2f} → "
+                f"{cpu_total(two.cpu):.2f} of {os.cpu_count()}, the load generator's share "
+                f"{one.cpu.loadgen:.2f} → {two.cpu.loadgen:.2f}"
+            )
+        label = two.workload.split(", ", 2)[-1]
+        lines.append(
+            f"- 2 API processes ≥ {PROCESSES_GOAL:g}x one's submit rate on PostgreSQL "
+            f"({label}): {ratio:.2f}x ({one.rps:,.0f} → {two.rps:,.0f} jobs/s{cost}) — {met}"
+        )
+    return lines
+
+
+def processes_ceiling(one: Row) -> float | None:
+    """The rate 2 API processes can reach against one on this machine's cores, from what one
+    job cost in the 1-process row: one process is capped by its own core (the GIL), two by
+    the cores every job's CPU shares (both servers, PostgreSQL, the load generator)."""
+    if one.cpu is None or one.cpu.db is None or not one.rps:
+        return None
+    server, db, loadgen = (x / one.rps for x in (one.cpu.server, one.cpu.db, one.cpu.loadgen))
+    cores = os.cpu_count() or 1
+    return min(2.0, cores * server / (server + db + loadgen))
+
+
+def cpu_total(cpu: Cpu) -> float:
+    return cpu.server + (cpu.db or 0.0) + cpu.loadgen + cpu.other
 
 
 def offers_scaling(rows: list[Row]) -> list[str]:

@@ -14,7 +14,11 @@ connections, a warm-up and a fixed measured window:
 * submit: ``POST /v1/video/generations`` round-robin over several funded buyers
   (baseline ``POST /json``); anything but 202 counts as an error;
 * submit, N offers: the submit workload on a fresh engine whose model has N seller offers
-  (``--offers``, default 1, 10 and 100), each with its own provider key and multiplier.
+  (``--offers``, default 1, 10 and 100), each with its own provider key and multiplier;
+* submit, 1 and 2 API processes (PostgreSQL only): the submit workload on one
+  ``serve --no-worker``, then on two of them on the same database (the production topology's
+  API role), the load generator dealing its connections out over both ports; once with every
+  buyer sent to either process, once with the buyers split between them.
 
 Each row also accounts for the CPU (server, its PostgreSQL backends, load generator, the rest of
 the machine) and reports server CPU per request, which stays meaningful when other processes
@@ -51,12 +55,13 @@ from bench.databases import POSTGRES_URL, postgres_database, postgres_version, s
 from bench.measure import Load, Processes, run_load, wait_for_quiet
 from bench.report import ReplayRow, Row, render, update_readme
 from bench.scale import SCALE_JOBS, SMALL_JOBS, ScaleRun
-from bench.servers import SUBMIT_BODY, answer_of, running_bare, running_engine
+from bench.servers import SUBMIT_BODY, answer_of, more_api, running_bare, running_engine
 from bench.sse import SseResult, measure_sse
 
 LIBRARY_SAVES = 2000  # saves timed in the library baseline of the submit rows
 OFFER_COUNTS = (1, 10, 100)  # offers on the model in the "submit, N offers" rows
-PARTS = ("poll", "submit", "offers", "sse", "replay", "scale")  # what --only can choose
+# What --only can choose.
+PARTS = ("poll", "submit", "offers", "processes", "sse", "replay", "scale")
 
 
 # ---------------------------------------------------------------------- the rows
@@ -73,7 +78,7 @@ def measure_bare(
         if "poll" in only:
             res, cpu = run_load(procs, proc, load, method="GET", url=base + "/json", ok=[200])
             rows["poll"] = Row("bare aiohttp", "GET /json", res, None, cpu)
-        if only.isdisjoint(("submit", "offers")):
+        if only.isdisjoint(("submit", "offers", "processes")):
             return rows, answer
         res, cpu = run_load(
             procs,
@@ -164,6 +169,41 @@ def measure_offers(
     return rows
 
 
+def measure_processes(
+    procs: Processes,
+    load: Load,
+    url: str,
+    workdir: Path,
+    baseline: dict[str, Row],
+    buyers: int,
+) -> list[Row]:
+    """Submit on one API process, then on two on the same database, in that order on one
+    fresh database (so the second row's log is the longer one, which costs it a little)."""
+    rows = []
+    base_result = baseline["submit"].result if "submit" in baseline else None
+    with running_engine(procs, url, workdir / "api-1", buyers) as engine:
+        say("PostgreSQL, submit on 1 API process")
+        submit = engine.workload("submit")
+        res, cpu = run_load(procs, engine.proc, load, db_name=engine.db_name, **submit)
+        rows.append(Row("PostgreSQL", "submit, 1 API process", res, base_result, cpu, processes=1))
+        with more_api(procs, url, workdir / "api-2") as (second, base):
+            urls = [submit["url"], submit["url"].replace(engine.base, base)]
+            both = [engine.proc, second]
+            for split in (False, True):
+                label = "buyers split" if split else "any buyer to either"
+                say(f"PostgreSQL, submit on 2 API processes, {label}")
+                res, cpu = run_load(
+                    procs,
+                    both,
+                    load,
+                    db_name=engine.db_name,
+                    **{**submit, "url": urls, "keys_by_url": split},
+                )
+                workload = f"submit, 2 API processes, {label}"
+                rows.append(Row("PostgreSQL", workload, res, base_result, cpu, processes=2))
+    return rows
+
+
 def measure_postgres(
     procs: Processes,
     load: Load,
@@ -200,6 +240,9 @@ def measure_postgres(
                 bare_answer,
                 skipped,
             )
+        if "processes" in only:
+            with postgres_database(admin_url) as url:
+                rows += measure_processes(procs, load, url, workdir / "processes", baseline, buyers)
         rows += measure_offers(
             procs,
             load,

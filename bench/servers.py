@@ -191,10 +191,10 @@ def create_offers(base: str, count: int) -> None:
         )
 
 
-@contextlib.contextmanager
-def running_engine(
-    procs: Processes, database_url: str, workdir: Path, buyers: int, offers: int = 1
-) -> Iterator[EngineRun]:
+def start_api(
+    procs: Processes, database_url: str, workdir: Path
+) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """A ``serve --no-worker`` process starting on a free port: (process, base URL, log)."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "server.log"
@@ -206,8 +206,31 @@ def running_engine(
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+@contextlib.contextmanager
+def more_api(
+    procs: Processes, database_url: str, workdir: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """One more API process on the database of a running, set-up engine (the production
+    topology's second API process; PostgreSQL only): its process and base URL."""
+    proc, base, log = start_api(procs, database_url, workdir)
     try:
-        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, proc, log)
+        yield proc, base
+        if proc.poll() is not None:
+            raise RuntimeError(f"server died during the run: {log.read_text()[-2000:]}")
+    finally:
+        procs.stop(proc)
+
+
+@contextlib.contextmanager
+def running_engine(
+    procs: Processes, database_url: str, workdir: Path, buyers: int, offers: int = 1
+) -> Iterator[EngineRun]:
+    proc, base, log = start_api(procs, database_url, workdir)
+    try:
         wait_ready(base, proc, log)
         # Set up through the real API, as an operator and a seller would.
         keys = []
