@@ -156,8 +156,9 @@ def render(
             "",
             f"Load: {load.concurrency} concurrent keep-alive connections from a separate aiohttp "
             f"client process, {load.warmup:g} s warm-up then {load.duration:g} s measured per row, "
-            "loopback; one server process at a time. req/s counts successful responses only "
-            "(200 for polls, 202 for submits); p50/p99 are over every measured response. "
+            "loopback; one server process at a time (except the 2-process rows). req/s counts "
+            "successful responses only (200 for polls, 202 for submits); p50/p99 are over every "
+            "measured response. "
             "The engine runs as `mediamarket serve --no-worker` (API, projection runner and "
             "embedded simulator; no worker, so the submitted jobs are never dispatched) with "
             "`LOG_LEVEL=info` (failed and slow requests are logged as JSON to a "
