@@ -228,7 +228,9 @@ class Server:
                     return
             except urllib3.exceptions.HTTPError:
                 pass
-            time.sleep(0.05)
+            # Each look is a refused connect or a 503 answered at once; every test waits for
+            # engines to start, several times over, so look often.
+            time.sleep(0.02)
         raise AssertionError("server did not become ready")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
