@@ -153,7 +153,8 @@ class Client:
                 return dict(r.json())
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} still {r.json()['status']} after {timeout}s")
-            time.sleep(0.1)
+            # One cheap GET a look; most tests wait for several jobs to end.
+            time.sleep(0.05)
 
     def billing(self) -> dict[str, Any]:
         return dict(self.get("/sim/api/v1/sim/billing").json()["keys"])
