@@ -31,10 +31,10 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 # loadfile, which hands out whole files in collection order: a slow file collected last (and
 # several are, alphabetically) runs alone at the end while the other core idles.
 SLOW_FILES_FIRST = [
-    "test_finance.py",
-    "test_routing_table.py",
     "test_webhooks.py",
     "test_vopr.py",
+    "test_finance.py",
+    "test_routing_table.py",
     "test_recovery.py",
     "test_market.py",
     "test_lifecycle.py",
