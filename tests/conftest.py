@@ -31,22 +31,24 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 # loadfile, which hands out whole files in collection order: a slow file collected last (and
 # several are, alphabetically) runs alone at the end while the other core idles.
 SLOW_FILES_FIRST = [
+    "test_finance.py",
     "test_webhooks.py",
     "test_vopr.py",
-    "test_finance.py",
-    "test_routing_table.py",
     "test_recovery.py",
+    "test_routing_table.py",
     "test_market.py",
-    "test_lifecycle.py",
-    "test_magic_keys.py",
     "test_schemathesis.py",
-    "test_artifacts_s3.py",
-    "test_waiting.py",
     "test_audit.py",
+    "test_rebuild_live.py",
     "test_concurrency.py",
-    "test_projection_failure.py",
+    "test_waiting.py",
     "test_api_accounts.py",
     "test_api_jobs.py",
+    "test_magic_keys.py",
+    "test_lifecycle.py",
+    "test_projection_failure.py",
+    "test_artifacts_s3.py",
+    "test_metrics.py",
 ]
 
 
