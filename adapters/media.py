@@ -15,13 +15,16 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
-from av.audio.frame import AudioFrame
-from av.audio.stream import AudioStream
-from av.container import InputContainer, OutputContainer
-from av.video.frame import VideoFrame
-from av.video.stream import VideoStream
+# PyAV is imported where a video is rendered or probed, not with this module: every process
+# imports it (each CLI tool too), and loading FFmpeg's libraries is a tenth of a start-up.
+if TYPE_CHECKING:
+    from av.audio.frame import AudioFrame
+    from av.audio.stream import AudioStream
+    from av.container import InputContainer, OutputContainer
+    from av.video.frame import VideoFrame
+    from av.video.stream import VideoStream
 
 BASE_HEIGHTS = {"480p": 480, "720p": 720, "1080p": 1080, "4k": 2160}
 
@@ -86,6 +89,8 @@ def pixel_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
 
 
 def _solid_frame(width: int, height: int, colour: tuple[int, int, int]) -> VideoFrame:
+    from av.video.frame import VideoFrame
+
     frame = VideoFrame(width, height, "yuv420p")
     for plane, value in zip(frame.planes, colour, strict=True):
         # Filling the padded buffer too is harmless and avoids per-row copies.
@@ -103,6 +108,8 @@ def _tone_second(hz: int) -> bytes:
 
 
 def _tone_frame(second: int) -> AudioFrame:
+    from av.audio.frame import AudioFrame
+
     frame = AudioFrame(format="fltp", layout="mono", samples=AUDIO_SAMPLE_RATE)
     tone = _tone_second(_TONES_HZ[second % len(_TONES_HZ)])
     plane = frame.planes[0]
@@ -129,6 +136,8 @@ def render_mp4(width: int, height: int, seconds: int, audio: bool = False) -> by
         raise MediaError(f"H.264 4:2:0 needs positive even sizes, got {width}x{height}")
     if seconds <= 0:
         raise MediaError(f"duration must be positive, got {seconds}")
+    import av
+
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
         video = container.add_stream("libx264", rate=FRAMES_PER_SECOND)
@@ -170,6 +179,8 @@ class MediaInfo:
 
 def _decode_first_frames(container: InputContainer, video: VideoStream) -> bool:
     """Decode until the video yields a frame (or fail) and report whether any audio did too."""
+    import av
+
     audio_streams = list(container.streams.audio)
     seen_video = heard = False
     # One pass over the interleaved packets: decoding each stream separately would either
@@ -193,6 +204,8 @@ def _decode_first_frames(container: InputContainer, video: VideoStream) -> bool:
 
 def probe_mp4(path: Path) -> MediaInfo:
     """What the file itself says it is; a provider's claims are not trusted."""
+    import av
+
     try:
         size = path.stat().st_size
         with av.open(str(path), "r") as container:

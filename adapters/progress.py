@@ -13,8 +13,6 @@ import sys
 import time
 from typing import Any, TextIO
 
-from tqdm import tqdm
-
 # A line every ten seconds tells a watcher a long job is alive without flooding a log.
 LINE_EVERY_SECONDS = 10.0
 
@@ -107,6 +105,10 @@ class Progress:
         # The first plain line after a full interval: a short job prints only its summary.
         self._next_line = self._started + self.every
         if self.interactive:
+            # Imported only for a bar on a terminal: every process imports this module, and
+            # most never draw one.
+            from tqdm import tqdm
+
             sized = _width(self.stream) > 0
             self._bar = tqdm(
                 total=self.total,

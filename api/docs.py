@@ -7,15 +7,25 @@ works offline and behind a strict firewall.
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
 
-import swagger_ui
 from aiohttp import web
 
 from api.errors import not_found
 from api.routes import Reply, Route
 
-STATIC = Path(swagger_ui.__file__).parent / "static"
+
+def _package_dir(name: str) -> Path:
+    # Found, not imported: importing swagger_ui pulls in jinja2 and yaml, a tenth of every
+    # process's start-up (a server's, and each CLI tool's), for files read only from disk.
+    spec = find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"{name} is not installed")
+    return Path(spec.origin).parent
+
+
+STATIC = _package_dir("swagger_ui") / "static"
 # What the page needs, and nothing else of the package: (file, content type).
 ASSETS: dict[str, tuple[Path | None, str]] = {
     "swagger-ui.css": (STATIC / "swagger-ui.css", "text/css"),

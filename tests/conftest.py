@@ -7,13 +7,21 @@ absent they are skipped with the reason shown, except under ``CI=true``, where t
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Server, base_env, free_port, postgres_available, postgres_database
+from tests.harness import (
+    DATABASES,
+    Server,
+    base_env,
+    free_port,
+    postgres_available,
+    postgres_database,
+)
 from tests.listener import Listener
 from tests.s3server import S3Server, S3Unavailable, start_s3_server
 
@@ -24,21 +32,23 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 # several are, alphabetically) runs alone at the end while the other core idles.
 SLOW_FILES_FIRST = [
     "test_finance.py",
-    "test_routing_table.py",
     "test_webhooks.py",
     "test_vopr.py",
     "test_recovery.py",
+    "test_routing_table.py",
     "test_market.py",
-    "test_lifecycle.py",
-    "test_magic_keys.py",
     "test_schemathesis.py",
-    "test_artifacts_s3.py",
-    "test_waiting.py",
     "test_audit.py",
+    "test_rebuild_live.py",
     "test_concurrency.py",
-    "test_projection_failure.py",
+    "test_waiting.py",
     "test_api_accounts.py",
     "test_api_jobs.py",
+    "test_magic_keys.py",
+    "test_lifecycle.py",
+    "test_projection_failure.py",
+    "test_artifacts_s3.py",
+    "test_metrics.py",
 ]
 
 
@@ -46,6 +56,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
     # A stable sort: each file's tests stay together and in their own order.
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Every test database's drop was left to a background thread: wait for them here.
+    for error in DATABASES.close():
+        print(f"a test database was not dropped: {error}", file=sys.stderr)
 
 
 _pg_problem: str | None = None
@@ -63,27 +79,29 @@ def _require_postgres() -> None:
         pytest.skip(_pg_problem)
 
 
-@pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/data"
+def _database(backend: str, data_dir: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{data_dir}/data"
         return
     _require_postgres()
     with postgres_database() as url:
         yield url
 
 
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    yield from _database(request.param, tmp_path)
+
+
 ServerFactory = Callable[..., Server]
 
 
-@pytest.fixture
-def make_server(database_url: str, tmp_path: Path) -> Iterator[ServerFactory]:
-    """Start engines on the test's database; all are killed at the end of the test."""
+def _servers(database_url: str, data_dir: Path) -> Iterator[ServerFactory]:
     servers: list[Server] = []
 
     def make(*args: str, start: bool = True, **env: str) -> Server:
         port = free_port()
-        server = Server(tmp_path, base_env(database_url, port, **env), port, list(args))
+        server = Server(data_dir, base_env(database_url, port, **env), port, list(args))
         servers.append(server)
         if start:
             server.start()
@@ -92,6 +110,28 @@ def make_server(database_url: str, tmp_path: Path) -> Iterator[ServerFactory]:
     yield make
     for server in servers:
         server.kill()
+
+
+@pytest.fixture
+def make_server(database_url: str, tmp_path: Path) -> Iterator[ServerFactory]:
+    """Start engines on the test's database; all are killed at the end of the test."""
+    yield from _servers(database_url, tmp_path)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """One database per backend for a whole module, for tests that build on one market."""
+    yield from _database(request.param, tmp_path_factory.mktemp(f"module-{request.param}"))
+
+
+@pytest.fixture(scope="module")
+def module_make_server(
+    module_database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerFactory]:
+    """``make_server`` on the module's database; its engines are killed at the module's end."""
+    yield from _servers(module_database_url, tmp_path_factory.mktemp("module-servers"))
 
 
 @pytest.fixture

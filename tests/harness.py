@@ -12,9 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,7 +153,8 @@ class Client:
                 return dict(r.json())
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} still {r.json()['status']} after {timeout}s")
-            time.sleep(0.1)
+            # One cheap GET a look; most tests wait for several jobs to end.
+            time.sleep(0.05)
 
     def billing(self) -> dict[str, Any]:
         return dict(self.get("/sim/api/v1/sim/billing").json()["keys"])
@@ -226,7 +229,9 @@ class Server:
                     return
             except urllib3.exceptions.HTTPError:
                 pass
-            time.sleep(0.05)
+            # Each look is a refused connect or a 503 answered at once; every test waits for
+            # engines to start, several times over, so look often.
+            time.sleep(0.02)
         raise AssertionError("server did not become ready")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -275,20 +280,91 @@ def base_env(database_url: str, port: int, **overrides: str) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+def _create_database() -> str:
     import psycopg
 
     name = f"mm_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def _drop_database(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class _Databases:
+    """Test databases made and dropped off the tests' path, on one background thread.
+
+    CREATE and DROP DATABASE take most of a second each on a busy machine, and a test waited
+    for both. Now the next test's database is created while this test runs, and a finished
+    test's is dropped while the next one runs; ``close`` (at the session's end) waits for
+    every drop, so none is left behind.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._spare: Future[str] | None = None
+        self._drops: list[Future[None]] = []
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-databases")
+        return self._pool
+
+    def take(self) -> str:
+        with self._lock:
+            spare, self._spare = self._spare, None
+        name: str | None = None
+        if spare is not None:
+            try:
+                name = spare.result()
+            except Exception:
+                name = None  # made again below, where its error is the test's
+        if name is None:
+            name = _create_database()
+        with self._lock:
+            self._spare = self._executor().submit(_create_database)
+        return name
+
+    def give_back(self, name: str) -> None:
+        with self._lock:
+            self._drops.append(self._executor().submit(_drop_database, name))
+
+    def close(self) -> list[BaseException]:
+        """Drop the spare, wait for every drop; the errors, if any."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+            drops, self._drops = self._drops, []
+            pool, self._pool = self._pool, None
+        errors = [e for e in (drop.exception() for drop in drops) if e is not None]
+        if spare is not None:
+            try:
+                _drop_database(spare.result())
+            except Exception as e:
+                errors.append(e)
+        if pool is not None:
+            pool.shutdown(wait=True)
+        return errors
+
+
+DATABASES = _Databases()
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards (in the background:
+    ``DATABASES.close()`` waits for the drops)."""
+    name = DATABASES.take()
     base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
     try:
         yield f"{base}/{name}"
     finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        DATABASES.give_back(name)
 
 
 def postgres_available() -> str | None:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ServerFactory
-from tests.harness import ADMIN_TOKEN, Client, Server
+from tests.harness import ADMIN_TOKEN, Client, Server, base_env, free_port
 from tests.test_lifecycle import (
     PIXVERSE,
     RUNWAY,
@@ -86,15 +86,30 @@ def _mixed_run(make_server: ServerFactory, jobs: int) -> tuple[Server, dict[str,
     return server, {"buyers": buyers, "sellers": sellers}
 
 
-def _reconcile(server: Server) -> tuple[int, dict[str, Any], str]:
-    text = server.cli("ledger", "reconcile")
+@pytest.fixture(scope="module")
+def mixed_run(module_make_server: ServerFactory) -> tuple[Server, dict[str, Any]]:
+    """One mixed run per backend, shared: the first test only reads it, the second (after it,
+    in file order) corrupts its views."""
+    return _mixed_run(module_make_server, jobs=JOBS)
+
+
+def _reconcile(server: Server, *, text: bool = True) -> tuple[int, dict[str, Any], str]:
+    """The exit code (of the text form, or of ``--json`` without it), the JSON report and the
+    text. Both forms exit alike; the text form is run where what it says is checked."""
     as_json = server.cli("ledger", "reconcile", "--json")
     assert as_json.stdout.startswith("{"), as_json.stderr[-3000:]
-    return text.returncode, json.loads(as_json.stdout), text.stdout + text.stderr
+    report = json.loads(as_json.stdout)
+    if not text:
+        return as_json.returncode, report, as_json.stdout + as_json.stderr
+    rendered = server.cli("ledger", "reconcile")
+    assert rendered.returncode == as_json.returncode, rendered.stdout + as_json.stdout
+    return rendered.returncode, report, rendered.stdout + rendered.stderr
 
 
-def test_mixed_run_reconciles_and_matches_the_api(make_server: ServerFactory) -> None:
-    server, who = _mixed_run(make_server, jobs=JOBS)
+def test_mixed_run_reconciles_and_matches_the_api(
+    mixed_run: tuple[Server, dict[str, Any]],
+) -> None:
+    server, who = mixed_run
     c = server.client
 
     code, report, text = _reconcile(server)
@@ -212,21 +227,23 @@ def _corrupt(server: Server, statement: str) -> None:
         assert conn.execute(statement).rowcount == 1
 
 
-def test_corrupting_one_row_is_named_by_replay_and_reconcile(make_server: ServerFactory) -> None:
-    server = make_server(**FEES)
+def test_corrupting_one_row_is_named_by_replay_and_reconcile(
+    mixed_run: tuple[Server, dict[str, Any]],
+) -> None:
+    server, who = mixed_run
     c = server.client
-    _, buyer_key = c.create_buyer(DEPOSIT)
-    _, seller_key = c.create_seller()
-    c.create_offer(seller_key, SEEDANCE, "sim_ok", "0.80")
-    jobs = [submit_ok(c, buyer_key)["id"] for _ in range(5)]
-    wait_until(lambda: _all_terminal(c, [buyer_key]), timeout=30, what="the jobs to end")
+    buyer_key = who["buyers"][0][1]
     verified = server.cli("replay", "--verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "DIFFERENT" not in verified.stdout and "mm_ledger_postings" in verified.stdout
-    assert _reconcile(server)[0] == 0
+    assert _reconcile(server, text=False)[0] == 0
+
+    # Jobs that ran and were charged: each has a capture and a confirmed settlement.
+    jobs = [j["id"] for j in list_jobs(c, buyer_key) if j["status"] == "succeeded"]
+    assert len(jobs) >= 2
 
     # One capture's seller posting inflated by a microdollar.
-    victim = jobs[2]
+    victim = jobs[0]
     _corrupt(
         server,
         "UPDATE mm_ledger_postings SET credit = credit + 1 WHERE line = 1 AND entry_no = "
@@ -242,7 +259,7 @@ def test_corrupting_one_row_is_named_by_replay_and_reconcile(make_server: Server
     assert f"job {victim}" in text
 
     # A job view serving the wrong charge is named too, by table and by job.
-    other = jobs[3]
+    other = jobs[1]
     _corrupt(
         server,
         'UPDATE mm_job_views SET doc = REPLACE(doc, \'"settlement_status":"confirmed"\', '
@@ -251,7 +268,7 @@ def test_corrupting_one_row_is_named_by_replay_and_reconcile(make_server: Server
     replayed = server.cli("replay", "--verify")
     assert replayed.returncode == 1
     assert f"mm_job_views: row {other} differs" in replayed.stdout, replayed.stdout
-    code, report, text = _reconcile(server)
+    code, report, text = _reconcile(server, text=False)
     assert code == 1
     assert any(
         b["subject"] == f"job {other}" and "mm_job_views" in b["detail"] for b in report["breaks"]
@@ -259,6 +276,8 @@ def test_corrupting_one_row_is_named_by_replay_and_reconcile(make_server: Server
 
 
 @pytest.mark.parametrize("args", [("ledger", "journal", "--from", "2026-13-01"), ("replay",)])
-def test_cli_rejects_bad_arguments(server: Server, args: tuple[str, ...]) -> None:
-    result = server.cli(*args)
+def test_cli_rejects_bad_arguments(tmp_path: Path, args: tuple[str, ...]) -> None:
+    # Refused by the argument parser, before any database is opened: no engine, one backend.
+    port = free_port()
+    result = Server(tmp_path, base_env(f"sqlite:///{tmp_path}/data", port), port, []).cli(*args)
     assert result.returncode == 2, result.stdout + result.stderr

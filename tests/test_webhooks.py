@@ -11,13 +11,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from tests.conftest import ServerFactory
-from tests.harness import Client
+from tests.harness import Client, Server
 from tests.receiver import Receiver
 
 MODEL = "venice-runway-gen4-5-text"
@@ -37,6 +38,42 @@ def _market(c: Client) -> tuple[str, str]:
     _, buyer_key = c.create_buyer(deposit_usdc=50_000_000)
     _, seller_key = c.create_seller()
     return buyer_key, seller_key
+
+
+@dataclass
+class Shared:
+    """The module's engine (one per backend), for the tests whose settings agree; each test
+    has its own buyer, seller and receiver on it."""
+
+    server: Server
+    seller_keys: list[str] = field(default_factory=list)
+
+    def market(self) -> tuple[str, str]:
+        buyer_key, seller_key = _market(self.server.client)
+        self.seller_keys.append(seller_key)
+        return buyer_key, seller_key
+
+
+@pytest.fixture(scope="module")
+def shared_server(module_make_server: ServerFactory) -> Server:
+    # JOB_TTL_SECONDS for the expiry case; the fast retries are only used where a receiver
+    # fails, and the other tests' receivers answer 200 at once.
+    return module_make_server(JOB_TTL_SECONDS="3", **LOOPBACK, **FAST_RETRIES)
+
+
+@pytest.fixture
+def shared(shared_server: Server) -> Iterator[Shared]:
+    """The shared engine; afterwards this test's offers are gone, so the next test's jobs
+    route only to its own (every test here uses one model)."""
+    if shared_server.proc is None or shared_server.proc.poll() is not None:
+        shared_server.start()  # an earlier test's failure may have left it down
+    it = Shared(shared_server)
+    yield it
+    c = shared_server.client
+    for seller_key in it.seller_keys:
+        offers = c.get("/v1/seller/offers", key=seller_key).json()["data"]
+        for offer in offers:
+            c.delete(f"/v1/seller/offers/{offer['id']}", key=seller_key)
 
 
 def _secret(c: Client, buyer_key: str) -> str:
@@ -72,12 +109,10 @@ def _delivered(d: dict[str, Any]) -> bool:
     return bool(d["status"] == "delivered")
 
 
-def test_signed_delivery_for_every_terminal_state(
-    make_server: ServerFactory, receiver: Receiver
-) -> None:
-    srv = make_server(JOB_TTL_SECONDS="3", **LOOPBACK)
+def test_signed_delivery_for_every_terminal_state(shared: Shared, receiver: Receiver) -> None:
+    srv = shared.server
     c = srv.client
-    buyer_key, seller_key = _market(c)
+    buyer_key, seller_key = shared.market()
     secret = _secret(c, buyer_key)
     cases = [
         ("sim_ok", "succeeded"),
@@ -114,12 +149,11 @@ def test_signed_delivery_for_every_terminal_state(
 
 
 def test_failing_receiver_gets_retries_with_one_webhook_id(
-    make_server: ServerFactory, receiver: Receiver
+    shared: Shared, receiver: Receiver
 ) -> None:
     receiver.statuses = [500, 503]
-    srv = make_server(**LOOPBACK, **FAST_RETRIES)
-    c = srv.client
-    buyer_key, seller_key = _market(c)
+    c = shared.server.client
+    buyer_key, seller_key = shared.market()
     secret = _secret(c, buyer_key)
     c.create_offer(seller_key, MODEL, "sim_ok", "0.80")
     job = _submit(c, buyer_key, receiver.url())
@@ -193,10 +227,9 @@ def test_try_in_flight_when_killed_is_made_again_after_restart(
     assert [a["status_code"] for a in delivery["attempts"]] == [200]
 
 
-def test_rotation_signs_with_both_secrets(make_server: ServerFactory, receiver: Receiver) -> None:
-    srv = make_server(**LOOPBACK)
-    c = srv.client
-    buyer_key, seller_key = _market(c)
+def test_rotation_signs_with_both_secrets(shared: Shared, receiver: Receiver) -> None:
+    c = shared.server.client
+    buyer_key, seller_key = shared.market()
     first = c.post("/v1/buyer/webhook-secret", key=buyer_key).json()
     assert first["previous_valid_until"] is None  # it replaces no secret
     old = first["secret"]
@@ -236,14 +269,21 @@ def test_private_target_refused_at_send_time(
 
 
 def test_two_worker_processes_send_each_webhook_once(
-    make_server: ServerFactory, receiver: Receiver
+    shared: Shared, module_make_server: ServerFactory, receiver: Receiver
 ) -> None:
-    first = make_server(**LOOPBACK)
+    first = shared.server
     # A second engine with its own worker (and webhook sender), on the same database.
     sim = f"http://127.0.0.1:{first.port}/sim/api/v1"
-    second = make_server(PROVIDER_BASE_URL_VENICE=sim, **LOOPBACK)
-    c = first.client
-    buyer_key, seller_key = _market(c)
+    second = module_make_server(PROVIDER_BASE_URL_VENICE=sim, **LOOPBACK)
+    try:
+        _send_each_webhook_once(shared, second, receiver)
+    finally:
+        second.kill()  # not left to send the next tests' webhooks
+
+
+def _send_each_webhook_once(shared: Shared, second: Server, receiver: Receiver) -> None:
+    c = shared.server.client
+    buyer_key, seller_key = shared.market()
     secret = _secret(c, buyer_key)
     c.create_offer(seller_key, MODEL, "sim_ok", "0.80")
     jobs = [_submit(c, buyer_key, receiver.url(f"/{n}")) for n in range(8)]
