@@ -260,7 +260,14 @@ def test_artifact_retention_purges_and_answers_410(make_server: ServerFactory) -
     assert c.get(f"/{signed}").status == 410
     by_token = c.get(result["download_url"], headers={"X-Job-Token": job["job_token"]})
     assert by_token.status == 410
+
     # The job itself is unchanged: still succeeded and paid for, the result without a URL.
+    # The purge deletes the files before it records the purge (a crash between the two is
+    # then retried, not a file kept forever), so the poll follows the 410 by a moment.
+    def url_gone() -> bool:
+        return poll(c, job["id"], buyer_key)["results"][0]["url"] is None
+
+    wait_until(url_gone, timeout=10.0, what="the poll's url to go", interval=0.05)
     after = poll(c, job["id"], buyer_key)
     assert after["status"] == "succeeded" and after["usage"] == done["usage"]
     assert after["results"][0]["url"] is None
