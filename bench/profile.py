@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.profile poll            # SQLite, GIL-holding samples
     .venv/bin/python -m bench.profile submit --backend postgres --all-threads
     .venv/bin/python -m bench.profile submit --offers 100   # 100 seller offers on the model
+    .venv/bin/python -m bench.profile submit --scale-jobs 200000  # on bench.scale's cached log
 
 Starts the engine exactly as ``bench.run`` does, drives one workload from a separate load
 generator, samples the server with py-spy (non-blocking, so the server is not slowed), and
@@ -23,7 +24,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from bench.common import ROOT
+from bench.common import ROOT, say
 from bench.databases import POSTGRES_URL, postgres_database, sqlite_url
 from bench.measure import Load, Processes, run_load
 from bench.servers import running_engine
@@ -78,6 +79,18 @@ def summarize(raw: Path, top: int) -> str:
     return "\n".join(out)
 
 
+def scale_copy(jobs: int, data: Path) -> Path:
+    """``data``: a copy of bench.scale's cached log of ``jobs`` jobs, with its stores."""
+    from bench.scale import scale_log  # generates (through the project) only when absent
+
+    source, _ = scale_log(jobs, say)
+    data.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file() and f.name != "meta.json":
+            shutil.copyfile(f, data / f.name)
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("workload", choices=["poll", "submit"])
@@ -98,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", type=Path, help="keep the collapsed stacks here")
     parser.add_argument("--postgres-url", default=POSTGRES_URL)
+    parser.add_argument(
+        "--scale-jobs",
+        type=int,
+        help="SQLite: start on a copy of bench.scale's cached log of this many jobs "
+        "(generated first when absent), as the scale row does",
+    )
     args = parser.parse_args(argv)
     pyspy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if pyspy is None:
@@ -109,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm_profile_")))
-            if args.backend == "sqlite":
+            if args.scale_jobs:
+                url = sqlite_url(scale_copy(args.scale_jobs, tmp / "data"))
+            elif args.backend == "sqlite":
                 url = sqlite_url(tmp / "data")
             else:
                 url = stack.enter_context(postgres_database(args.postgres_url))
@@ -138,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.workload} on {args.backend}: {result['ok_rps']:,.0f} req/s, "
                 f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
                 f"errors {result['errors']}; server CPU {cpu.server:.0%}, "
-                f"other {cpu.other:.0%} (profiling slows the server a little)"
+                f"other {cpu.other:.0%}, {cpu.server / result['ok_rps'] * 1000:.2f} ms server CPU "
+                "per request (profiling slows the server a little)"
             )
             print(summarize(raw, args.top))
             if args.out:

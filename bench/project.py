@@ -21,8 +21,10 @@ from domain.aggregates import Offer, settlement_id
 from domain.catalog import Catalog, VideoRequest
 from domain.money import FeeSchedule, parse_multiplier, price_offer, usd_to_micros
 from domain.routing import Candidate, RoutingError, choose
-from projections.runner import CATCH_UP_BATCH_SIZE
+from projections.runner import CATCH_UP_BATCH_SIZE, ProjectionRunner
 from projections.views import VIEWS_NAME, Views, open_views, scratch_views
+from projections.work import NAME as WORK_NAME
+from projections.work import open_work
 from services.commands import Commands
 from services.replay import LogSource, rebuild
 from services.routing import MAX_ROUTE_OFFERS, Route, request_data, video_params
@@ -34,6 +36,7 @@ __all__ = [
     "LEASE_SECONDS",
     "MAX_ROUTE_OFFERS",
     "VIEWS_NAME",
+    "WORK_NAME",
     "Candidate",
     "Commands",
     "FeeSchedule",
@@ -41,6 +44,7 @@ __all__ = [
     "MarketApp",
     "Offer",
     "Progress",
+    "ProjectionRunner",
     "Route",
     "RoutingError",
     "Secrets",
@@ -49,6 +53,7 @@ __all__ = [
     "job_view_count",
     "open_market",
     "open_views",
+    "open_work",
     "parse_multiplier",
     "price_offer",
     "rebuild",

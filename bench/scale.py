@@ -6,7 +6,8 @@
 Each log is generated once (``bench.replaystore.sqlite_log``: two markets generated at once in
 two processes, their logs interleaved into one; the offers sealed with the bench server's key,
 so the engine can route over them) and cached in ``bench/.cache/`` together with its views,
-built once by ``services.replay.rebuild`` (the rebuild ``mediamarket replay`` runs). Each row
+built once by ``services.replay.rebuild`` (the rebuild ``mediamarket replay`` runs), and the
+work queue's store, folded once by its runner (every serving process keeps it). Each row
 then runs ``mediamarket serve --no-worker`` on a copy of that directory (the cache stays as
 generated), sets it up through the API as the other rows do (8 funded buyers, one more offer,
 one queued job) and measures the poll and submit workloads. Compared: poll p99 and submit
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -90,7 +92,17 @@ def scale_log(jobs: int, say: Callable[[str], None]) -> tuple[Path, dict[str, An
     """The cached directory of a log of ``jobs`` jobs with its views built: (path, meta)."""
     # Imported here: ``bench.run`` and ``bench.report`` read this module's results without
     # loading the project (the HTTP bench drives it only as a separate process).
-    from bench.project import VIEWS_NAME, LogSource, open_market, open_views, rebuild, store_env
+    from bench.project import (
+        VIEWS_NAME,
+        WORK_NAME,
+        LogSource,
+        ProjectionRunner,
+        open_market,
+        open_views,
+        open_work,
+        rebuild,
+        store_env,
+    )
     from bench.replaystore import sqlite_log
 
     url, meta = sqlite_log(jobs, RATE, say, shards=SHARDS, secret_key=SECRET_KEY, name="scale")
@@ -113,10 +125,37 @@ def scale_log(jobs: int, say: Callable[[str], None]) -> tuple[Path, dict[str, An
             app.close()
         meta["views_built"] = True
         meta["views_seconds"] = round(time.perf_counter() - started, 1)
-        stored = {k: v for k, v in meta.items() if k != "generated"}
-        (directory / "meta.json").write_text(json.dumps(stored, indent=1) + "\n")
+        _store_meta(directory, meta)
         say(f"views built in {meta['views_seconds']:.0f} s")
+    if not meta.get("work_built"):
+        # The work queue's store, which every serving process feeds and ``replay`` does not
+        # build: without it the engine under test would spend its first minutes (at 1M jobs,
+        # the whole measurement) folding the log from the start in its runner thread, and the
+        # row would time that catch-up instead of a running engine's polls and submits.
+        say(f"building the work queue of {meta['notifications']:,} events (once; cached beside)")
+        (directory / f"{WORK_NAME}.db").unlink(missing_ok=True)
+        started = time.perf_counter()
+        app = open_market(url)
+        try:
+            work = open_work(store_env(url, role=WORK_NAME))
+            try:
+                work.ensure_schema(app.name)
+                end = app.recorder.max_notification_id() or 0
+                ProjectionRunner(app, work).catch_up(until=end)
+            finally:
+                work.datastore.close()
+        finally:
+            app.close()
+        meta["work_built"] = True
+        meta["work_seconds"] = round(time.perf_counter() - started, 1)
+        _store_meta(directory, meta)
+        say(f"work queue built in {meta['work_seconds']:.0f} s")
     return directory, meta
+
+
+def _store_meta(directory: Path, meta: dict[str, Any]) -> None:
+    stored = {k: v for k, v in meta.items() if k != "generated"}
+    (directory / "meta.json").write_text(json.dumps(stored, indent=1) + "\n")
 
 
 def memory_mb(pid: int) -> tuple[float, float]:
@@ -143,6 +182,9 @@ def measure(
     for f in source.iterdir():
         if f.is_file() and f.name != "meta.json":
             shutil.copyfile(f, data / f.name)
+    # The copy's dirty pages (7-8 GB at 1M jobs) would otherwise be written back by the kernel
+    # during the first workload, on the cores the engine and the load generator share.
+    os.sync()
     try:
         say(f"engine on a log of {jobs:,} jobs")
         with running_engine(procs, sqlite_url(data), data.parent, buyers) as engine:

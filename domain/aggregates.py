@@ -153,6 +153,23 @@ class Offer(Aggregate):
 
     TOPIC = "mediamarket.offer"
 
+    class Snapshot(LibrarySnapshot):
+        """The offer's state with its slots (a set) as a sorted list, which JSON can hold."""
+
+        TOPIC = "mediamarket.offer.snapshot.v1"
+
+        @classmethod
+        def take(cls, aggregate: Any) -> Offer.Snapshot:
+            snapshot = super().take(aggregate)
+            # ``take`` copied the aggregate's attributes into a dict of its own.
+            snapshot.state["in_flight"] = sorted(snapshot.state["in_flight"])
+            return snapshot
+
+        def mutate(self, _: None) -> Any:
+            offer: Any = super().mutate(_)
+            offer.in_flight = set(offer.in_flight)
+            return offer
+
     @event("Created", topic="mediamarket.offer.created.v1")
     def __init__(
         self,
@@ -263,6 +280,9 @@ class Offer(Aggregate):
     def _recovered(self) -> None:
         self.failures = 0
         self.backoff_until = 0.0
+
+
+register_topic(Offer.Snapshot.TOPIC, Offer.Snapshot)
 
 
 class BuyerProvider(Aggregate):

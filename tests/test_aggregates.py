@@ -337,3 +337,38 @@ def test_a_buyer_with_a_snapshot_loads_in_a_process_that_never_took_one(tmp_path
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "210"
+
+
+def test_an_offer_loads_from_its_snapshot_with_its_slots(tmp_path: Path) -> None:
+    """An offer takes and gives back a slot per dispatch, so its history grows with the log: it
+    is snapshotted as a buyer is, its slots (a set) kept across the snapshot's JSON."""
+    url = f"sqlite:///{tmp_path}/data"
+    market = open_market(url)
+    offer = new_offer(max_concurrent_jobs=None)
+    market.save(offer)
+    held = [uuid.uuid4() for _ in range(3)]
+    for job in held:
+        offer.take_slot(job, now=0.0)
+    market.save(offer)
+    while offer.version < 205:  # past the snapshotting interval
+        job = uuid.uuid4()
+        offer.take_slot(job, now=0.0)
+        market.save(offer)
+        offer.release_slot(job)
+        market.save(offer)
+    assert market.snapshots is not None
+    (snapshot,) = market.snapshots.get(offer.id, desc=True, limit=1)
+    assert snapshot.originator_version == 200
+    rebuilt = project_aggregate(None, market.repository.event_store.get(offer.id, lte=200))
+    restored = snapshot.mutate(None)
+    assert vars(restored) == vars(rebuilt)
+    assert restored.in_flight == {str(j) for j in held}
+    market.close()
+
+    fresh = open_market(url)  # no cached aggregate: the snapshot and the events after it
+    loaded = fresh.repository.get(offer.id)
+    assert vars(loaded) == vars(offer)
+    loaded.release_slot(held[0])
+    fresh.save(loaded)
+    assert fresh.repository.get(offer.id).in_flight == {str(j) for j in held[1:]}
+    fresh.close()
