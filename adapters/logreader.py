@@ -22,6 +22,17 @@ from adapters.esinternals import EventDecoder, notification_rows
 __all__ = ["EventDecoder", "LogBatch", "LogReader", "UnreadableEvent"]
 
 
+def _id_text(value: Any) -> str:
+    """An originator id as ``str(UUID)`` spells it: PostgreSQL gives UUIDs, SQLite the 32 hex
+    digits the library stores."""
+    if isinstance(value, UUID):
+        return str(value)
+    h = value.lower()
+    if len(h) == 32:
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return str(UUID(h))
+
+
 class UnreadableEvent(Exception):
     """A stored event that can't be decoded (a corrupt row, a topic this code doesn't know):
     reading again gives the same error."""
@@ -72,6 +83,16 @@ class LogReader:
             self._find_unreadable(rows)
             raise
         return LogBatch(rows[-1][0], len(rows), items)
+
+    def originators(self, start: int, limit: int, stop: int | None, into: set[str]) -> int | None:
+        """Add to ``into`` the ids of the aggregates the notifications after ``start`` (up to
+        ``stop``, at most ``limit``) changed, decoding none; returns the last id read (None
+        when there were none)."""
+        rows = self._select(start, stop, limit)
+        if not rows:
+            return None
+        into.update(_id_text(r[1]) for r in rows)
+        return int(rows[-1][0])
 
     def _find_unreadable(self, rows: list[Any]) -> None:
         """Raise ``UnreadableEvent`` naming the first row of ``rows`` that fails to decode."""

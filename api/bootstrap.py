@@ -208,6 +208,7 @@ class Engine:
         self.webhooks = WebhookCommands(self.market, self.secrets)
         self.views.bind_inline_reader()
         self.runner.on_passed.append(self.job_cache.passed)
+        self.runner.on_passed_elsewhere.append(self.job_cache.forget_changed)
         self.runner.on_advance.append(self._runner_advanced)
         self.watchers = JobWatchers(self._loop, self._job_versions)
         self.runner.on_advance.append(self.watchers.advanced)

@@ -35,8 +35,9 @@ log = structlog.get_logger("projections")
 # Catching up (a rebuild, a replay, a backlog at start) applies big batches: fewer commits and
 # fewer reloads of the same job rows. Tailing the live log applies whatever is new.
 CATCH_UP_BATCH_SIZE = 5000
-# A range of the log other runners applied is read again for ``on_passed`` up to this long;
-# past it, its callbacks are told that anything may have changed.
+# A range of the log other runners applied is read again (its aggregate ids) for
+# ``on_passed_elsewhere`` up to this long; past it, its callbacks are told that anything may
+# have changed.
 MAX_PASSED_READ = 20_000
 # The collector's young-generation threshold while catching up (the default is 700).
 CATCH_UP_GC_THRESHOLD = 100_000
@@ -117,11 +118,14 @@ class ProjectionRunner:
         # committed: across every process sharing the views, each event reaches exactly one
         # runner's callbacks (a loser of the race applied nothing), so counts made here add up.
         self.on_applied: list[Callable[[Sequence[tuple[int, Any]]], None]] = []
-        # Called with the items of every range of the log the views moved past, before
-        # ``position`` does: applied here, or by another process's runner (read again here;
-        # None when too long or unreadable: anything may have changed). What a process keeps
-        # of the views (api/jobcache.py) is invalidated from these.
-        self.on_passed: list[Callable[[Sequence[tuple[int, Any]] | None], None]] = []
+        # Called before ``position`` moves past a range of the log: with the items of a range
+        # applied here (or read here and then applied by another runner first), and for a
+        # range another process's runner applied, with the ids of the aggregates its events
+        # changed (read again here, without decoding an event; None when too long or
+        # unreadable: anything may have changed). What a process keeps of the views
+        # (api/jobcache.py) is invalidated from these, so it listens to both.
+        self.on_passed: list[Callable[[Sequence[tuple[int, Any]]], None]] = []
+        self.on_passed_elsewhere: list[Callable[[set[str] | None], None]] = []
         # When (time.monotonic()) the last look at the views' position started: every change
         # committed to the views before it has been passed to ``on_passed``.
         self.fresh_at = 0.0
@@ -246,7 +250,7 @@ class ProjectionRunner:
     def _log_end(self) -> int:
         return self.app.recorder.max_notification_id() or 0
 
-    def _passed(self, items: Sequence[tuple[int, Any]] | None) -> None:
+    def _passed(self, items: Sequence[tuple[int, Any]]) -> None:
         for callback in self.on_passed:
             try:
                 callback(items)
@@ -266,29 +270,34 @@ class ProjectionRunner:
         self._advance(position)
 
     def _passed_elsewhere(self, start: int, stop: int) -> None:
-        """Tell ``on_passed`` what is in ``(start, stop]``, which another runner applied: read
-        from the log again (the events, not their effects, are what it needs)."""
-        if not self.on_passed or stop <= start:
+        """Tell ``on_passed_elsewhere`` which aggregates ``(start, stop]`` changed, which
+        another runner applied: their ids, read from the log again without decoding an event
+        (every process sharing the views reads every range once, applied or not: decoding it
+        again here was most of a second API process's extra CPU per job)."""
+        if not self.on_passed_elsewhere or stop <= start:
             return
-        items: list[tuple[int, Any]] | None = []
+        changed: set[str] | None = set()
         if stop - start > MAX_PASSED_READ:
-            items = None
+            changed = None
         else:
             try:
-                while items is not None and start < stop:
-                    batch = self.reader.read(start, CATCH_UP_BATCH_SIZE, stop)
-                    if batch.last is None:
+                while changed is not None and start < stop:
+                    last = self.reader.originators(start, CATCH_UP_BATCH_SIZE, stop, changed)
+                    if last is None:
                         break
-                    items += batch.items
-                    start = batch.last
+                    start = last
             except Exception:
                 log.exception("projection_passed_read_failed")
-                items = None
-        self._passed(items)
+                changed = None
+        for callback in self.on_passed_elsewhere:
+            try:
+                callback(changed)
+            except Exception:
+                log.exception("projection_callback_failed")
 
     def _advance(self, position: int) -> None:
-        # Whatever it moves past has gone to ``on_passed`` already (``_applied`` or
-        # ``_moved_elsewhere``).
+        # Whatever it moves past has gone to ``on_passed`` or ``on_passed_elsewhere`` already
+        # (``_applied`` or ``_moved_elsewhere``).
         with self._caught_up:
             advanced = position > self.position
             if advanced:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from adapters.crypto import Secrets
 from adapters.eventstore import open_market, store_env
 from api.jobcache import JobCache
+from domain.aggregates import settlement_id
 from projections.jobviews import JobRow, changed_jobs
 from projections.runner import ProjectionRunner
 from projections.views import VIEWS_NAME, open_views
@@ -62,8 +63,37 @@ def test_keeps_finished_jobs_only_and_never_a_spoiled_or_older_read() -> None:
         cache.begin(job_id)
         cache.end(job_id, row(job_id))
     assert len(cache) == 2 and cache.get("b") is None and cache.get("d") is not None
-    cache.passed(None)
+    cache.forget_all()
     assert len(cache) == 0
+
+
+def test_a_settlement_change_forgets_its_job() -> None:
+    """Another process's changes come as aggregate ids (``forget_changed``): a job's own id
+    or its settlement's forgets it, anything else does not, and the settlement ids it keeps
+    go with the jobs they key."""
+    cache = JobCache(max_entries=2)
+    a, b, c = (str(uuid4()) for _ in range(3))
+    for job_id in (a, b):
+        cache.begin(job_id)
+        cache.end(job_id, row(job_id))
+    cache.forget_changed({str(uuid4()), str(settlement_id(UUID(a)))})
+    assert cache.get(a) is None and cache.get(b) is not None
+    cache.forget_changed({b})
+    assert cache.get(b) is None
+    # A read in flight is spoiled by its settlement's change too.
+    cache.begin(c)
+    cache.forget_changed({str(settlement_id(UUID(c)))})
+    cache.end(c, row(c))
+    assert cache.get(c) is None
+    cache.begin(a)
+    cache.end(a, row(a))
+    cache.forget_changed(None)
+    assert len(cache) == 0
+    # Nothing kept, nothing read: no settlement id is left behind.
+    assert not cache._settlement_of and not cache._job_of_settlement
+    # An id that is no UUID is no job's: a poll of one is read, and kept from nobody.
+    cache.begin("not-a-uuid")
+    cache.end("not-a-uuid", None)
 
 
 def test_the_runner_passes_every_change_whoever_applied_it(database_url: str) -> None:
@@ -71,46 +101,54 @@ def test_the_runner_passes_every_change_whoever_applied_it(database_url: str) ->
     commands = Commands(market_app, Secrets("z" * 32))
     views = [open_views(store_env(database_url, role=VIEWS_NAME)) for _ in range(2)]
     here, elsewhere = (ProjectionRunner(market_app, v, batch_size=7) for v in views)
-    passed: list[tuple[set[str], int]] = []
+    applied: list[tuple[set[str], int]] = []  # jobs, with the position when told
+    changed: list[tuple[set[str], int]] = []  # aggregates, likewise
 
-    def seen(items: Sequence[tuple[int, Any]] | None) -> None:
-        assert items is not None
+    def seen(items: Sequence[tuple[int, Any]]) -> None:
         # Told before the position moves: a poll that sees the position sees no stale entry.
-        passed.append((changed_jobs(items), here.position))
+        applied.append((changed_jobs(items), here.position))
+
+    def seen_elsewhere(ids: set[str] | None) -> None:
+        assert ids is not None
+        changed.append((ids, here.position))
 
     here.on_passed.append(seen)
+    here.on_passed_elsewhere.append(seen_elsewhere)
     try:
         fill_log(commands, 6)  # six jobs, two of them canceled
         start = here.position
         elsewhere.catch_up()  # another process's runner applies all of it
         here.run_once()
         jobs = {r["job_id"] for r in views[0]._all("SELECT job_id FROM mm_job_views", ())}
-        assert len(jobs) == 6
-        assert set().union(*(ids for ids, _ in passed)) == jobs
-        assert all(position == start for _, position in passed)
+        assert len(jobs) == 6 and not applied
+        ids = set().union(*(ids for ids, _ in changed))
+        assert jobs | {str(settlement_id(UUID(j))) for j in jobs} <= ids
+        assert all(position == start for _, position in changed)
         assert here.position == elsewhere.position
 
-        # A job canceled now, applied by this runner: passed too, with its settlement's
-        # resolution keyed by the job.
-        passed.clear()
+        # A job canceled now, applied by this runner: passed with its events, its
+        # settlement's resolution keyed by the job.
+        changed.clear()
         queued = sorted(j for j in jobs if views[0].get_job(j).status == "queued")  # type: ignore[union-attr]
         commands.cancel(UUID(queued[0]))
         while here.run_once():
             pass
-        assert set().union(*(ids for ids, _ in passed)) == {queued[0]}
+        assert set().union(*(ids for ids, _ in applied)) == {queued[0]} and not changed
         assert views[0].get_job(queued[0]).status == "canceled"  # type: ignore[union-attr]
 
         # And the cache hooked to it forgets the job, wherever the change was applied.
         cache = JobCache()
         here.on_passed.append(cache.passed)
-        cache.begin(queued[0])
-        cache.end(queued[0], views[0].get_job(queued[0]))
-        assert cache.get(queued[0]) is not None
+        here.on_passed_elsewhere.append(cache.forget_changed)
+        for job_id in queued[:2]:
+            cache.begin(job_id)
+            cache.end(job_id, views[0].get_job(job_id))
+        assert cache.get(queued[0]) is not None and cache.get(queued[1]) is None  # queued
         commands.cancel(UUID(queued[1]))
         elsewhere.catch_up()
         here.run_once()
         assert cache.get(queued[0]) is not None  # another job's change
-        assert {queued[1]} <= set().union(*(ids for ids, _ in passed))
+        assert queued[1] in set().union(*(ids for ids, _ in changed))
     finally:
         for v in views:
             v.datastore.close()
