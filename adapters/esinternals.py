@@ -27,7 +27,7 @@ fails there, loudly, before it fails anywhere else. What is used, and why:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
 from json.scanner import make_scanner
 from typing import Any, ClassVar
@@ -246,6 +246,108 @@ def _postgres_rows(
             return c.fetchall()
 
     return rows
+
+
+# A batch of the log: the last notification id in it (None when empty), how many notifications
+# it covers, and the rows of those whose topics were not excluded.
+RowBatch = tuple[int | None, int, list[Any]]
+
+
+def notification_batches(
+    app: Application[UUID],
+) -> Callable[[int, int | None, int, Collection[str]], RowBatch]:
+    """``batch(start, stop, limit, excluded)``: the notifications ``notification_rows`` would
+    give, as ``(last id, how many, rows)`` with the rows of ``excluded`` topics left in the
+    database: a rebuild's part reads less than half of the log's events, and fetching the rest
+    (bytes objects and row tuples for them, on PostgreSQL their transfer too) was a tenth of
+    its time. The range and the rows are read in one transaction (one snapshot)."""
+    recorder = app.recorder
+    if isinstance(recorder, SQLiteApplicationRecorder):
+        return _sqlite_batches(recorder)
+    if isinstance(recorder, PostgresApplicationRecorder):
+        return _postgres_batches(recorder)
+    rows = notification_rows(app)
+
+    def library_batches(
+        start: int, stop: int | None, limit: int, excluded: Collection[str]
+    ) -> RowBatch:
+        found = rows(start, stop, limit)
+        if not found:
+            return None, 0, []
+        return found[-1][0], len(found), [r for r in found if r[3] not in excluded]
+
+    return library_batches
+
+
+def _sqlite_batches(
+    recorder: SQLiteApplicationRecorder,
+) -> Callable[[int, int | None, int, Collection[str]], RowBatch]:
+    table = recorder.events_table_name
+
+    def batch(start: int, stop: int | None, limit: int, excluded: Collection[str]) -> RowBatch:
+        bound = "AND rowid<=? " if stop is not None else ""
+        params: list[Any] = [start] if stop is None else [start, stop]
+        with recorder.datastore.transaction(commit=False) as c, c as cursor:
+            cursor.row_factory = None
+            cursor.execute(
+                f"SELECT max(rowid), count(*) FROM (SELECT rowid FROM {table} "
+                f"WHERE rowid>? {bound}ORDER BY rowid LIMIT ?)",
+                [*params, limit],
+            )
+            last, count = cursor.fetchone()
+            if not count:
+                return None, 0, []
+            topics = list(excluded)
+            unless = f"AND topic NOT IN ({', '.join('?' * len(topics))}) " if topics else ""
+            cursor.execute(
+                f"SELECT rowid, originator_id, originator_version, topic, state FROM {table} "
+                f"WHERE rowid>? AND rowid<=? {unless}ORDER BY rowid",
+                [start, last, *topics],
+            )
+            return last, count, cursor.fetchall()
+
+    return batch
+
+
+def _postgres_batches(
+    recorder: PostgresApplicationRecorder,
+) -> Callable[[int, int | None, int, Collection[str]], RowBatch]:
+    table = SQL("{schema}.{table}").format(
+        schema=Identifier(recorder.datastore.schema),
+        table=Identifier(recorder.events_table_name),
+    )
+    # One statement, prepared once: a first row with the range's end and size (in the version
+    # column), so an all-excluded range still says how far it went, then the rows that are not
+    # excluded.
+    statement = SQL(
+        "WITH r AS (SELECT notification_id FROM {table} WHERE notification_id>%(start)s "
+        "AND notification_id<=%(stop)s ORDER BY notification_id LIMIT %(limit)s), "
+        "s AS (SELECT max(notification_id) AS last, count(*) AS n FROM r) "
+        "SELECT s.last, NULL::uuid, s.n, NULL::text, NULL::bytea, 0 AS o FROM s "
+        "UNION ALL SELECT e.notification_id, e.originator_id, e.originator_version, e.topic, "
+        "e.state, 1 FROM {table} e, s WHERE e.notification_id>%(start)s "
+        "AND e.notification_id<=s.last AND NOT (e.topic = ANY(%(excluded)s)) "
+        "ORDER BY 6, 1"
+    ).format(table=table)
+
+    def batch(start: int, stop: int | None, limit: int, excluded: Collection[str]) -> RowBatch:
+        params = {
+            "start": start,
+            "stop": 2**63 - 1 if stop is None else stop,
+            "limit": limit,
+            "excluded": list(excluded),
+        }
+        with recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as c:
+            # Prepared unless the connection says no statement may be (PgBouncer).
+            c.execute(statement, params, prepare=True)
+            found = c.fetchall()
+        last, count = found[0][0], found[0][2]
+        if not count:
+            return None, 0, []
+        # Rows of six: the extra column (the ordering) is never read.
+        return last, count, found[1:]
+
+    return batch
 
 
 # --------------------------------------------------------------------------- decoding
