@@ -26,6 +26,7 @@ fails there, loudly, before it fails anywhere else. What is used, and why:
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Collection
 from datetime import datetime
@@ -357,6 +358,38 @@ def _postgres_batches(
 _TYPE_KEY = b'"_type_"'
 MAX_CACHED_UUIDS = 65_536
 
+try:
+    # Parses an event's JSON in less than half the time of the stdlib's scanner (a third of a
+    # replay's decoding), to the same values: what it refuses (integers past 64 bits, NaN, lone
+    # surrogates) goes to the library's mapper, which the stdlib parses as it always has.
+    _orjson: Any = importlib.import_module("orjson")
+except ImportError:  # pragma: no cover - an install without it decodes with the stdlib
+    _orjson = None
+
+
+def _json_parser(scan: Callable[[str, int], tuple[Any, int]]) -> Callable[[bytes], Any]:
+    """``parse(state)``: the value of a whole JSON document, or None when it isn't one."""
+    if _orjson is not None:
+        loads, error = _orjson.loads, _orjson.JSONDecodeError
+
+        def parse_fast(state: bytes) -> Any:
+            try:
+                return loads(state)
+            except error:
+                return None
+
+        return parse_fast
+
+    def parse(state: bytes) -> Any:
+        text = state.decode("utf8")
+        try:
+            value, end = scan(text, 0)
+        except (ValueError, StopIteration):
+            return None
+        return value if end == len(text) else None
+
+    return parse
+
 
 class EventDecoder:
     """Stored event fields to the domain event ``Mapper.to_domain_event`` would return.
@@ -404,7 +437,8 @@ class EventDecoder:
         # A closure over locals: this runs once per event of a replay, and attribute lookups
         # on self were a good part of its time.
         classes, fast_class, uuids = self._classes, self._fast_class, self._uuids
-        scan, parse_datetime, library = self._scan, self._datetime, self._mapper.to_domain_event
+        parse_json, parse_datetime = _json_parser(self._scan), self._datetime
+        library = self._mapper.to_domain_event
         new, set_attribute = object.__new__, object.__setattr__
 
         def decode(
@@ -417,15 +451,11 @@ class EventDecoder:
             if type(state) is not bytes:  # a driver's memoryview
                 state = bytes(state)
             if cls is not None and state.count(_TYPE_KEY) == 1:
-                text = state.decode("utf8")
-                try:
-                    event_state, end = scan(text, 0)
-                except (ValueError, StopIteration):  # not JSON: the library says how
-                    event_state, end = None, -1
+                # Not JSON (None): the library says how.
+                event_state = parse_json(state)
                 timestamp = event_state.get("timestamp") if type(event_state) is dict else None
                 if (
-                    end == len(text)
-                    and type(timestamp) is dict
+                    type(timestamp) is dict
                     and len(timestamp) == 2
                     and timestamp.get("_type_") == "datetime_iso"
                     and "_data_" in timestamp
