@@ -367,18 +367,13 @@ except ImportError:  # pragma: no cover - an install without it decodes with the
     _orjson = None
 
 
-def _json_parser(scan: Callable[[str, int], tuple[Any, int]]) -> Callable[[bytes], Any]:
-    """``parse(state)``: the value of a whole JSON document, or None when it isn't one."""
+def _json_parser(
+    scan: Callable[[str, int], tuple[Any, int]],
+) -> tuple[Callable[[bytes], Any], type[Exception] | tuple[()]]:
+    """``(parse, errors)``: ``parse(state)`` is the value of a whole JSON document; it raises
+    one of ``errors`` or returns None when ``state`` isn't one."""
     if _orjson is not None:
-        loads, error = _orjson.loads, _orjson.JSONDecodeError
-
-        def parse_fast(state: bytes) -> Any:
-            try:
-                return loads(state)
-            except error:
-                return None
-
-        return parse_fast
+        return _orjson.loads, _orjson.JSONDecodeError
 
     def parse(state: bytes) -> Any:
         text = state.decode("utf8")
@@ -388,7 +383,7 @@ def _json_parser(scan: Callable[[str, int], tuple[Any, int]]) -> Callable[[bytes
             return None
         return value if end == len(text) else None
 
-    return parse
+    return parse, ()
 
 
 class EventDecoder:
@@ -437,7 +432,7 @@ class EventDecoder:
         # A closure over locals: this runs once per event of a replay, and attribute lookups
         # on self were a good part of its time.
         classes, fast_class, uuids = self._classes, self._fast_class, self._uuids
-        parse_json, parse_datetime = _json_parser(self._scan), self._datetime
+        (parse_json, json_errors), parse_datetime = _json_parser(self._scan), self._datetime
         library = self._mapper.to_domain_event
         new, set_attribute = object.__new__, object.__setattr__
 
@@ -451,8 +446,10 @@ class EventDecoder:
             if type(state) is not bytes:  # a driver's memoryview
                 state = bytes(state)
             if cls is not None and state.count(_TYPE_KEY) == 1:
-                # Not JSON (None): the library says how.
-                event_state = parse_json(state)
+                try:
+                    event_state = parse_json(state)
+                except json_errors:  # not JSON: the library says how
+                    event_state = None
                 timestamp = event_state.get("timestamp") if type(event_state) is dict else None
                 if (
                     type(timestamp) is dict
