@@ -26,8 +26,9 @@ fails there, loudly, before it fails anywhere else. What is used, and why:
 
 from __future__ import annotations
 
+import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
 from json.scanner import make_scanner
 from typing import Any, ClassVar
@@ -248,12 +249,141 @@ def _postgres_rows(
     return rows
 
 
+# A batch of the log: the last notification id in it (None when empty), how many notifications
+# it covers, and the rows of those whose topics were not excluded.
+RowBatch = tuple[int | None, int, list[Any]]
+
+
+def notification_batches(
+    app: Application[UUID],
+) -> Callable[[int, int | None, int, Collection[str]], RowBatch]:
+    """``batch(start, stop, limit, excluded)``: the notifications ``notification_rows`` would
+    give, as ``(last id, how many, rows)`` with the rows of ``excluded`` topics left in the
+    database: a rebuild's part reads less than half of the log's events, and fetching the rest
+    (bytes objects and row tuples for them, on PostgreSQL their transfer too) was a tenth of
+    its time. The range and the rows are read in one transaction (one snapshot)."""
+    recorder = app.recorder
+    if isinstance(recorder, SQLiteApplicationRecorder):
+        return _sqlite_batches(recorder)
+    if isinstance(recorder, PostgresApplicationRecorder):
+        return _postgres_batches(recorder)
+    rows = notification_rows(app)
+
+    def library_batches(
+        start: int, stop: int | None, limit: int, excluded: Collection[str]
+    ) -> RowBatch:
+        found = rows(start, stop, limit)
+        if not found:
+            return None, 0, []
+        return found[-1][0], len(found), [r for r in found if r[3] not in excluded]
+
+    return library_batches
+
+
+def _sqlite_batches(
+    recorder: SQLiteApplicationRecorder,
+) -> Callable[[int, int | None, int, Collection[str]], RowBatch]:
+    table = recorder.events_table_name
+
+    def batch(start: int, stop: int | None, limit: int, excluded: Collection[str]) -> RowBatch:
+        bound = "AND rowid<=? " if stop is not None else ""
+        params: list[Any] = [start] if stop is None else [start, stop]
+        with recorder.datastore.transaction(commit=False) as c, c as cursor:
+            cursor.row_factory = None
+            cursor.execute(
+                f"SELECT max(rowid), count(*) FROM (SELECT rowid FROM {table} "
+                f"WHERE rowid>? {bound}ORDER BY rowid LIMIT ?)",
+                [*params, limit],
+            )
+            last, count = cursor.fetchone()
+            if not count:
+                return None, 0, []
+            topics = list(excluded)
+            unless = f"AND topic NOT IN ({', '.join('?' * len(topics))}) " if topics else ""
+            cursor.execute(
+                f"SELECT rowid, originator_id, originator_version, topic, state FROM {table} "
+                f"WHERE rowid>? AND rowid<=? {unless}ORDER BY rowid",
+                [start, last, *topics],
+            )
+            return last, count, cursor.fetchall()
+
+    return batch
+
+
+def _postgres_batches(
+    recorder: PostgresApplicationRecorder,
+) -> Callable[[int, int | None, int, Collection[str]], RowBatch]:
+    table = SQL("{schema}.{table}").format(
+        schema=Identifier(recorder.datastore.schema),
+        table=Identifier(recorder.events_table_name),
+    )
+
+    # Two statements, each prepared once: the range's end and size, then the rows in it that
+    # are not excluded. (One statement with both, as a UNION, was planned for a range of
+    # unknown size: a bitmap scan and a sort on disk, six times the server's time.) The range
+    # was committed whole before the first statement ran, and the log is append-only, so the
+    # second one, in a later snapshot, sees the same rows.
+    def range_statement(bounded: bool) -> Any:
+        bound = SQL(" AND notification_id<=%s") if bounded else SQL("")
+        return SQL(
+            "SELECT max(notification_id), count(*) FROM (SELECT notification_id FROM {table} "
+            "WHERE notification_id>%s{bound} ORDER BY notification_id LIMIT %s) r"
+        ).format(table=table, bound=bound)
+
+    ranges = {True: range_statement(True), False: range_statement(False)}
+    rows_statement = SQL(
+        "SELECT notification_id, originator_id, originator_version, topic, state FROM {table} "
+        "WHERE notification_id>%s AND notification_id<=%s AND NOT (topic = ANY(%s)) "
+        "ORDER BY notification_id LIMIT %s"
+    ).format(table=table)
+
+    def batch(start: int, stop: int | None, limit: int, excluded: Collection[str]) -> RowBatch:
+        params = [start, limit] if stop is None else [start, stop, limit]
+        with recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as c:
+            # Prepared unless the connection says no statement may be (PgBouncer).
+            c.execute(ranges[stop is not None], params, prepare=True)
+            last, count = c.fetchone() or (None, 0)
+            if not count:
+                return None, 0, []
+            c.execute(rows_statement, [start, last, list(excluded), limit], prepare=True)
+            return last, count, c.fetchall()
+
+    return batch
+
+
 # --------------------------------------------------------------------------- decoding
 
 # How the library's JSON transcoder marks a value it transcoded; in the encoded bytes a key
 # spelled like this can't be part of a string (its quotes would be escaped).
 _TYPE_KEY = b'"_type_"'
 MAX_CACHED_UUIDS = 65_536
+
+try:
+    # Parses an event's JSON in less than half the time of the stdlib's scanner (a third of a
+    # replay's decoding), to the same values: what it refuses (integers past 64 bits, NaN, lone
+    # surrogates) goes to the library's mapper, which the stdlib parses as it always has.
+    _orjson: Any = importlib.import_module("orjson")
+except ImportError:  # pragma: no cover - an install without it decodes with the stdlib
+    _orjson = None
+
+
+def _json_parser(
+    scan: Callable[[str, int], tuple[Any, int]],
+) -> tuple[Callable[[bytes], Any], type[Exception] | tuple[()]]:
+    """``(parse, errors)``: ``parse(state)`` is the value of a whole JSON document; it raises
+    one of ``errors`` or returns None when ``state`` isn't one."""
+    if _orjson is not None:
+        return _orjson.loads, _orjson.JSONDecodeError
+
+    def parse(state: bytes) -> Any:
+        text = state.decode("utf8")
+        try:
+            value, end = scan(text, 0)
+        except (ValueError, StopIteration):
+            return None
+        return value if end == len(text) else None
+
+    return parse, ()
 
 
 class EventDecoder:
@@ -302,7 +432,8 @@ class EventDecoder:
         # A closure over locals: this runs once per event of a replay, and attribute lookups
         # on self were a good part of its time.
         classes, fast_class, uuids = self._classes, self._fast_class, self._uuids
-        scan, parse_datetime, library = self._scan, self._datetime, self._mapper.to_domain_event
+        (parse_json, json_errors), parse_datetime = _json_parser(self._scan), self._datetime
+        library = self._mapper.to_domain_event
         new, set_attribute = object.__new__, object.__setattr__
 
         def decode(
@@ -315,15 +446,13 @@ class EventDecoder:
             if type(state) is not bytes:  # a driver's memoryview
                 state = bytes(state)
             if cls is not None and state.count(_TYPE_KEY) == 1:
-                text = state.decode("utf8")
                 try:
-                    event_state, end = scan(text, 0)
-                except (ValueError, StopIteration):  # not JSON: the library says how
-                    event_state, end = None, -1
+                    event_state = parse_json(state)
+                except json_errors:  # not JSON: the library says how
+                    event_state = None
                 timestamp = event_state.get("timestamp") if type(event_state) is dict else None
                 if (
-                    end == len(text)
-                    and type(timestamp) is dict
+                    type(timestamp) is dict
                     and len(timestamp) == 2
                     and timestamp.get("_type_") == "datetime_iso"
                     and "_data_" in timestamp

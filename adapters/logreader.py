@@ -4,8 +4,9 @@
 Rebuilding every view from a long log is bound by the CPU, and the library's pair spends most
 of its time on work the projections don't need: a ``Notification`` object per row, a dict per
 row on PostgreSQL, and a JSON ``object_hook`` call for every dict in every event. Here rows come
-back as plain tuples and events whose topics no view reads are counted but never decoded; the
-raw rows and the decoder are the library's internals, so they live in ``adapters.esinternals``.
+back as plain tuples, and events whose topics no view reads are counted but neither fetched nor
+decoded (a topic is looked at once, the first time it comes back); the raw rows and the
+decoder are the library's internals, so they live in ``adapters.esinternals``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from uuid import UUID
 
 from eventsourcing.application import Application
 
-from adapters.esinternals import EventDecoder, notification_rows
+from adapters.esinternals import EventDecoder, notification_batches
 
 __all__ = ["EventDecoder", "LogBatch", "LogReader", "UnreadableEvent"]
 
@@ -63,16 +64,21 @@ class LogReader:
         self._skip_topic = skip if callable(skip) else frozenset(skip).__contains__
         self._skipped: dict[str, bool] = {}
         self.decode = EventDecoder(app).decode
-        self._select = notification_rows(app)
+        self._select = notification_batches(app)
+        # The topics seen so far that are skipped: their rows stay in the database.
+        self._excluded: list[str] = []
 
     def read(self, start: int, limit: int, stop: int | None = None) -> LogBatch:
         """The notifications with ids after ``start`` (up to ``stop``), at most ``limit``."""
-        rows = self._select(start, stop, limit)
-        if not rows:
+        last, count, rows = self._select(start, stop, limit, self._excluded)
+        if last is None:
             return LogBatch(None, 0, [])
         skipped, decode = self._skipped, self.decode
-        for topic in {row[3] for row in rows}.difference(skipped):
-            skipped[topic] = self._skip_topic(topic)
+        new_topics = {row[3] for row in rows}.difference(skipped)
+        for topic in new_topics:
+            skipped[topic] = skip = self._skip_topic(topic)
+            if skip:
+                self._excluded.append(topic)
         try:
             items = [
                 (row[0], decode(row[1], row[2], row[3], row[4]))
@@ -82,17 +88,19 @@ class LogReader:
         except Exception:
             self._find_unreadable(rows)
             raise
-        return LogBatch(rows[-1][0], len(rows), items)
+        return LogBatch(last, count, items)
 
     def originators(self, start: int, limit: int, stop: int | None, into: set[str]) -> int | None:
         """Add to ``into`` the ids of the aggregates the notifications after ``start`` (up to
         ``stop``, at most ``limit``) changed, decoding none; returns the last id read (None
-        when there were none)."""
-        rows = self._select(start, stop, limit)
-        if not rows:
+        when there were none). Events of the topics ``read`` skips change no view, so their
+        aggregates are left out."""
+        last, _, rows = self._select(start, stop, limit, self._excluded)
+        if last is None:
             return None
-        into.update(_id_text(r[1]) for r in rows)
-        return int(rows[-1][0])
+        skipped = self._skipped
+        into.update(_id_text(r[1]) for r in rows if not skipped.get(r[3], False))
+        return int(last)
 
     def _find_unreadable(self, rows: list[Any]) -> None:
         """Raise ``UnreadableEvent`` naming the first row of ``rows`` that fails to decode."""

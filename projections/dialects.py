@@ -39,13 +39,13 @@ class SQLiteStore(Store):
     synchronous = "NORMAL"
 
     @staticmethod
-    def create_statements(projections: Sequence[Projection]) -> list[str]:
+    def create_statements(projections: Sequence[Projection], indexes: bool = True) -> list[str]:
         statements = []
         for p in projections:
             for table, statement in p.tables.items():
                 without = table in p.without_rowid
                 statements.append(f"{statement} WITHOUT ROWID" if without else statement)
-        return statements + [i for p in projections for i in p.indexes]
+        return statements + [i for p in projections if indexes for i in p.indexes]
 
     @contextmanager
     def _batch_transaction(self) -> Iterator[Any]:

@@ -62,6 +62,9 @@ def rebuild(
     second process folds one part of the views (``REBUILD_PARTS``) into scratch storage of its
     own while this one folds the other; its tables are then copied in. Each process runs the
     same fold as the live runner, for its part of the tables only.
+
+    Scratch views are folded into without their secondary indexes (``open_scratch_views``);
+    they are built here once the rows are in.
     """
     start = fresh.position(app.name)
     if parallel is None:
@@ -71,7 +74,9 @@ def rebuild(
             and until - start >= PARALLEL_MIN_EVENTS
         )
     if not parallel:
-        return ProjectionRunner(app, fresh).catch_up(until=until, on_progress=on_progress)
+        applied = ProjectionRunner(app, fresh).catch_up(until=until, on_progress=on_progress)
+        fresh.create_indexes()
+        return applied
     if source is None:
         raise ValueError("a parallel rebuild needs the log's source")
     spawn = multiprocessing.get_context("spawn")  # no fork of a process that runs threads
@@ -100,6 +105,7 @@ def rebuild(
         if other_applied != applied:
             raise RuntimeError(f"the parts covered {applied} and {other_applied} notifications")
         fresh.copy_tables_from(other_env, part_tables(there))
+    fresh.create_indexes()
     return applied
 
 
