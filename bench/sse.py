@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.common import ROOT
 from bench.measure import Processes, cpu_seconds
-from bench.servers import call, expect, running_engine
+from bench.servers import SUBMIT_BODY, call, expect, running_engine
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,11 @@ def measure_sse(
     procs: Processes, database_url: str, workdir: Path, clients: int, idle_seconds: float
 ) -> SseResult:
     with running_engine(procs, database_url, workdir, buyers=1) as engine:
+        # A job of its own, queued: the setup's job is canceled for the poll row, and a
+        # stream of a finished job ends after its one event.
+        job_id = expect(
+            call(engine.base, "POST", "/v1/video/generations", engine.keys[0], SUBMIT_BODY), 202
+        )["id"]
         rss_before = rss_mb(engine.proc.pid)
         # The same window with no stream open: what the process spends idle anyway (its
         # projection runner tailing the log), for comparison.
@@ -60,7 +65,7 @@ def measure_sse(
         base_cpu = (cpu_seconds(engine.proc.pid) - cpu0) / (time.monotonic() - t0)
         spec = {
             "base": engine.base,
-            "path": f"/v1/video/generations/{engine.job_id}/stream",
+            "path": f"/v1/video/generations/{job_id}/stream",
             "key": engine.keys[0],
             "clients": clients,
         }
@@ -83,7 +88,7 @@ def measure_sse(
                 call(
                     engine.base,
                     "DELETE",
-                    f"/v1/video/generations/{engine.job_id}",
+                    f"/v1/video/generations/{job_id}",
                     engine.keys[0],
                 ),
                 200,
@@ -112,12 +117,20 @@ def measure_sse(
 async def _one(
     host: str, port: int, request: bytes, first: asyncio.Event, counts: dict[str, Any]
 ) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+    except OSError as e:
+        errors = counts["errors"]
+        errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+        raise
     writer.write(request)
     await writer.drain()
     got_first = False
+    head = b""
     try:
         while line := await reader.readline():
+            if not head:
+                head = line.strip()
             if not line.startswith(b"data:"):
                 continue
             status = json.loads(line[5:])["status"]
@@ -131,6 +144,11 @@ async def _one(
                 counts["last_at"] = time.monotonic()
     finally:
         writer.close()
+        if not got_first:
+            # Ended before its first event: what the server answered instead.
+            errors = counts["errors"]
+            what = head.decode("latin-1")[:80] or "closed"
+            errors[what] = errors.get(what, 0) + 1
 
 
 async def _clients(spec: dict[str, Any]) -> None:
@@ -141,7 +159,13 @@ async def _clients(spec: dict[str, Any]) -> None:
         f"Authorization: Bearer {spec['key']}\r\nAccept: text/event-stream\r\n"
         "Connection: close\r\n\r\n"
     ).encode()
-    counts: dict[str, Any] = {"clients": spec["clients"], "ready": 0, "done": 0, "last_at": 0.0}
+    counts: dict[str, Any] = {
+        "clients": spec["clients"],
+        "ready": 0,
+        "done": 0,
+        "last_at": 0.0,
+        "errors": {},
+    }
     first = asyncio.Event()
     tasks = []
     # Connect in slices, so the server's accept backlog never overflows.
@@ -151,7 +175,7 @@ async def _clients(spec: dict[str, Any]) -> None:
             await asyncio.sleep(0.01)
     waiting = asyncio.create_task(first.wait())
     await asyncio.wait([waiting, *tasks], return_when=asyncio.FIRST_COMPLETED, timeout=60)
-    print(json.dumps({"ready": counts["ready"]}), flush=True)
+    print(json.dumps({"ready": counts["ready"], "errors": counts["errors"]}), flush=True)
     await asyncio.wait(tasks, timeout=60)
     print(json.dumps({"done": counts["done"], "last_at": counts["last_at"]}), flush=True)
 
