@@ -38,7 +38,6 @@ SCALE_JOBS = 1_000_000
 SMALL_JOBS = 10_000
 SHARDS = 2  # generating processes: one per core of the bench machine
 RATE = 5.0  # jobs per simulated second, as the replay's log
-VIEWS_FILE = "views.db"
 RSS_GOAL_MB = 300.0
 RATIO_GOAL = 1.2
 
@@ -107,49 +106,47 @@ def scale_log(jobs: int, say: Callable[[str], None]) -> tuple[Path, dict[str, An
 
     url, meta = sqlite_log(jobs, RATE, say, shards=SHARDS, secret_key=SECRET_KEY, name="scale")
     directory = Path(url.removeprefix("sqlite:///"))
-    if not meta.get("views_built"):
-        say(f"building the views of {meta['notifications']:,} events (once; cached beside them)")
-        (directory / VIEWS_FILE).unlink(missing_ok=True)
+
+    def build(what: str, role: str, opener: Callable[..., Any], fold: Callable[..., Any]) -> None:
+        """Fold the whole log into the store of ``role``, once, and record it in the meta."""
+        if meta.get(f"{what}_built"):
+            return
+        label = {"views": "views", "work": "work queue"}[what]
+        say(f"building the {label} of {meta['notifications']:,} events (once; cached beside)")
+        (directory / f"{role}.db").unlink(missing_ok=True)
         started = time.perf_counter()
         app = open_market(url)
         try:
-            env = store_env(url, role=VIEWS_NAME)
-            views = open_views(env)
+            env = store_env(url, role=role)
+            store = opener(env)
             try:
-                views.ensure_schema(app.name)
-                end = app.recorder.max_notification_id() or 0
-                rebuild(app, views, end, LogSource(url, env))
+                store.ensure_schema(app.name)
+                fold(app, store, app.recorder.max_notification_id() or 0, env)
             finally:
-                views.datastore.close()
+                store.datastore.close()
         finally:
             app.close()
-        meta["views_built"] = True
-        meta["views_seconds"] = round(time.perf_counter() - started, 1)
+        meta[f"{what}_built"] = True
+        meta[f"{what}_seconds"] = round(time.perf_counter() - started, 1)
         _store_meta(directory, meta)
-        say(f"views built in {meta['views_seconds']:.0f} s")
-    if not meta.get("work_built"):
-        # The work queue's store, which every serving process feeds and ``replay`` does not
-        # build: without it the engine under test would spend its first minutes (at 1M jobs,
-        # the whole measurement) folding the log from the start in its runner thread, and the
-        # row would time that catch-up instead of a running engine's polls and submits.
-        say(f"building the work queue of {meta['notifications']:,} events (once; cached beside)")
-        (directory / f"{WORK_NAME}.db").unlink(missing_ok=True)
-        started = time.perf_counter()
-        app = open_market(url)
-        try:
-            work = open_work(store_env(url, role=WORK_NAME))
-            try:
-                work.ensure_schema(app.name)
-                end = app.recorder.max_notification_id() or 0
-                ProjectionRunner(app, work).catch_up(until=end)
-            finally:
-                work.datastore.close()
-        finally:
-            app.close()
-        meta["work_built"] = True
-        meta["work_seconds"] = round(time.perf_counter() - started, 1)
-        _store_meta(directory, meta)
-        say(f"work queue built in {meta['work_seconds']:.0f} s")
+        say(f"{label} built in {meta[f'{what}_seconds']:.0f} s")
+
+    build(
+        "views",
+        VIEWS_NAME,
+        open_views,
+        lambda app, views, end, env: rebuild(app, views, end, LogSource(url, env)),
+    )
+    # The work queue's store, which every serving process feeds and ``replay`` does not build:
+    # without it the engine under test would spend its first minutes (at 1M jobs, the whole
+    # measurement) folding the log from the start in its runner thread, and the row would time
+    # that catch-up instead of a running engine's polls and submits.
+    build(
+        "work",
+        WORK_NAME,
+        open_work,
+        lambda app, work, end, env: ProjectionRunner(app, work).catch_up(until=end),
+    )
     return directory, meta
 
 

@@ -307,13 +307,20 @@ def test_a_buyer_snapshot_taken_at_save_is_the_state_the_log_rebuilds(tmp_path: 
             buyer.resolve_hold(job, n % 8)
             market.save(buyer)
     assert buyer.version == 200
+    assert_snapshot_at_200(market, buyer.id)
+    market.close()
+
+
+def assert_snapshot_at_200(market: Any, aggregate_id: uuid.UUID) -> Any:
+    """The aggregate's last snapshot is at version 200 and restores exactly the state its
+    first 200 events give: what it restores."""
     assert market.snapshots is not None
-    (snapshot,) = market.snapshots.get(buyer.id, desc=True, limit=1)
+    (snapshot,) = market.snapshots.get(aggregate_id, desc=True, limit=1)
     assert snapshot.originator_version == 200
-    rebuilt = project_aggregate(None, market.repository.event_store.get(buyer.id, lte=200))
+    rebuilt = project_aggregate(None, market.repository.event_store.get(aggregate_id, lte=200))
     restored = snapshot.mutate(None)
     assert vars(restored) == vars(rebuilt)
-    market.close()
+    return restored
 
 
 def test_a_buyer_with_a_snapshot_loads_in_a_process_that_never_took_one(tmp_path: Path) -> None:
@@ -356,12 +363,7 @@ def test_an_offer_loads_from_its_snapshot_with_its_slots(tmp_path: Path) -> None
         market.save(offer)
         offer.release_slot(job)
         market.save(offer)
-    assert market.snapshots is not None
-    (snapshot,) = market.snapshots.get(offer.id, desc=True, limit=1)
-    assert snapshot.originator_version == 200
-    rebuilt = project_aggregate(None, market.repository.event_store.get(offer.id, lte=200))
-    restored = snapshot.mutate(None)
-    assert vars(restored) == vars(rebuilt)
+    restored = assert_snapshot_at_200(market, offer.id)
     assert restored.in_flight == {str(j) for j in held}
     market.close()
 
