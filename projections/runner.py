@@ -327,10 +327,19 @@ class ProjectionRunner:
         while not self._stop.is_set():
             try:
                 limit = self.batch_size
-                while (applied := self.run_once(limit=limit)) and not self._stop.is_set():
+                while not self._stop.is_set():
+                    # Cleared before the read, not after the wait: a save that commits after
+                    # this read sets it again, so the wait below returns at once for it. A pass
+                    # that found less than a full batch has seen everything saved before it, so
+                    # it waits instead of reading again (under submit load that second, empty
+                    # pass was half the runner's passes: a tracking and a log query each).
+                    self._wake.clear()
+                    applied = self.run_once(limit=limit)
+                    if applied < limit:
+                        break
                     # A full batch means a backlog (a start after a schema change, a burst):
                     # catch up in big batches, then go back to small ones for fresh writes.
-                    limit = BACKLOG_BATCH_SIZE if applied >= limit else self.batch_size
+                    limit = BACKLOG_BATCH_SIZE
             except ProjectionFailed:
                 return  # logged once, kept in self.failure; retrying would fail the same way
             except OperationalError as e:
@@ -342,7 +351,6 @@ class ProjectionRunner:
                 log.exception("projection_read_failed")
                 time.sleep(1.0)
             self._wake.wait(self.poll_interval)
-            self._wake.clear()
 
     @property
     def running(self) -> bool:
