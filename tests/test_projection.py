@@ -119,6 +119,47 @@ def test_read_your_writes_wait(tmp_path: Path) -> None:
         market.close()
 
 
+def test_a_woken_runner_reads_the_log_once_per_save(tmp_path: Path) -> None:
+    """A pass that applied less than a full batch has seen every save before it: the runner
+    then waits to be woken instead of reading the log (and its position) again for nothing."""
+    url = f"sqlite:///{tmp_path}/data"
+    market = open_market(url)
+    views = open_views(store_env(url, role=VIEWS_NAME))
+    # No timer passes during the test: only the saves wake it.
+    runner = ProjectionRunner(market, views, poll_interval=60.0)
+    passes = 0
+    run_once = runner.run_once
+
+    def counting(until: int | None = None, limit: int | None = None) -> int:
+        nonlocal passes
+        passes += 1
+        return run_once(until, limit)
+
+    runner.run_once = counting  # type: ignore[method-assign]
+    advanced = threading.Condition()
+    runner.on_advance.append(lambda _: _notify(advanced))
+    market.on_saved.append(runner.wake)
+    runner.start()
+    try:
+        commands = Commands(market, Secrets("z" * 32))
+        saves = 20
+        for _ in range(saves):
+            position = commands.create_buyer("b")[2].position
+            with advanced:
+                assert advanced.wait_for(lambda p=position: runner.position >= p, 5.0)
+        # One pass at start, then one per save (a second, empty pass per save before).
+        assert passes <= saves + 2
+    finally:
+        runner.stop()
+        views.datastore.close()
+        market.close()
+
+
+def _notify(condition: threading.Condition) -> None:
+    with condition:
+        condition.notify_all()
+
+
 def test_views_of_another_schema_version_are_rebuilt_from_the_log(database_url: str) -> None:
     market = open_market(database_url)
     views = open_views(store_env(database_url, role=VIEWS_NAME))
@@ -156,3 +197,40 @@ def test_a_batch_overlapping_one_already_applied_is_refused(database_url: str) -
     assert views.digest() == live
     views.datastore.close()
     market.close()
+
+
+def test_offer_rows_are_shared_only_while_their_values_are_the_same() -> None:
+    """The order book's rows are memoised by value (every submit reads its model's whole
+    book): an unchanged row gives back the same OfferRow, a changed one a fresh one, from
+    SQLite's positional rows and PostgreSQL's dict rows alike."""
+    from projections import orderbook
+
+    values = {
+        "offer_id": "o1",
+        "seq": 1,
+        "seller_id": "s1",
+        "model": "venice-m",
+        "provider": "venice",
+        "base_url": None,
+        "sealed_key": '{"ct": "x", "nonce": "y"}',
+        "key_sha256": "k",
+        "cost_multiplier": "0.80",
+        "max_concurrent_jobs": None,
+        "state": "active",
+        "deactivated_reason": None,
+        "backoff_until": 0,
+        "backoff_reason": None,
+        "failures": 0,
+        "in_flight": 0,
+        "jobs": 0,
+        "volume": 0,
+        "payout": 0,
+    }
+    assert list(values) == orderbook.COLUMNS
+    first = orderbook._offer_row(dict(values))
+    assert orderbook._offer_row(tuple(values.values())) is first
+    assert first.sealed_key == {"ct": "x", "nonce": "y"} and first.backoff_until == 0.0
+    paused = orderbook._offer_row({**values, "state": "paused", "in_flight": 1})
+    assert (paused.state, paused.in_flight) == ("paused", 1)
+    assert (first.state, first.in_flight) == ("active", 0)
+    assert orderbook._offer_row(dict(values)) is first
