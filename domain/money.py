@@ -139,6 +139,12 @@ class Price:
             return Fraction(0)
         return (1 - Fraction(self.buyer_cost, self.list_price)) * 100
 
+    @cached_property
+    def rank(self) -> tuple[int, Fraction]:
+        """How routing orders prices (SPEC 3): the cheapest for the buyer first, then the
+        biggest discount. Kept, so equal prices (one shared Price) compare by identity."""
+        return (self.buyer_cost, -self.discount)
+
 
 # Immutable, and shared: a model's offers repeat few (quote, multiplier) pairs between submits,
 # so each is priced (and its discount worked out) once, not per offer per submit.

@@ -68,9 +68,8 @@ class Ranking:
     filtered_by_min: list[Candidate]
 
 
-def _offer_order(candidate: Candidate) -> tuple[int, Fraction, int, str]:
-    price = candidate.price
-    return (price.buyer_cost, -price.discount, candidate.created_seq, candidate.offer_id)
+def _offer_order(candidate: Candidate) -> tuple[tuple[int, Fraction], int, str]:
+    return (candidate.price.rank, candidate.created_seq, candidate.offer_id)
 
 
 def _key_order(candidate: Candidate) -> tuple[int, str]:

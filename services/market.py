@@ -62,12 +62,12 @@ class MarketSummary:
         return len({e.offer.seller_id for e in self.book if e.unavailable != BACKOFF})
 
 
-def _book_order(entry: BookEntry) -> tuple[int, int, Fraction, int, str]:
+def _book_order(entry: BookEntry) -> tuple[int, tuple[int, Fraction], int, str]:
     # Cheapest first, exactly as routing ranks; offers without a price go last, oldest first.
     c = entry.candidate
     if c is None:
-        return (1, 0, Fraction(0), entry.offer.seq, entry.offer.offer_id)
-    return (0, c.price.buyer_cost, -c.price.discount, entry.offer.seq, entry.offer.offer_id)
+        return (1, (0, Fraction(0)), entry.offer.seq, entry.offer.offer_id)
+    return (0, c.price.rank, entry.offer.seq, entry.offer.offer_id)
 
 
 class Market:

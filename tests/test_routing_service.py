@@ -177,3 +177,22 @@ async def test_a_failed_quote_counts_against_the_offer_once(
     assert await router.price(offers[1], PARAMS, count_failure=False) is None
     await asyncio.sleep(0)
     assert len(reports) == 2
+
+
+async def test_a_candidate_is_priced_again_when_its_listing_or_quote_changes() -> None:
+    """Candidates are kept between submits; a new multiplier, a new quote or a new offer is a
+    new candidate, never one priced for the old listing."""
+    outbound = Outbound(OutboundPolicy())
+    providers = Providers(outbound, {}, quote_timeout=1.0, queue_timeout=1.0)
+    router = Router(providers, FEES, lambda context, sealed: sealed["ct"])
+    first = router.candidate(offer_row(1, multiplier="0.80"), 100_000)
+    assert router.candidate(offer_row(1, multiplier="0.80"), 100_000) is first
+    assert first.price == price_offer(100_000, Fraction(80, 100), FEES)
+    repriced = router.candidate(offer_row(1, multiplier="0.50"), 100_000)
+    assert repriced.multiplier == Fraction(1, 2)
+    assert repriced.price == price_offer(100_000, Fraction(1, 2), FEES)
+    requoted = router.candidate(offer_row(1, multiplier="0.80"), 200_000)
+    assert requoted.price.list_price == 200_000
+    other = router.candidate(offer_row(2, multiplier="0.80"), 100_000)
+    assert (other.offer_id, other.created_seq) == ("offer-002", 2)
+    await outbound.close()
