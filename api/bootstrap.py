@@ -33,6 +33,7 @@ from adapters.venice import ProviderError, parse_venice_models
 from api.jobcache import JobCache
 from api.metrics import Metrics
 from api.stream import JobWatchers
+from api.submitqueue import SubmitQueue
 from domain.catalog import Catalog
 from domain.money import FeeSchedule, MoneyError
 from projections.jobviews import JobRow, job_versions
@@ -195,6 +196,7 @@ class Engine:
     base_urls: dict[str, str] = field(default_factory=dict)
     market_data: Market = field(init=False)
     watchers: JobWatchers = field(init=False)
+    submits: SubmitQueue = field(init=False)
     job_cache: JobCache = field(default_factory=JobCache)
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
@@ -206,6 +208,7 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self.market_data = Market(self.read, self.views, self.router)
         self.webhooks = WebhookCommands(self.market, self.secrets)
+        self.submits = SubmitQueue(partial(self.blocking, self.commands.submit_many))
         self.views.bind_inline_reader()
         self.runner.on_passed.append(self.job_cache.passed)
         self.runner.on_passed_elsewhere.append(self.job_cache.forget_changed)
@@ -215,12 +218,12 @@ class Engine:
 
     @contextlib.asynccontextmanager
     async def buyer_turn(self, buyer_id: str) -> AsyncIterator[None]:
-        """One submit of a buyer at a time in the thread pool, the others waiting here in
-        arrival order. The command serialises a buyer's writes with a thread lock anyway
-        (services.commands.base); waiting for it in a pool thread held that thread idle while
-        other requests queued for one, and a thread lock is not first come, first served, so a
-        busy buyer's unlucky submit could lose the race again and again: most of a submit's
-        tail at 32 connections was those two waits."""
+        """One submit of a buyer at a time in the submit queue (api/submitqueue.py), the
+        others waiting here in arrival order. The command serialises a buyer's writes with a
+        thread lock anyway (services.commands.base), and a batch takes each buyer's once: a
+        second submit of the same buyer in one batch would be done alone after it. A thread
+        lock is not first come, first served either, so a busy buyer's unlucky submit could
+        lose the race again and again: most of a submit's tail at 32 connections was that."""
         turn = self._turns.get(buyer_id)
         if turn is None:
             turn = self._turns[buyer_id] = asyncio.Lock()

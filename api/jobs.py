@@ -32,8 +32,10 @@ from domain.catalog import VideoRequest
 from domain.routing import CeilingBelowEstimate, RoutingError
 from projections.jobdoc import JobDoc
 from projections.jobviews import JobRow
+from projections.views import BuyerProviderRow, OfferRow, Views
 from services.audit import as_json, job_history
 from services.commands import IdempotencyMismatch, NotFound, Submitted
+from services.commands.submit import SubmitRequest
 from services.routing import Route as Routing
 
 ROUTING_STATUS = {"no_sellers_for_model": 404}
@@ -110,8 +112,7 @@ async def submit(request: web.Request) -> web.Response:
         if replay is not None:
             return await _answer(request, replay.job_id, replay.job_token, replay.position, True)
 
-    offers = await engine.read(engine.views.offers, model=video.model.id)
-    own_keys = await engine.read(engine.views.buyer_providers, buyer_id, video.model.id)
+    offers, own_keys = await engine.read(_routing_inputs, engine.views, video.model.id, buyer_id)
     try:
         route: Routing = await engine.router.route(video, offers, min_discount, own_keys)
     except RoutingError as e:
@@ -122,17 +123,18 @@ async def submit(request: web.Request) -> web.Response:
         raise invalid(str(e), "max_cost_usdc") from None
     try:
         async with engine.buyer_turn(buyer_id):
-            submitted = await engine.blocking(
-                engine.commands.submit,
-                buyer_id=uuid.UUID(buyer_id),
-                request=video,
-                route=route.as_event_data(),
-                routing=route.decision(),
-                estimated_cost=route.best.price.buyer_cost,
-                hold=hold,
-                ttl_seconds=engine.settings.JOB_TTL_SECONDS,
-                min_discount=min_discount,
-                idempotency_key=idempotency_key,
+            submitted = await engine.submits.submit(
+                SubmitRequest(
+                    buyer_id=uuid.UUID(buyer_id),
+                    request=video,
+                    route=route.as_event_data(),
+                    routing=route.decision(),
+                    estimated_cost=route.best.price.buyer_cost,
+                    hold=hold,
+                    ttl_seconds=engine.settings.JOB_TTL_SECONDS,
+                    min_discount=min_discount,
+                    idempotency_key=idempotency_key,
+                )
             )
     except InsufficientBalance as e:
         raise ApiError(
@@ -145,6 +147,14 @@ async def submit(request: web.Request) -> web.Response:
     return await _answer(
         request, submitted.job_id, submitted.job_token, submitted.position, submitted.replayed
     )
+
+
+def _routing_inputs(
+    views: Views, model: str, buyer_id: str
+) -> tuple[list[OfferRow], list[BuyerProviderRow]]:
+    """The model's order book and the buyer's own keys for it: read together, so a backend
+    whose reads go through the thread pool (PostgreSQL) makes one hop for both."""
+    return views.offers(model=model), views.buyer_providers(buyer_id, model)
 
 
 async def _find_replay(

@@ -11,7 +11,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from eventsourcing.persistence import IntegrityError
@@ -23,8 +23,10 @@ from services.commands import (
     IDEMPOTENCY_WINDOW_SECONDS,
     Commands,
     IdempotencyMismatch,
+    NotFound,
     Submitted,
 )
+from services.commands.submit import SubmitRequest
 from tests.fakes import (
     LIST_PRICE,
     SEEDANCE,
@@ -252,6 +254,86 @@ def test_saves_joined_in_one_transaction_keep_their_own_outcomes(
     positions.sort()
     assert positions == list(range(positions[0], positions[0] + 6))
     assert [engine.account(b).deposited for b in (first, stale, last)] == [1_210, 1_201, 1_210]
+
+
+def test_a_batch_of_submits_keeps_each_submits_own_outcome(
+    engine_on_each_backend: InProcessEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``submit_many`` (the API's submits, a batch per thread-pool call): each submit gets what
+    ``submit`` would have given it. A refusal, an unknown buyer or an idempotent replay is its
+    own; one buyer twice, or a buyer whose save conflicts, is submitted again on its own; the
+    others are saved together."""
+    engine = engine_on_each_backend
+    hold = 140_800
+    ok, poor, twice, conflicting, replaying = (engine.buyer(deposit=5 * hold) for _ in range(5))
+    first = submitter(engine, hold)(engine.commands, replaying, key="order-1")
+
+    def request(buyer: UUID, key: str | None = None, amount: int = hold) -> SubmitRequest:
+        video = validate_video_request(
+            {"model": SEEDANCE, "prompt": "a cat"},
+            CATALOG,
+            allow_http_webhooks=False,
+            allow_private_webhooks=False,
+        )
+        return SubmitRequest(
+            buyer_id=buyer,
+            request=video,
+            route=[],
+            routing={},
+            estimated_cost=amount,
+            hold=amount,
+            ttl_seconds=60,
+            min_discount=None,
+            idempotency_key=key,
+        )
+
+    other = other_process(engine)
+    save_together = engine.market.save_together
+    joint: list[int] = []
+
+    def another_process_writes_first(groups: Any) -> Any:
+        if not joint:
+            other.deposit(conflicting, 5, "in-between")
+        joint.append(len(groups))
+        return save_together(groups)
+
+    monkeypatch.setattr(engine.market, "save_together", another_process_writes_first)
+    unknown = uuid4()
+    outcomes = engine.commands.submit_many(
+        [
+            request(ok),
+            request(poor, amount=6 * hold),
+            request(twice),
+            request(conflicting),
+            request(twice),
+            request(replaying, key="order-1"),
+            request(unknown),
+        ]
+    )
+
+    assert joint[0] == 3  # ok, twice and conflicting went together
+    assert isinstance(outcomes[0], Submitted) and not outcomes[0].replayed
+    assert isinstance(outcomes[1], InsufficientBalance)
+    assert isinstance(outcomes[2], Submitted) and isinstance(outcomes[4], Submitted)
+    assert outcomes[2].job_id != outcomes[4].job_id
+    assert isinstance(outcomes[3], Submitted)  # saved again, alone, after its conflict
+    replayed = outcomes[5]
+    assert isinstance(replayed, Submitted) and replayed.replayed
+    assert replayed.job_id == first.job_id
+    assert isinstance(outcomes[6], NotFound)
+    for n in (0, 2, 3, 4):
+        submitted = outcomes[n]
+        assert isinstance(submitted, Submitted)
+        assert engine.job(submitted.job_id).max_cost == hold
+    expected = {ok: (1, 0), poor: (0, 0), twice: (2, 0), conflicting: (1, 5), replaying: (1, 0)}
+    for buyer, (jobs, extra) in expected.items():
+        account = engine.account(buyer)
+        assert (account.jobs, account.held) == (jobs, jobs * hold)
+        assert account.available == 5 * hold + extra - jobs * hold
+    # The accounts this service kept are the stored ones: its next submits decide on them.
+    again = engine.commands.submit_many([request(b) for b in expected])
+    assert all(isinstance(o, Submitted) for o in again)
+    assert engine.account(conflicting).held == 2 * hold
 
 
 def test_a_deposit_retried_with_its_id_is_credited_once(engine: InProcessEngine) -> None:

@@ -111,6 +111,17 @@ class CommandBase:
                 stack.enter_context(lock)
             yield
 
+    def _try_serialised(self, name: str) -> Callable[[], None] | None:
+        """``_serialised`` for one name without waiting: its release, or None when another
+        thread holds it."""
+        with self._locks_guard:
+            lock = self._locks.get(name)
+            if lock is None:
+                lock = threading.Lock()
+                self._locks[name] = lock
+        # The bound method keeps the lock alive (the registry holds it only weakly).
+        return lock.release if lock.acquire(blocking=False) else None
+
     def _account(self, buyer_id: UUID | str) -> contextlib.AbstractContextManager[None]:
         return self._serialised(f"buyer:{buyer_id}")
 
