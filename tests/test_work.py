@@ -145,12 +145,17 @@ def test_concurrent_claimers_never_take_the_same_row(database_url: str) -> None:
         stores[0].ensure_schema("market")
         fill(stores[0], 400)
         taken: list[list[str]] = [[] for _ in stores]
-        start = threading.Barrier(len(stores))
+        # Rounds in step: each claimer tries once per round, all at once. Claiming as fast as
+        # each could, one thread could take all 400 rows on SQLite while the others slept in
+        # its busy handler (the file's one write lock is not first come, first served), and
+        # the check below failed on a busy machine.
+        rounds = 400 // (7 * len(stores)) + 2
+        step = threading.Barrier(len(stores))
 
         def claimer(i: int) -> None:
-            start.wait()
-            while batch := stores[i].claim(JOB, f"w{i}", 10_000.0, 10.0, 7, 10_000.0):
-                taken[i].extend(batch)
+            for _ in range(rounds):
+                step.wait(30)
+                taken[i].extend(stores[i].claim(JOB, f"w{i}", 10_000.0, 10.0, 7, 10_000.0))
 
         threads = [threading.Thread(target=claimer, args=(i,)) for i in range(len(stores))]
         for t in threads:
