@@ -143,39 +143,55 @@ class ProjectionRunner:
         if self.failure is not None:
             raise ProjectionFailed(self.failure)
         looked = time.monotonic()
-        start = self.views.position(self.app.name)
-        if start > self.position:
-            self._moved_elsewhere(start)
-        self.fresh_at = looked
-        if until is not None and start >= until:
-            return 0
+        read: list[tuple[int, LogBatch]] = []
+
+        def read_after(start: int) -> LogBatch:
+            # Under the batch lock: another runner's batch is in the views by now.
+            if until is not None and start >= until:
+                batch = LogBatch(None, 0, [])
+            else:
+                batch = self.reader.read(start, limit or self.batch_size, until)
+            read.append((start, batch))
+            return batch
+
         try:
-            batch = self.reader.read(start, limit or self.batch_size, until)
+            start, batch = self.views.apply_next(self.app.name, read_after, self.part)
         except UnreadableEvent as e:
             self._record_failure(e.position, e)
-        if batch.last is None:
-            self._advance(start)
-            return 0
-        try:
-            self.views.apply_batch(
-                batch.items, Tracking(self.app.name, batch.last), start, self.part
-            )
         except LostRace:
             # Another runner applied (part of) this range first; start again from its position.
-            self._moved_elsewhere(self.views.position(self.app.name), batch)
+            self._moved_elsewhere(self.views.position(self.app.name))
             return 0
         except OperationalError:
             raise  # locked or unreachable: the loop tries again on its next tick
         except Exception as e:
+            if not read or read[0][1].last is None:
+                raise  # not the views' fold: the loop tries again shortly
+            start, batch = read[0]
+            self._looked(start, looked)
             try:
                 self._apply_singly(start, batch, e)
             except LostRace:
                 self._moved_elsewhere(self.views.position(self.app.name), batch)
                 return 0
-        else:
-            self._applied(batch.items)
+            assert batch.last is not None
+            self._advance(batch.last)
+            return batch.count
+        self._looked(start, looked)
+        if batch.last is None:
+            return 0
+        self._applied(batch.items)
         self._advance(batch.last)
         return batch.count
+
+    def _looked(self, start: int, looked: float) -> None:
+        """The views were at ``start`` when the pass that began at ``looked`` read the log:
+        what other runners applied before that goes to ``on_passed_elsewhere`` first."""
+        if start > self.position:
+            self._moved_elsewhere(start)
+        else:
+            self._advance(start)
+        self.fresh_at = looked
 
     def _applied(self, items: Sequence[tuple[int, Any]]) -> None:
         self._passed(items)

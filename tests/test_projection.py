@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from eventsourcing.persistence import IntegrityError, Tracking
@@ -88,6 +89,54 @@ def test_racing_runners_apply_each_event_once_and_rebuild_is_identical(database_
     assert views[1].digest()["mm_job_views"][0] == 0
     runners[1].catch_up()
     assert views[1].digest() == live
+    for v in views:
+        v.datastore.close()
+    market.close()
+
+
+def test_a_runner_reads_the_log_only_once_another_runners_batch_is_in(database_url: str) -> None:
+    """Runners sharing the views (one per API process) read the log under the batch lock: one
+    waiting for another's batch then reads only what follows it, instead of reading and
+    decoding the same range to throw it away at the lock."""
+    market = open_market(database_url)
+    commands = Commands(market, Secrets("w" * 32))
+    fill_log(commands, 3)
+    end = market.recorder.max_notification_id()
+    views = [open_views(store_env(database_url, role=VIEWS_NAME)) for _ in range(2)]
+    first, second = (ProjectionRunner(market, v) for v in views)
+    reading, release = threading.Event(), threading.Event()
+    read_first, read_second = first.reader.read, second.reader.read
+    second_starts: list[int] = []
+    changed: list[set[str] | None] = []
+
+    def slow(start: int, limit: int, stop: int | None = None) -> Any:
+        batch = read_first(start, limit, stop)
+        reading.set()
+        release.wait(10)
+        return batch
+
+    def spied(start: int, limit: int, stop: int | None = None) -> Any:
+        second_starts.append(start)
+        return read_second(start, limit, stop)
+
+    first.reader.read = slow  # type: ignore[method-assign]
+    second.reader.read = spied  # type: ignore[method-assign]
+    second.on_passed_elsewhere.append(changed.append)
+    applying = threading.Thread(target=first.run_once, kwargs={"limit": 10_000})
+    applying.start()
+    try:
+        assert reading.wait(10)
+        waiting = threading.Thread(target=second.run_once)
+        waiting.start()
+        waiting.join(0.3)
+        assert waiting.is_alive() and second_starts == []
+    finally:
+        release.set()
+        applying.join(10)
+    waiting.join(10)
+    assert second_starts == [end]
+    assert second.position == end == views[1].position(market.name)
+    assert changed and changed[0]  # what the first one applied, by aggregate id
     for v in views:
         v.datastore.close()
     market.close()

@@ -4,12 +4,14 @@ retried (issue 11: a stray ledger row used to make the runner retry for ever at 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from adapters.crypto import Secrets
 from adapters.eventstore import open_market, store_env
+from adapters.logreader import LogBatch
 from projections.runner import ProjectionFailed, ProjectionRunner
 from projections.views import VIEWS_NAME, Views, open_views
 from services.commands import Commands
@@ -42,6 +44,14 @@ class CountingViews:
     def apply_batch(self, *args: Any) -> None:
         self.applied += 1
         self.views.apply_batch(*args)
+
+    def apply_next(self, name: str, read: Callable[[int], LogBatch], part: Any = None) -> Any:
+        def counted(start: int) -> LogBatch:
+            batch = read(start)
+            self.applied += batch.last is not None
+            return batch
+
+        return self.views.apply_next(name, counted, part)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.views, name)
