@@ -254,6 +254,48 @@ def _postgres_rows(
 RowBatch = tuple[int | None, int, list[Any]]
 
 
+def stored_versions(app: Application[UUID]) -> Callable[[Collection[UUID]], dict[UUID, int]] | None:
+    """``versions(ids)``: each aggregate's latest stored version (absent: none stored), in one
+    query; None for a recorder without SQL of ours."""
+    recorder = app.recorder
+    if isinstance(recorder, SQLiteApplicationRecorder):
+        table = recorder.events_table_name
+
+        def sqlite_versions(ids: Collection[UUID]) -> dict[UUID, int]:
+            # The library stores a UUID's hex digits as text.
+            by_hex = {i.hex: i for i in ids}
+            marks = ", ".join("?" * len(by_hex))
+            with recorder.datastore.transaction(commit=False) as c, c as cursor:
+                cursor.row_factory = None
+                cursor.execute(
+                    f"SELECT originator_id, max(originator_version) FROM {table} "
+                    f"WHERE originator_id IN ({marks}) GROUP BY originator_id",
+                    list(by_hex),
+                )
+                return {by_hex[i]: int(v) for i, v in cursor.fetchall()}
+
+        return sqlite_versions
+    if isinstance(recorder, PostgresApplicationRecorder):
+        statement = SQL(
+            "SELECT originator_id, max(originator_version) FROM {schema}.{table} "
+            "WHERE originator_id = ANY(%s) GROUP BY originator_id"
+        ).format(
+            schema=Identifier(recorder.datastore.schema),
+            table=Identifier(recorder.events_table_name),
+        )
+
+        def postgres_versions(ids: Collection[UUID]) -> dict[UUID, int]:
+            with (
+                recorder.datastore.get_connection() as conn,
+                conn.cursor(row_factory=tuple_row) as c,
+            ):
+                c.execute(statement, [list(ids)])
+                return {i: int(v) for i, v in c.fetchall()}
+
+        return postgres_versions
+    return None
+
+
 def notification_batches(
     app: Application[UUID],
 ) -> Callable[[int, int | None, int, Collection[str]], RowBatch]:

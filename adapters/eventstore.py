@@ -25,6 +25,7 @@ from adapters.esinternals import (
     PREPARED_STATEMENTS_KEY,
     create_tables,
     name_connections,
+    stored_versions,
 )
 from adapters.settings import sqlite_dir
 from domain.aggregates import BuyerAccount, Offer
@@ -48,6 +49,7 @@ class MarketApp(Application[UUID]):
     def __init__(self, env: dict[str, Any]) -> None:
         super().__init__(env=env)
         self.on_saved: list[Callable[[], None]] = []
+        self._stored_versions = stored_versions(self)
         try:
             create_tables(self.recorder)
             if self.snapshots is not None:
@@ -87,8 +89,8 @@ class MarketApp(Application[UUID]):
 
     def save_together(self, groups: Sequence[Sequence[Aggregate]]) -> list[_Saved]:
         """Several saves in one transaction (group commit), each with its own outcome: its
-        recordings, or the exception that stopped it. When the joint save conflicts, each group
-        is saved again on its own, so one group's conflict fails that group alone."""
+        recordings, or the exception that stopped it. When the joint save conflicts, the groups
+        that wrote a version already stored fail, and the others are saved together again."""
         if len(groups) == 1:
             try:
                 return [self.save(*groups[0])]
@@ -99,14 +101,17 @@ class MarketApp(Application[UUID]):
             one = _Collected()
             one.collect_events(*objs)
             collected.append(one)
+        return self._save_jointly(collected)
+
+    def _save_jointly(self, collected: list[_Collected]) -> list[_Saved]:
         joint = _Collected()
         for one in collected:
             joint.events.extend(one.events)
             joint.aggregates.update(one.aggregates)
         try:
             recordings = self._save_collected(joint)
-        except IntegrityError:
-            pass
+        except IntegrityError as e:
+            conflict = e
         else:
             group_of = {id(e): n for n, one in enumerate(collected) for e in one.events}
             results: list[_Saved] = [[] for _ in collected]
@@ -115,6 +120,14 @@ class MarketApp(Application[UUID]):
                 assert isinstance(saved, list)
                 saved.append(recording)
             return results
+        # Which groups wrote versions someone else stored first: they fail, the rest are saved
+        # together again. (Saving every group on its own instead made one busy buyer's
+        # conflict cost a transaction per submit of the batch.)
+        stale = self._stale_groups(collected)
+        if stale and len(stale) < len(collected):
+            fresh = [one for n, one in enumerate(collected) if n not in stale]
+            saved_again = iter(self._save_jointly(fresh))
+            return [conflict if n in stale else next(saved_again) for n in range(len(collected))]
         outcomes: list[_Saved] = []
         for one in collected:
             try:
@@ -122,6 +135,24 @@ class MarketApp(Application[UUID]):
             except Exception as e:  # handed to the group's own caller
                 outcomes.append(e)
         return outcomes
+
+    def _stale_groups(self, collected: list[_Collected]) -> set[int]:
+        """The groups with an event at a version already stored for its aggregate (empty
+        when that can't be told)."""
+        if self._stored_versions is None:
+            return set()
+        first: dict[UUID, int] = {}
+        for one in collected:
+            for e in one.events:
+                version = first.get(e.originator_id)
+                if version is None or e.originator_version < version:
+                    first[e.originator_id] = e.originator_version
+        stored = self._stored_versions(list(first))
+        return {
+            n
+            for n, one in enumerate(collected)
+            if any(stored.get(e.originator_id, 0) >= e.originator_version for e in one.events)
+        }
 
     def _take_snapshots(self, processing_event: ProcessingEvent[UUID]) -> None:
         # The library rebuilds the aggregate from the log at the snapshot's version (its last

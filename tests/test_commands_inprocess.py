@@ -217,10 +217,10 @@ def test_a_submit_whose_save_conflicts_decides_again_on_the_stored_account(
 
 
 def test_saves_joined_in_one_transaction_keep_their_own_outcomes(
-    engine_on_each_backend: InProcessEngine,
+    engine_on_each_backend: InProcessEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Group commit (adapters.eventstore.GroupCommit): saves joined in one transaction each get
-    their own recordings, and a conflicting one fails alone, the others still saved."""
+    their own recordings, and a conflicting one fails alone, the others saved together."""
     engine = engine_on_each_backend
     market = engine.market
     first, stale, last = (engine.buyer(deposit=1_000) for _ in range(3))
@@ -230,9 +230,19 @@ def test_saves_joined_in_one_transaction_keep_their_own_outcomes(
     market.save(overtaking)
     for n, account in enumerate(accounts):
         account.deposit(10, f"joined-{n}")
+    transactions: list[int] = []
+    save_collected = market._save_collected
+
+    def counted(processing_event: Any) -> Any:
+        transactions.append(len(processing_event.events))
+        return save_collected(processing_event)
+
+    monkeypatch.setattr(market, "_save_collected", counted)
 
     outcomes = market.save_together([[a] for a in accounts])
 
+    # The joint save, then the two fresh groups together again (not one transaction each).
+    assert transactions == [3, 2]
     assert isinstance(outcomes[1], IntegrityError)
     for n in (0, 2):
         saved = outcomes[n]
