@@ -199,6 +199,10 @@ class Engine:
     submits: SubmitQueue = field(init=False)
     job_cache: JobCache = field(default_factory=JobCache)
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
+    _rows_wanted: list[tuple[str, int, float, asyncio.Future[JobRow | None]]] = field(
+        default_factory=list
+    )
+    _rows_reader: asyncio.Task[None] | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _turns: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary
@@ -266,6 +270,39 @@ class Engine:
         finally:
             cache.end(job_id, row)
         return row
+
+    async def job_row_after(self, job_id: str, position: int, wait_seconds: float) -> JobRow | None:
+        """A job's view once the views include ``position`` (read-your-writes); None when it
+        is not there within ``wait_seconds``. Asked for together (the answers of submits saved
+        in one batch), the views are waited for once and read in one query, not one each (on
+        PostgreSQL, one hand-off to the thread pool each)."""
+        assert self._loop is not None
+        future: asyncio.Future[JobRow | None] = self._loop.create_future()
+        self._rows_wanted.append((job_id, position, wait_seconds, future))
+        if self._rows_reader is None:
+            self._rows_reader = self._loop.create_task(self._read_rows())
+        return await future
+
+    async def _read_rows(self) -> None:
+        try:
+            while self._rows_wanted:
+                wanted, self._rows_wanted = self._rows_wanted, []
+                try:
+                    position = max(p for _, p, _, _ in wanted)
+                    wait = max(w for _, _, w, _ in wanted)
+                    rows: dict[str, JobRow] = {}
+                    if await self.caught_up(position, wait):
+                        rows = await self.read(self.views.get_jobs, [j for j, _, _, _ in wanted])
+                except Exception as e:  # each asker gets it (a database outage: a 503 each)
+                    for _, _, _, future in wanted:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                for job_id, _, _, future in wanted:
+                    if not future.done():  # its caller may have gone away
+                        future.set_result(rows.get(job_id))
+        finally:
+            self._rows_reader = None
 
     def _runner_advanced(self, position: int) -> None:
         # Called from the runner's thread; only bother the loop when someone is waiting.

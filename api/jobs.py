@@ -15,8 +15,8 @@ from api.artifacts import direct_url
 from api.body import parse_query, read_json
 from api.errors import ApiError, invalid, not_found
 from api.http import (
+    READ_YOUR_WRITES_TIMEOUT,
     catalog_of,
-    caught_up,
     engine_of,
     job_access,
     min_discount_of,
@@ -185,9 +185,7 @@ def _reused() -> ApiError:
 
 async def _view_after(request: web.Request, job_id: str, position: int) -> JobRow:
     """The job's view once it includes the write at ``position`` (read-your-writes)."""
-    engine = engine_of(request)
-    await caught_up(request, position)
-    row = await engine.read(engine.views.get_job, job_id)
+    row = await engine_of(request).job_row_after(job_id, position, READ_YOUR_WRITES_TIMEOUT)
     if row is None:
         raise ApiError(503, "projection_lagging", "the job is saved but not yet visible; retry")
     return row

@@ -193,14 +193,24 @@ PROJECTION = Projection(
 # --------------------------------------------------------------------------- queries
 
 
+_JOB_ROW = "SELECT job_id, buyer_id, status, token_hash, version, doc FROM mm_job_views"
+
+
 def get_job(r: Reader, job_id: str) -> JobRow | None:
-    row = r.one(
-        "SELECT job_id, buyer_id, status, token_hash, version, doc FROM mm_job_views "
-        "WHERE job_id = ?",
-        (job_id,),
-    )
-    if row is None:
-        return None
+    row = r.one(f"{_JOB_ROW} WHERE job_id = ?", (job_id,))
+    return None if row is None else _job_row(row)
+
+
+def get_jobs(r: Reader, job_ids: Sequence[str]) -> dict[str, JobRow]:
+    """The views of those of ``job_ids`` that have one, by id."""
+    found: dict[str, JobRow] = {}
+    for chunk in chunks(sorted(set(job_ids))):
+        for row in r.all(f"{_JOB_ROW} WHERE job_id IN ({placeholders(chunk)})", chunk):
+            found[row["job_id"]] = _job_row(row)
+    return found
+
+
+def _job_row(row: Any) -> JobRow:
     return JobRow(
         row["job_id"],
         row["buyer_id"],

@@ -84,6 +84,9 @@ class Views(Store):
     def get_job(self, job_id: str) -> JobRow | None:
         return jobviews.get_job(self, job_id)
 
+    def get_jobs(self, job_ids: Sequence[str]) -> dict[str, JobRow]:
+        return jobviews.get_jobs(self, job_ids)
+
     def list_jobs(
         self, buyer_id: str, limit: int, after: str | None, status: str | None
     ) -> list[JobDoc] | None:
