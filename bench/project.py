@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
 from typing import Any
 
 from adapters.crypto import Secrets
@@ -117,6 +116,8 @@ class _Direct:
         return self.app.save(*objs)
 
 
-@contextlib.contextmanager
-def _unserialised(*_: str) -> Iterator[None]:
-    yield
+_NO_LOCK = contextlib.nullcontext()
+
+
+def _unserialised(*_: str) -> contextlib.AbstractContextManager[None]:
+    return _NO_LOCK
