@@ -10,17 +10,21 @@ combines several of its names, so their callers do not depend on how that is don
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from typing import Any
+
 from adapters.crypto import Secrets
 from adapters.eventstore import MarketApp, open_market, store_env
 from adapters.progress import Progress
 from adapters.settings import Settings
 from adapters.simulator import CATALOG, catalog_entry, parse_video_request
-from adapters.venice import parse_venice_models
+from adapters.venice import VideoParams, parse_venice_models
 from api.validation import validate_video_request
 from domain.aggregates import Offer, settlement_id
 from domain.catalog import Catalog, VideoRequest
 from domain.money import FeeSchedule, parse_multiplier, price_offer, usd_to_micros
-from domain.routing import Candidate, RoutingError, choose
+from domain.routing import Candidate, Ranking, RoutingError, choose
 from projections.runner import CATCH_UP_BATCH_SIZE, ProjectionRunner
 from projections.views import VIEWS_NAME, Views, open_views, scratch_views
 from projections.work import NAME as WORK_NAME
@@ -45,6 +49,7 @@ __all__ = [
     "Offer",
     "Progress",
     "ProjectionRunner",
+    "Ranking",
     "Route",
     "RoutingError",
     "Secrets",
@@ -61,6 +66,7 @@ __all__ = [
     "settlement_id",
     "simulator_catalog",
     "simulator_list_price",
+    "single_threaded",
     "store_env",
     "validate_video_request",
 ]
@@ -76,10 +82,42 @@ def simulator_catalog() -> Catalog:
 
 def simulator_list_price(request: VideoRequest) -> int:
     """What the embedded simulator quotes for ``request``, in microdollars."""
-    return usd_to_micros(parse_video_request(video_params(request_data(request)).body()).quote())
+    return _simulator_quote(video_params(request_data(request)))
+
+
+@functools.cache
+def _simulator_quote(params: VideoParams) -> int:
+    # The quote depends on the parameters alone (and the simulator's fixed catalog): a log's
+    # millions of requests have a few dozen different ones.
+    return usd_to_micros(parse_video_request(params.body()).quote())
 
 
 def job_view_count(views: Views) -> int:
     """Rows in the job views of ``views`` (a replay must leave one per job of the log)."""
     rows = views._all("SELECT COUNT(*) AS n FROM mm_job_views", ())
     return int(rows[0]["n"])
+
+
+def single_threaded(commands: Commands) -> None:
+    """``commands`` driven by one thread that owns every aggregate (the log generator): the
+    locks that serialise a hot aggregate's writers and the group commit that joins concurrent
+    submits have nobody to wait for, so each save goes straight to the app, in the same order
+    with the same aggregates (the locks, their weak registry and the group commit's condition
+    were 4% of generating a log)."""
+    setattr(commands, "_group_commit", _Direct(commands.app))  # noqa: B010 (a private slot)
+    setattr(commands, "_serialised", _unserialised)  # noqa: B010
+
+
+class _Direct:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def save(self, *objs: Any) -> Any:
+        return self.app.save(*objs)
+
+
+_NO_LOCK = contextlib.nullcontext()
+
+
+def _unserialised(*_: str) -> contextlib.AbstractContextManager[None]:
+    return _NO_LOCK

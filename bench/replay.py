@@ -12,7 +12,8 @@ jobs arriving at ``--rate`` jobs per simulated second, each driven like the work
 (claim, dispatch with a slot on the offer, progress, a stored artifact and settlement in one
 save, then the provider's copy deleted), with a mix of outcomes (see ``OUTCOMES``). Commands
 save through ``BufferedMarket``, which keeps every save's events in order and writes many saves
-per ``MarketApp.save`` call: the same log, written in minutes instead of hours.
+at once (encoded as the application's mapper encodes them, written with its recorders' insert
+statements): the same log, written in minutes instead of hours.
 
 The SQLite log is cached under ``bench/.cache/`` by job count and ``VERSION`` (bump it when the
 generator changes what it writes). The PostgreSQL log is a copy of the SQLite one, event for

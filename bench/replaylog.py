@@ -12,14 +12,18 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from json import encoder as json_encoder
 from operator import methodcaller
 from statistics import median
 from typing import Any, cast
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import JSONTranscoder, Mapper
+from eventsourcing.sqlite import SQLiteApplicationRecorder
+from eventsourcing.utils import get_topic
 
 from bench.common import MODEL
 from bench.project import (
@@ -31,6 +35,7 @@ from bench.project import (
     FeeSchedule,
     MarketApp,
     Offer,
+    Ranking,
     Route,
     RoutingError,
     Secrets,
@@ -41,6 +46,7 @@ from bench.project import (
     settlement_id,
     simulator_catalog,
     simulator_list_price,
+    single_threaded,
     validate_video_request,
 )
 
@@ -68,16 +74,144 @@ OUTCOMES: tuple[tuple[str, float], ...] = (
 )
 
 
+# A stored event as the SQLite recorder inserts it: originator id (hex), version, topic, state.
+Row = tuple[str, int, str, bytes]
+
+
+class RowEncoder:
+    """What the application's mapper makes of an event (``Mapper.to_stored_event``), as the row
+    the SQLite recorder inserts. The same JSON bytes from the same encoder settings and hooks,
+    less building a C encoder for each event (the library's ``JSONEncoder.encode`` does): a
+    tenth of generating a log. A mapper that compresses, encrypts or transcodes otherwise goes
+    through the library's own method."""
+
+    def __init__(self, mapper: Mapper[UUID]) -> None:
+        self.mapper = mapper
+        self.topics: dict[type, str] = {}
+        self.encode: Callable[[Any, int], Sequence[str]] | None = None
+        transcoder = mapper.transcoder
+        if (
+            type(mapper).to_stored_event is Mapper.to_stored_event
+            and mapper.compressor is None
+            and mapper.cipher is None
+            and type(transcoder) is JSONTranscoder
+            and transcoder.encoder.indent is None
+            and json_encoder.c_make_encoder is not None
+        ):
+            e = transcoder.encoder
+            self.encode = json_encoder.c_make_encoder(
+                None,  # no check for circular references: they raise either way
+                e.default,
+                json_encoder.encode_basestring_ascii
+                if e.ensure_ascii
+                else json_encoder.encode_basestring,
+                None,
+                e.key_separator,
+                e.item_separator,
+                e.sort_keys,
+                e.skipkeys,
+                e.allow_nan,
+            )
+
+    def rows(self, events: Sequence[Any]) -> list[Row]:
+        encode = self.encode
+        if encode is None:
+            return [_row(self.mapper.to_stored_event(e)) for e in events]
+        topics = self.topics
+        rows: list[Row] = []
+        for e in events:
+            cls = type(e)
+            topic = topics.get(cls)
+            if topic is None:
+                topic = topics[cls] = get_topic(cls)
+            state = dict(vars(e))
+            originator_id = state.pop("originator_id")
+            version = state.pop("originator_version")
+            class_version = getattr(cls, "class_version", 1)
+            if class_version > 1:
+                state["class_version"] = class_version
+            rows.append(
+                (
+                    originator_id.hex if isinstance(originator_id, UUID) else originator_id,
+                    version,
+                    topic,
+                    "".join(encode(state, 0)).encode("utf8"),
+                )
+            )
+        return rows
+
+
+def _row(stored: Any) -> Row:
+    originator_id = stored.originator_id
+    return (
+        originator_id.hex if isinstance(originator_id, UUID) else originator_id,
+        stored.originator_version,
+        stored.topic,
+        stored.state,
+    )
+
+
+# Where a flush's events and snapshots go (in that order within the flush).
+Sink = Callable[[list[Any], list[Any]], None]
+
+
+class LibrarySink:
+    """The events and snapshots written as the application writes them: its mapper, its
+    recorder's ``insert_events``, its snapshot store's ``put``. Any backend."""
+
+    def __init__(self, app: MarketApp) -> None:
+        self.app = app
+
+    def __call__(self, events: list[Any], snapshots: list[Any]) -> None:
+        app = self.app
+        app.recorder.insert_events([app.mapper.to_stored_event(e) for e in events])
+        if snapshots:
+            assert app.snapshots is not None
+            app.snapshots.put(snapshots)
+
+
+class SQLiteSink:
+    """The same rows into the application's SQLite tables, with its recorders' own insert
+    statements, in one ``executemany`` each (the recorder runs one statement per event, to
+    return the notification ids a log being generated has no use for)."""
+
+    def __init__(self, app: MarketApp) -> None:
+        recorder: Any = app.recorder
+        self.datastore = recorder.datastore
+        self.events_sql = recorder.insert_events_statement
+        snapshots: Any = app.snapshots
+        self.snapshots_sql = (
+            None if snapshots is None else snapshots.recorder.insert_events_statement
+        )
+        self.encoder = RowEncoder(app.mapper)
+
+    def __call__(self, events: list[Any], snapshots: list[Any]) -> None:
+        with self.datastore.transaction(commit=True) as c:
+            c.executemany(self.events_sql, self.encoder.rows(events))
+            if snapshots:
+                assert self.snapshots_sql is not None
+                c.executemany(self.snapshots_sql, self.encoder.rows(snapshots))
+
+
+def default_sink(app: MarketApp) -> Sink:
+    if isinstance(app.recorder, SQLiteApplicationRecorder):
+        return SQLiteSink(app)
+    return LibrarySink(app)
+
+
 class BufferedMarket:
     """Stands in for ``MarketApp`` under ``Commands``: each save's events are kept in order and
-    many saves are written by one ``MarketApp.save``. Aggregates live in memory (every one was
+    many saves are written at once, through ``sink``. Aggregates live in memory (every one was
     created here), so a command reads what the previous one saved without a database read."""
 
-    def __init__(self, app: MarketApp, flush_events: int = FLUSH_EVENTS) -> None:
+    def __init__(
+        self, app: MarketApp, flush_events: int = FLUSH_EVENTS, sink: Sink | None = None
+    ) -> None:
         self.app = app
         self.recorder = app.recorder
         self.repository = self
         self.flush_events = flush_events
+        self.sink = sink if sink is not None else default_sink(app)
         self.live: dict[UUID, Any] = {}
         self.pending: list[Any] = []
         self.touched: dict[UUID, Any] = {}
@@ -114,33 +248,30 @@ class BufferedMarket:
             self.live.pop(aggregate_id, None)
 
     def flush(self) -> None:
-        """Write the pending events in one transaction, with the snapshots the application
-        would take. What ``MarketApp.save`` does for a running engine, less its per-event
-        protocol checks and ``Recording`` objects: they were a third of generating a log."""
+        """Write the pending events, with the snapshots the application would take. What
+        ``MarketApp.save`` does for a running engine, less its per-event protocol checks and
+        ``Recording`` objects: they were a third of generating a log."""
         pending, touched = self.pending, self.touched
         if not pending:
             return
         self.pending, self.touched = [], {}
         app = self.app
-        to_stored_event = app.mapper.to_stored_event
-        self.recorder.insert_events([to_stored_event(e) for e in pending])
         intervals = app.snapshotting_intervals or {}
-        if app.snapshots is None or not intervals:
-            return
-        # The library snapshots an aggregate whose event lands on a multiple of its interval;
-        # here the aggregate is in memory (at its latest version, which is as good a snapshot).
-        due: dict[UUID, Any] = {}
-        for e in pending:
-            aggregate = touched.get(e.originator_id)
-            interval = intervals.get(type(aggregate)) if aggregate is not None else None
-            if interval is not None and e.originator_version % interval == 0:
-                due[e.originator_id] = aggregate
         snapshots = []
-        for aggregate in due.values():
-            snapshot_class: Any = getattr(type(aggregate), "Snapshot", type(app).snapshot_class)
-            snapshots.append(snapshot_class.take(aggregate))
-        if snapshots:
-            app.snapshots.put(snapshots)
+        if app.snapshots is not None and intervals:
+            # The library snapshots an aggregate whose event lands on a multiple of its
+            # interval; here the aggregate is in memory (at its latest version, which is as
+            # good a snapshot).
+            due: dict[UUID, Any] = {}
+            for e in pending:
+                aggregate = touched.get(e.originator_id)
+                interval = intervals.get(type(aggregate)) if aggregate is not None else None
+                if interval is not None and e.originator_version % interval == 0:
+                    due[e.originator_id] = aggregate
+            for aggregate in due.values():
+                snapshot_class: Any = getattr(type(aggregate), "Snapshot", type(app).snapshot_class)
+                snapshots.append(snapshot_class.take(aggregate))
+        self.sink(pending, snapshots)
 
 
 @dataclass
@@ -185,19 +316,23 @@ class LogGenerator:
         seed: int,
         on_progress: Callable[[int, int], None] | None = None,
         secret_key: str = SECRET_KEY,
+        sink: Sink | None = None,
     ) -> None:
         """``on_progress(done, jobs)`` is called at the start, every ``PROGRESS_EVERY_JOBS``
         finished jobs (all their events emitted) and at the end. ``secret_key`` seals the
-        offers' provider keys: a server that is to route over them needs the same one."""
+        offers' provider keys: a server that is to route over them needs the same one.
+        ``sink`` takes each flush's events and snapshots (default: written to ``app``'s
+        store)."""
         self.jobs = jobs
         self.on_progress = on_progress
         self.rate = rate
         self.rng = random.Random(seed)
-        self.market = BufferedMarket(app)
+        self.market = BufferedMarket(app, sink=sink)
         # Ends about now: the jobs' times read like a recent busy stretch.
         self.sim = Simulation(now=time.time() - jobs / rate - JOB_TTL_SECONDS)
         self.secrets = Secrets(secret_key)
         self.commands = Commands(cast(MarketApp, self.market), self.secrets, self.sim.clock)
+        single_threaded(self.commands)
         self.catalog = simulator_catalog()
         self.buyers: list[UUID] = []
         self.offers: list[Offer] = []
@@ -206,6 +341,8 @@ class LogGenerator:
         self.outcomes: Counter[str] = Counter()
         self.started_at: dict[UUID, int] = {}
         self.spans: list[int] = []
+        self.rankings: dict[tuple[int, tuple[int, ...]], Ranking] = {}
+        self.memo = True  # reuse rankings (False: rank every request afresh)
 
     def generate(self) -> dict[str, Any]:
         # Millions of short-lived events and a few long-lived aggregates: the collector's
@@ -314,23 +451,33 @@ class LogGenerator:
         list_price = simulator_list_price(request)
         now = self.sim.now
         skipped: list[dict[str, str]] = []
-        candidates: list[Candidate] = []
-        for seq, offer in enumerate(self.offers, start=1):
+        available: list[int] = []
+        for n, offer in enumerate(self.offers):
             reason = offer.unavailable_because(now)
-            if reason is not None:
+            if reason is None:
+                available.append(n)
+            else:
                 skipped.append({"offer_id": str(offer.id), "reason": reason})
-                continue
-            multiplier = parse_multiplier(offer.cost_multiplier)
-            candidates.append(
-                Candidate(
-                    offer_id=str(offer.id),
-                    seller_id=offer.seller_id,
-                    multiplier=multiplier,
-                    created_seq=seq,
-                    price=price_offer(list_price, multiplier, FEES),
+        # The ranking of the same offers (whose terms never change here) at the same price is
+        # the same: the Fractions of pricing and ranking were a twentieth of generating a log.
+        key = (list_price, tuple(available))
+        ranking = self.rankings.get(key) if self.memo else None
+        if ranking is None:
+            candidates: list[Candidate] = []
+            for n in available:
+                offer = self.offers[n]
+                multiplier = parse_multiplier(offer.cost_multiplier)
+                candidates.append(
+                    Candidate(
+                        offer_id=str(offer.id),
+                        seller_id=offer.seller_id,
+                        multiplier=multiplier,
+                        created_seq=n + 1,
+                        price=price_offer(list_price, multiplier, FEES),
+                    )
                 )
-            )
-        ranking = choose(len(self.offers), candidates, None)
+            ranking = choose(len(self.offers), candidates, None)
+            self.rankings[key] = ranking
         return Route(ranking.eligible[:MAX_ROUTE_OFFERS], len(self.offers), skipped)
 
     # -- the worker side: one job, as ``services.worker.Worker.drive`` takes it

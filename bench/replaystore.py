@@ -11,11 +11,12 @@ import shutil
 import sqlite3
 import tempfile
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ALL_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -25,12 +26,13 @@ from eventsourcing.persistence import StoredEvent
 from bench.common import ROOT
 from bench.databases import database_url, pg_admin, sqlite_url
 from bench.project import Progress, open_market
-from bench.replaylog import SECRET_KEY, VERSION, LogGenerator
+from bench.replaylog import SECRET_KEY, VERSION, LogGenerator, Row, RowEncoder
 
 CACHE = ROOT / "bench" / ".cache"
 PG_LOG_DB = "mm_bench_replay"
 COPY_BATCH = 10_000  # events per insert when copying the log to PostgreSQL
 MERGE_CHUNK = 1000  # notifications of one shard's log before the next shard's, when merging
+COMPACT_ROWS = 100_000  # rows written from a shard's buffer before it is trimmed
 MARKET_FILE = "market.db"  # the log's file in a SQLite market directory
 
 
@@ -63,7 +65,7 @@ def sqlite_log(
         started = time.perf_counter()
         seed = jobs * 1000 + VERSION
         if shards == 1:
-            meta = _generate(scratch, jobs, rate, seed, secret_key, None)
+            meta = _generate(scratch, jobs, rate, seed, secret_key)
         else:
             meta = _generate_shards(scratch, jobs, rate, seed, secret_key, shards, say)
         meta.update(
@@ -83,48 +85,62 @@ def sqlite_log(
     return sqlite_url(directory), {**meta, "generated": True}
 
 
-# In a shard's process: where it publishes how many of its jobs are done.
-_shard_done: Synchronized[int] | None = None
-
-
 def _generate(
-    directory: Path,
-    jobs: int,
-    rate: float,
-    seed: int,
-    secret_key: str,
-    done: Synchronized[int] | None,
+    directory: Path, jobs: int, rate: float, seed: int, secret_key: str
 ) -> dict[str, Any]:
     """One market's log of ``jobs`` jobs in ``directory``: its meta."""
     app = open_market(sqlite_url(directory))
     try:
-        if done is None:
-            with Progress(jobs, "generate", unit="jobs") as progress:
-                generator = LogGenerator(
-                    app, jobs, rate, seed, on_progress=progress.update, secret_key=secret_key
-                )
-                meta = generator.generate()
-        else:
-
-            def publish(n: int, _: int) -> None:
-                done.value = n
-
-            meta = LogGenerator(app, jobs, rate, seed, publish, secret_key).generate()
+        with Progress(jobs, "generate", unit="jobs") as progress:
+            generator = LogGenerator(
+                app, jobs, rate, seed, on_progress=progress.update, secret_key=secret_key
+            )
+            meta = generator.generate()
         meta["notifications"] = app.recorder.max_notification_id() or 0
     finally:
         app.close()
     return meta
 
 
-def _shard_init(done: Synchronized[int]) -> None:
-    global _shard_done
-    _shard_done = done
+class _PipeSink:
+    """A shard's flushes, as rows, sent to the process writing the interleaved log."""
+
+    def __init__(self, conn: Connection, encoder: RowEncoder) -> None:
+        self.conn = conn
+        self.encoder = encoder
+        self.sent = 0
+
+    def __call__(self, events: list[Any], snapshots: list[Any]) -> None:
+        rows = self.encoder.rows(events)
+        self.conn.send(("rows", (rows, self.encoder.rows(snapshots))))
+        self.sent += len(rows)
 
 
 def _generate_shard(
-    directory: str, jobs: int, rate: float, seed: int, secret_key: str
-) -> dict[str, Any]:
-    return _generate(Path(directory), jobs, rate, seed, secret_key, _shard_done)
+    directory: str, jobs: int, rate: float, seed: int, secret_key: str, conn: Connection
+) -> None:
+    """In a shard's process: one market's log of ``jobs`` jobs, sent through ``conn`` as it is
+    generated (``("rows", (events, snapshots))``, ``("done", jobs done)``), then its meta
+    (``("meta", meta)``) or what went wrong (``("error", traceback)``). ``directory`` holds
+    only the empty tables of the market whose mapper encodes the rows."""
+    try:
+        app = open_market(sqlite_url(Path(directory)))
+        try:
+            sink = _PipeSink(conn, RowEncoder(app.mapper))
+
+            def publish(n: int, _: int) -> None:
+                conn.send(("done", n))
+
+            meta = LogGenerator(app, jobs, rate, seed, publish, secret_key, sink).generate()
+            meta["notifications"] = sink.sent
+        finally:
+            app.close()
+        conn.send(("meta", meta))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+    finally:
+        conn.close()
 
 
 def _generate_shards(
@@ -136,32 +152,67 @@ def _generate_shards(
     shards: int,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
+    """``shards`` markets generated at once, each in its own process, their rows interleaved
+    into the log in ``directory`` by this process as they arrive (``LogWriter``): the log is
+    complete moments after the last shard is, instead of a copy of every row after that."""
     spawn = multiprocessing.get_context("spawn")
-    counters = [spawn.Value("q", 0) for _ in range(shards)]
     sizes = [jobs // shards + (1 if n < jobs % shards else 0) for n in range(shards)]
     parts = [directory / f"shard-{n}" for n in range(shards)]
-    pools = [
-        ProcessPoolExecutor(1, mp_context=spawn, initializer=_shard_init, initargs=(counter,))
-        for counter in counters
-    ]
+    readers: dict[Connection, int] = {}
+    processes = []
+    writer = LogWriter(directory, shards)
     try:
-        futures = [
-            pool.submit(_generate_shard, str(part), size, rate / shards, seed + n, secret_key)
-            for n, (pool, part, size) in enumerate(zip(pools, parts, sizes, strict=True))
-        ]
+        for n, (part, size) in enumerate(zip(parts, sizes, strict=True)):
+            reader, sender = spawn.Pipe(duplex=False)
+            process = spawn.Process(
+                target=_generate_shard,
+                args=(str(part), size, rate / shards, seed + n, secret_key, sender),
+                name=f"bench-log-shard-{n}",
+            )
+            process.start()
+            sender.close()  # the shard's end: its exit then reads as EOF here
+            readers[reader] = n
+            processes.append(process)
+        done = [0] * shards
+        metas: list[dict[str, Any]] = [{} for _ in range(shards)]
         with Progress(jobs, f"generate ({shards} processes)", unit="jobs") as progress:
             progress.update(0)
-            while wait(futures, 1.0, ALL_COMPLETED).not_done:
-                progress.update(sum(c.value for c in counters))
-            progress.update(jobs)
-        metas = [f.result() for f in futures]
+            while readers:
+                for ready in wait_for(list(readers), 1.0):
+                    assert isinstance(ready, Connection)
+                    n = readers[ready]
+                    try:
+                        kind, payload = ready.recv()
+                    except EOFError:
+                        raise RuntimeError(f"log shard {n} ended without its meta") from None
+                    if kind == "rows":
+                        writer.add(n, *payload)
+                    elif kind == "done":
+                        done[n] = payload
+                    elif kind == "meta":
+                        metas[n] = payload
+                        writer.finish(n)
+                        del readers[ready]
+                        ready.close()
+                    else:
+                        raise RuntimeError(f"log shard {n} failed:\n{payload}")
+                progress.update(sum(done))
+            generated_at = time.perf_counter()
+        notifications = writer.close()
+        say(
+            f"interleaved the {shards} markets' logs as they were generated; "
+            f"the log was complete {time.perf_counter() - generated_at:.1f} s after them"
+        )
     finally:
-        for pool in pools:
-            pool.shutdown(cancel_futures=True)
-    say(f"interleaving the {shards} markets' logs into one")
-    notifications = merge_logs(directory, parts)
+        writer.abort()
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+            process.join()
     for part in parts:
         shutil.rmtree(part)
+    if notifications != sum(m["notifications"] for m in metas):
+        raise RuntimeError(f"wrote {notifications} notifications of the shards' {metas}")
     outcomes: Counter[str] = Counter()
     events: Counter[str] = Counter()
     for m in metas:
@@ -181,41 +232,78 @@ def _generate_shards(
     }
 
 
-def merge_logs(target: Path, parts: list[Path], chunk: int = MERGE_CHUNK) -> int:
-    """The logs of ``parts`` (SQLite market directories of disjoint aggregates) interleaved into
-    a new log in ``target``: ``chunk`` notifications of each in turn, so events written at the
-    same simulated time stay close. Returns the notifications written."""
-    open_market(sqlite_url(target)).close()  # the library's tables
-    conn = sqlite3.connect(target / MARKET_FILE, isolation_level=None)
-    try:
+class LogWriter:
+    """The logs of ``shards`` markets (disjoint aggregates) interleaved into a new log in
+    ``target`` as their rows arrive: ``chunk`` notifications of each in turn (the first
+    ``chunk`` of shard 0, then of shard 1, ..., then the second ``chunk`` of each), so events
+    written at the same simulated time stay close. A shard's rows wait here until its turn; a
+    finished shard's turns pass. Snapshots are written as they come."""
+
+    def __init__(self, target: Path, shards: int, chunk: int = MERGE_CHUNK) -> None:
+        open_market(sqlite_url(target)).close()  # the library's tables
+        self.chunk = chunk
+        self.pending: list[list[Row]] = [[] for _ in range(shards)]
+        self.taken = [0] * shards  # rows of ``pending`` written
+        self.finished = [False] * shards
+        self.turn = 0
+        self.written = 0
+        self.conn: sqlite3.Connection | None = sqlite3.connect(
+            target / MARKET_FILE, isolation_level=None
+        )
         # A scratch file renamed into the cache only once complete: no journal, no fsyncs, and
         # a cache big enough for the primary key's B-tree, which the ids fill in random order.
-        conn.execute("PRAGMA journal_mode=OFF")
-        conn.execute("PRAGMA synchronous=OFF")
-        conn.execute("PRAGMA cache_size=-2000000")
-        ends = []
-        for n, part in enumerate(parts):
-            conn.execute(f"ATTACH DATABASE ? AS part{n}", (str(part / MARKET_FILE),))
-            ends.append(conn.execute(f"SELECT MAX(rowid) FROM part{n}.stored_events").fetchone()[0])
-        columns = "originator_id, originator_version, topic, state"
-        conn.execute("BEGIN")
-        for low in range(0, max(ends), chunk):
-            for n in range(len(parts)):
-                conn.execute(
-                    f"INSERT INTO main.stored_events ({columns}) SELECT {columns} "
-                    f"FROM part{n}.stored_events WHERE rowid > ? AND rowid <= ? ORDER BY rowid",
-                    (low, low + chunk),
-                )
-        for n in range(len(parts)):
-            conn.execute(
-                f"INSERT INTO main.stored_snapshots SELECT * FROM part{n}.stored_snapshots"
-            )
-        conn.execute("COMMIT")
-        count = conn.execute("SELECT MAX(rowid) FROM main.stored_events").fetchone()[0]
-        conn.execute("PRAGMA journal_mode=WAL")
-    finally:
-        conn.close()
-    return int(count)
+        self.conn.execute("PRAGMA journal_mode=OFF")
+        self.conn.execute("PRAGMA synchronous=OFF")
+        self.conn.execute("PRAGMA cache_size=-2000000")
+        self.conn.execute("BEGIN")
+
+    def add(self, shard: int, events: list[Row], snapshots: list[Row]) -> None:
+        assert self.conn is not None and not self.finished[shard]
+        if snapshots:
+            self.conn.executemany("INSERT INTO stored_snapshots VALUES (?,?,?,?)", snapshots)
+        self.pending[shard] += events
+        self._write()
+
+    def finish(self, shard: int) -> None:
+        self.finished[shard] = True
+        self._write()
+
+    def _write(self) -> None:
+        assert self.conn is not None
+        pending, taken, chunk = self.pending, self.taken, self.chunk
+        rows: list[Row] = []
+        while True:
+            n = self.turn % len(pending)
+            left = len(pending[n]) - taken[n]
+            if left < chunk and not self.finished[n]:
+                break  # its turn, and its next chunk is still being generated
+            if all(self.finished) and all(len(p) == t for p, t in zip(pending, taken, strict=True)):
+                break
+            rows += pending[n][taken[n] : taken[n] + chunk]
+            taken[n] += min(left, chunk)
+            self.turn += 1
+        for n, p in enumerate(pending):
+            if taken[n] >= COMPACT_ROWS:
+                del p[: taken[n]]
+                taken[n] = 0
+        if rows:
+            self.conn.executemany("INSERT INTO stored_events VALUES (?,?,?,?)", rows)
+            self.written += len(rows)
+
+    def close(self) -> int:
+        """Commit the log (every shard finished): the notifications written."""
+        assert self.conn is not None and all(self.finished)
+        assert all(len(p) == t for p, t in zip(self.pending, self.taken, strict=True))
+        self.conn.execute("COMMIT")
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.close()
+        self.conn = None
+        return self.written
+
+    def abort(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 def postgres_log(

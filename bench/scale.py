@@ -4,13 +4,13 @@
     .venv/bin/python -m bench.scale --jobs 100000 --small 5000
 
 Each log is generated once (``bench.replaystore.sqlite_log``: two markets generated at once in
-two processes, their logs interleaved into one; the offers sealed with the bench server's key,
-so the engine can route over them) and cached in ``bench/.cache/`` together with its views,
-built once by ``services.replay.rebuild`` (the rebuild ``mediamarket replay`` runs), and the
-work queue's store, folded once by its runner (every serving process keeps it). Each row
-then runs ``mediamarket serve --no-worker`` on a copy of that directory (the cache stays as
-generated), sets it up through the API as the other rows do (8 funded buyers, one more offer,
-one queued job) and measures the poll and submit workloads. Compared: poll p99 and submit
+two processes, their events interleaved into one log as they come; the offers sealed with the
+bench server's key, so the engine can route over them) and cached in ``bench/.cache/`` together
+with its views, built once by ``services.replay.rebuild`` (the rebuild ``mediamarket replay``
+runs), and the work queue's store, folded once by its runner (every serving process keeps it).
+Each row then runs ``mediamarket serve --no-worker`` on a copy of that directory (the cache
+stays as generated), sets it up through the API as the other rows do (8 funded buyers, one more
+offer, one queued job) and measures the poll and submit workloads. Compared: poll p99 and submit
 server CPU per job at the big log against the small one, and the server's resident memory (its
 peak, ``VmHWM``) after both workloads on the big log.
 """
