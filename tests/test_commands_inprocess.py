@@ -60,29 +60,37 @@ def other_process(engine: InProcessEngine) -> Commands:
     return Commands(engine.market, engine.secrets, clock=engine.clock)
 
 
+def submit_request(
+    buyer_id: UUID, hold: int, prompt: str = "a cat", key: str | None = None
+) -> SubmitRequest:
+    """A submit with a fixed route and hold (as routing decided them)."""
+    request = validate_video_request(
+        {"model": SEEDANCE, "prompt": prompt},
+        CATALOG,
+        allow_http_webhooks=False,
+        allow_private_webhooks=False,
+    )
+    return SubmitRequest(
+        buyer_id=buyer_id,
+        request=request,
+        route=[],
+        routing={},
+        estimated_cost=hold,
+        hold=hold,
+        ttl_seconds=60,
+        min_discount=None,
+        idempotency_key=key,
+    )
+
+
 def submitter(engine: InProcessEngine, hold: int) -> Callable[..., Submitted]:
-    """A plain submit from any thread, with a fixed route and hold (as routing decided them)."""
+    """A plain submit from any thread (``Commands.submit``, as commands other than the API's
+    batches call it)."""
 
     def submit(
         commands: Commands, buyer_id: UUID, prompt: str = "a cat", key: str | None = None
     ) -> Submitted:
-        request = validate_video_request(
-            {"model": SEEDANCE, "prompt": prompt},
-            CATALOG,
-            allow_http_webhooks=False,
-            allow_private_webhooks=False,
-        )
-        return commands.submit(
-            buyer_id=buyer_id,
-            request=request,
-            route=[],
-            routing={},
-            estimated_cost=hold,
-            hold=hold,
-            ttl_seconds=60,
-            min_discount=None,
-            idempotency_key=key,
-        )
+        return commands.submit(**vars(submit_request(buyer_id, hold, prompt, key)))
 
     return submit
 
@@ -279,23 +287,7 @@ def test_a_batch_of_submits_keeps_each_submits_own_outcome(
     first = submitter(engine, hold)(engine.commands, replaying, key="order-1")
 
     def request(buyer: UUID, key: str | None = None, amount: int = hold) -> SubmitRequest:
-        video = validate_video_request(
-            {"model": SEEDANCE, "prompt": "a cat"},
-            CATALOG,
-            allow_http_webhooks=False,
-            allow_private_webhooks=False,
-        )
-        return SubmitRequest(
-            buyer_id=buyer,
-            request=video,
-            route=[],
-            routing={},
-            estimated_cost=amount,
-            hold=amount,
-            ttl_seconds=60,
-            min_discount=None,
-            idempotency_key=key,
-        )
+        return submit_request(buyer, amount, key=key)
 
     other = other_process(engine)
     save_together = engine.market.save_together
