@@ -75,7 +75,7 @@ class Rows(Protocol):
     """How a fold writes many rows of one table in one go, in the database's fastest way
     (``projections.dialects``): ``insert`` for rows that are new (the insert-only journal),
     ``upsert`` for rows that are new or replace the row of the same ``key``, every column but
-    the key and ``keep`` taking the new values."""
+    the key and ``keep`` taking the new values (none: rows whose key exists are left)."""
 
     def insert(
         self, c: Any, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
@@ -127,6 +127,8 @@ class ExecuteMany:
 
 def on_conflict_update(columns: Sequence[str], key: str, keep: Sequence[str] = ()) -> str:
     updated = [k for k in columns if k != key and k not in keep]
+    if not updated:  # every column kept: an insert of the rows that are new
+        return f"ON CONFLICT ({key}) DO NOTHING"
     return f"ON CONFLICT ({key}) DO UPDATE SET {', '.join(f'{k} = excluded.{k}' for k in updated)}"
 
 
