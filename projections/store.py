@@ -376,6 +376,13 @@ class Store:
             self._set_version(c, application_name, 0)
             return True
 
+    def without_durability(self) -> None:
+        """For scratch storage only (a replay's, dropped afterwards or copied from once the
+        fold is done): writes need not survive a crash, which the database may then skip."""
+
+    def make_durable(self) -> None:
+        """Undo ``without_durability`` (before scratch tables are switched in as live ones)."""
+
     def create_indexes(self) -> None:
         """Every read model's secondary indexes, where they are missing (see ``ensure_schema``):
         built once over the folded rows, a sort, where keeping them up to date row by row

@@ -157,13 +157,13 @@ def open_views(env: dict[str, str], datastore: Any = None) -> Views:
 
 
 def open_scratch_views(env: dict[str, str], application_name: str) -> Views:
-    """Views in storage from ``scratch_env``: a replay's, which needs no durability at all,
-    and no secondary indexes while it is folded into (folds read rows by key only): they are
-    built at the end (``Store.create_indexes``, which ``services.replay.rebuild`` calls)."""
+    """Views in storage from ``scratch_env``: a replay's, which needs no durability at all
+    (``Store.without_durability``; ``Store.make_durable`` before they go live), and no
+    secondary indexes while it is folded into (folds read rows by key only): they are built at
+    the end (``Store.create_indexes``, which ``services.replay.rebuild`` calls)."""
     views = open_views(env)
-    if isinstance(views, SQLiteStore):
-        views.synchronous = "OFF"
     views.ensure_schema(application_name, indexes=False)
+    views.without_durability()
     return views
 
 

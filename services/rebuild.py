@@ -39,6 +39,8 @@ def rebuild_live(
             end = app.recorder.max_notification_id() or 0
             folded = rebuild(app, fresh, end, source, on_progress=on_progress)
             log.info("rebuild_folded", events=folded, position=end)
+            # Scratch tables skip durability while folded; they go live next (outside the lock).
+            fresh.make_durable()
             tail = ProjectionRunner(app, fresh)
             tail.catch_up()
 

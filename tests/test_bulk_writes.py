@@ -7,10 +7,10 @@ import gc
 import threading
 
 from adapters.eventstore import open_market, store_env
-from projections.dialects import STAGED_UPSERT_ROWS, column_types
+from projections.dialects import STAGED_UPSERT_ROWS, PostgresStore, column_types
 from projections.ledger import LEDGER_TABLES
 from projections.runner import fewer_collections
-from projections.views import VIEWS_NAME, open_views
+from projections.views import TABLES, VIEWS_NAME, open_views, scratch_views
 
 
 def test_column_types_read_every_column_and_skip_table_constraints() -> None:
@@ -81,6 +81,26 @@ def test_a_big_upsert_writes_what_a_small_one_does(database_url: str) -> None:
         assert {r["buyer_id"]: int(r["version"]) for r in buyers} == expected
     finally:
         views.datastore.close()
+        market.close()
+
+
+def test_scratch_views_skip_durability_until_made_durable(database_url: str) -> None:
+    market = open_market(database_url)
+    env = store_env(database_url, role=VIEWS_NAME)
+    try:
+        with scratch_views(env, market.name) as views:
+            if not isinstance(views, PostgresStore):
+                assert views.synchronous == "OFF"  # type: ignore[attr-defined]
+                return
+            persistence = (
+                "SELECT relpersistence FROM pg_class WHERE relname = ? "
+                "AND relnamespace = to_regnamespace(current_schema())::oid"
+            )
+            assert views.one(persistence, ("mm_ledger_postings",))["relpersistence"] == "u"
+            views.make_durable()
+            for table in TABLES:
+                assert views.one(persistence, (table,))["relpersistence"] == "p", table
+    finally:
         market.close()
 
 
