@@ -78,6 +78,24 @@ def skips(part: Part, projections: Sequence[Projection] = PROJECTIONS) -> Callab
     return skip
 
 
+def headers_only(
+    part: Part, projections: Sequence[Projection] = PROJECTIONS
+) -> Callable[[str], bool]:
+    """Whether a part's reader may give the events of this topic with their header only:
+    every read model of the part that handles the class reads no more of them."""
+    ours = [p for p in projections if p.name in part]
+
+    def header_only(topic: str) -> bool:
+        try:
+            cls = resolve_topic(topic)
+        except Exception:  # the decoder reports it as the library would
+            return False
+        readers = [p for p in ours if cls in p.handles]
+        return bool(readers) and all(cls in p.headers_only for p in readers)
+
+    return header_only
+
+
 class Views(Store):
     """The store of every read model, with the query methods the API and the worker call."""
 
