@@ -55,7 +55,8 @@ class SQLiteStore(Store):
             with conn.transaction(commit=True) as c:
                 yield c
 
-    def without_durability(self) -> None:
+    def without_durability(self, goes_live: bool = False) -> None:
+        # Even a rebuild's scratch file never goes live: its rows are copied into the live one.
         self.synchronous = "OFF"
 
     def bind_inline_reader(self) -> None:
@@ -227,20 +228,18 @@ class PostgresStore(Store):
         with self.datastore.get_connection() as conn:
             return list(conn.execute(self.q(statement), params).fetchall())
 
-    def without_durability(self) -> None:
-        """Unlogged tables: their rows are not written to the server's WAL, which cut the
-        server's CPU for a rebuild's writes by a third. They are emptied after a server crash
-        (a scratch schema is dropped anyway) and must be logged again before they go live."""
-        self._set_persistence("UNLOGGED")
-
-    def make_durable(self) -> None:
-        # A rewrite of each table into the WAL: only a rebuild that goes live pays it.
-        self._set_persistence("LOGGED")
-
-    def _set_persistence(self, persistence: str) -> None:
+    def without_durability(self, goes_live: bool = False) -> None:
+        """Unlogged tables: their rows are not written to the server's WAL (a 100k-job replay:
+        12.1 against 13.4 s of server CPU; the ledger part alone, 20k jobs: 2.1 against 3.1 s).
+        They are emptied after a server crash, which a scratch schema that is dropped afterwards
+        does not mind. Not for tables that go live: they would have to be logged first, a
+        rewrite of each into the WAL (100k jobs: 2.4 s of server CPU, 3.3 s) that costs more
+        than folding them logged."""
+        if goes_live:
+            return
         with self.datastore.transaction(commit=True) as c:
             for table in self.tables:
-                c.execute(SQL(f"ALTER TABLE {{}} SET {persistence}").format(Identifier(table)))
+                c.execute(SQL("ALTER TABLE {} SET UNLOGGED").format(Identifier(table)))
 
     def _lock_schema(self, c: Any) -> None:
         c.execute("SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))", (SCHEMA_LOCK_ID,))
@@ -277,7 +276,8 @@ class PostgresStore(Store):
             for table in self.tables:
                 c.execute(SQL("DROP TABLE IF EXISTS {}.{}").format(live, Identifier(table)))
             for table in self.tables:
-                # Logged already when the caller made the fresh tables durable (a no-op then).
+                # Logged already unless folded as a replay's scratch (then a no-op): live tables
+                # must never be unlogged.
                 c.execute(SQL("ALTER TABLE {}.{} SET LOGGED").format(fresh, Identifier(table)))
             for table in self.tables:
                 # Its indexes move with it; their names are free since the old table's went.

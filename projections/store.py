@@ -380,12 +380,10 @@ class Store:
             self._set_version(c, application_name, 0)
             return True
 
-    def without_durability(self) -> None:
+    def without_durability(self, goes_live: bool = False) -> None:
         """For scratch storage only (a replay's, dropped afterwards or copied from once the
-        fold is done): writes need not survive a crash, which the database may then skip."""
-
-    def make_durable(self) -> None:
-        """Undo ``without_durability`` (before scratch tables are switched in as live ones)."""
+        fold is done): writes need not survive a crash, which the database may then skip.
+        ``goes_live``: the storage is a rebuild's, switched in as the live views at the end."""
 
     def create_indexes(self, part: frozenset[str] | None = None) -> None:
         """Every read model's secondary indexes (those of ``part`` only, when given), where they

@@ -174,14 +174,16 @@ def open_views(env: dict[str, str], datastore: Any = None) -> Views:
     return views
 
 
-def open_scratch_views(env: dict[str, str], application_name: str) -> Views:
+def open_scratch_views(
+    env: dict[str, str], application_name: str, goes_live: bool = False
+) -> Views:
     """Views in storage from ``scratch_env``: a replay's, which needs no durability at all
-    (``Store.without_durability``; ``Store.make_durable`` before they go live), and no
+    (``Store.without_durability``; ``goes_live``: a rebuild's, switched in at the end), and no
     secondary indexes while it is folded into (folds read rows by key only): they are built at
     the end (``Store.create_indexes``, which ``services.replay.rebuild`` calls)."""
     views = open_views(env)
     views.ensure_schema(application_name, indexes=False)
-    views.without_durability()
+    views.without_durability(goes_live)
     return views
 
 

@@ -34,13 +34,11 @@ def rebuild_live(
     under the switch's lock, so runners in other processes wait for moments, not minutes.
     """
     with scratch_env(live_env) as fresh_env:
-        fresh = open_scratch_views(fresh_env, app.name)
+        fresh = open_scratch_views(fresh_env, app.name, goes_live=True)
         try:
             end = app.recorder.max_notification_id() or 0
             folded = rebuild(app, fresh, end, source, on_progress=on_progress)
             log.info("rebuild_folded", events=folded, position=end)
-            # Scratch tables skip durability while folded; they go live next (outside the lock).
-            fresh.make_durable()
             tail = ProjectionRunner(app, fresh)
             tail.catch_up()
 

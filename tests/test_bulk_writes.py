@@ -10,7 +10,14 @@ from adapters.eventstore import open_market, store_env
 from projections.dialects import STAGED_UPSERT_ROWS, PostgresStore, column_types
 from projections.ledger import LEDGER_TABLES
 from projections.runner import fewer_collections
-from projections.views import TABLES, VIEWS_NAME, open_views, scratch_views
+from projections.views import (
+    TABLES,
+    VIEWS_NAME,
+    open_scratch_views,
+    open_views,
+    scratch_env,
+    scratch_views,
+)
 
 
 def test_column_types_read_every_column_and_skip_table_constraints() -> None:
@@ -84,7 +91,7 @@ def test_a_big_upsert_writes_what_a_small_one_does(database_url: str) -> None:
         market.close()
 
 
-def test_scratch_views_skip_durability_until_made_durable(database_url: str) -> None:
+def test_scratch_views_skip_durability_unless_they_go_live(database_url: str) -> None:
     market = open_market(database_url)
     env = store_env(database_url, role=VIEWS_NAME)
     try:
@@ -96,10 +103,15 @@ def test_scratch_views_skip_durability_until_made_durable(database_url: str) -> 
                 "SELECT relpersistence FROM pg_class WHERE relname = ? "
                 "AND relnamespace = to_regnamespace(current_schema())::oid"
             )
-            assert views.one(persistence, ("mm_ledger_postings",))["relpersistence"] == "u"
-            views.make_durable()
             for table in TABLES:
-                assert views.one(persistence, (table,))["relpersistence"] == "p", table
+                assert views.one(persistence, (table,))["relpersistence"] == "u", table
+        with scratch_env(env) as fresh_env:
+            fresh = open_scratch_views(fresh_env, market.name, goes_live=True)
+            try:
+                for table in TABLES:
+                    assert fresh.one(persistence, (table,))["relpersistence"] == "p", table
+            finally:
+                fresh.datastore.close()
     finally:
         market.close()
 
