@@ -464,6 +464,7 @@ class EventDecoder:
         # A job's dozen events share one UUID object instead of parsing its id a dozen times.
         self._uuids: dict[str, UUID] = {}
         self.decode = self._decoder()
+        self.header = self._header()
 
     @property
     def fast(self) -> bool:
@@ -516,6 +517,37 @@ class EventDecoder:
             return library(StoredEvent(originator_id, originator_version, topic, state))
 
         return decode
+
+    def _header(self) -> Callable[[UUID | str, int, str, bytes], Any]:
+        """``header(originator id, version, topic, state)``: an event of the topic's class that
+        has its originator's id and version and nothing else (its state is not even parsed),
+        for a fold that reads no more of it; any other attribute raises AttributeError."""
+        classes: dict[str, type] = {}
+        uuids = self._uuids
+        new, set_attribute = object.__new__, object.__setattr__
+
+        def header(
+            originator_id: UUID | str, originator_version: int, topic: str, state: bytes
+        ) -> Any:
+            cls = classes.get(topic)
+            if cls is None:
+                cls = classes[topic] = resolve_topic(topic)
+            if type(originator_id) is str:
+                uuid = uuids.get(originator_id)
+                if uuid is None:
+                    if len(uuids) >= MAX_CACHED_UUIDS:
+                        uuids.clear()
+                    uuid = uuids[originator_id] = UUID(originator_id)
+                originator_id = uuid
+            event = new(cls)
+            set_attribute(
+                event,
+                "__dict__",
+                {"originator_id": originator_id, "originator_version": originator_version},
+            )
+            return event
+
+        return header
 
     def _fast_class(self, topic: str) -> type | None:
         if not self._fast:

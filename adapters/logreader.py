@@ -55,15 +55,25 @@ class LogBatch:
 
 class LogReader:
     """Batches of the market's log after a position, decoded, but for the events of the topics
-    ``skip`` names (a collection of topics, or a test decided once per topic)."""
+    ``skip`` names (a collection of topics, or a test decided once per topic), and those of
+    the topics ``headers`` names, which come back with their originator's id and version only
+    (``EventDecoder.header``: for readers that need no more of them, such as a rebuild's
+    folds; the state of such an event is not parsed at all)."""
 
     def __init__(
-        self, app: Application[UUID], skip: Collection[str] | Callable[[str], bool] = ()
+        self,
+        app: Application[UUID],
+        skip: Collection[str] | Callable[[str], bool] = (),
+        headers: Callable[[str], bool] | None = None,
     ) -> None:
         self.app = app
         self._skip_topic = skip if callable(skip) else frozenset(skip).__contains__
         self._skipped: dict[str, bool] = {}
-        self.decode = EventDecoder(app).decode
+        decoder = EventDecoder(app)
+        self.decode = decoder.decode
+        self._header, self._header_topic = decoder.header, headers
+        # Per topic not skipped: how its events are decoded.
+        self._decoders: dict[str, Callable[[Any, int, str, bytes], Any]] = {}
         self._select = notification_batches(app)
         # The topics seen so far that are skipped: their rows stay in the database.
         self._excluded: list[str] = []
@@ -73,15 +83,19 @@ class LogReader:
         last, count, rows = self._select(start, stop, limit, self._excluded)
         if last is None:
             return LogBatch(None, 0, [])
-        skipped, decode = self._skipped, self.decode
+        skipped, decoders = self._skipped, self._decoders
         new_topics = {row[3] for row in rows}.difference(skipped)
         for topic in new_topics:
             skipped[topic] = skip = self._skip_topic(topic)
             if skip:
                 self._excluded.append(topic)
+            elif self._header_topic is not None and self._header_topic(topic):
+                decoders[topic] = self._header
+            else:
+                decoders[topic] = self.decode
         try:
             items = [
-                (row[0], decode(row[1], row[2], row[3], row[4]))
+                (row[0], decoders[row[3]](row[1], row[2], row[3], row[4]))
                 for row in rows
                 if not skipped[row[3]]
             ]
@@ -107,6 +121,6 @@ class LogReader:
         for row in rows:
             if not self._skipped[row[3]]:
                 try:
-                    self.decode(row[1], row[2], row[3], row[4])
+                    self._decoders[row[3]](row[1], row[2], row[3], row[4])
                 except Exception as e:
                     raise UnreadableEvent(row[0], e) from e

@@ -188,6 +188,10 @@ PROJECTION = Projection(
     digest_order={"mm_job_views": "job_id"},
     handles=frozenset(HANDLERS),
     fold=JobViewsFold,
+    # Their changes to a document are fixed (see projections.jobdoc).
+    headers_only=frozenset(
+        {JobEvent.Dispatched, JobEvent.Refused, JobEvent.Succeeded, JobEvent.Expired}
+    ),
 )
 
 # --------------------------------------------------------------------------- queries

@@ -425,4 +425,8 @@ PROJECTION = Projection(
     handles=frozenset(HANDLERS),
     fold=_fold,
     without_rowid=WITHOUT_ROWID,
+    # A buyer's version, a dispatch's state: nothing of these events' state.
+    headers_only=frozenset(
+        {BuyerEvent.Held, BuyerEvent.HoldResolved, JobEvent.Refused, JobEvent.Dispatched}
+    ),
 )

@@ -270,6 +270,8 @@ PROJECTION = Projection(
     digest_order={"mm_offers": "offer_id"},
     handles=frozenset(HANDLERS),
     fold=OrderBookFold,
+    # A slot's count, a recovery: nothing of these events' state.
+    headers_only=frozenset({OfferEvent.SlotTaken, OfferEvent.SlotReleased, OfferEvent.Recovered}),
 )
 
 # --------------------------------------------------------------------------- queries

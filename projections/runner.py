@@ -29,7 +29,7 @@ from eventsourcing.persistence import OperationalError, Tracking
 from adapters.eventstore import MarketApp
 from adapters.logreader import LogBatch, LogReader, UnreadableEvent
 from projections.store import LostRace, Store
-from projections.views import Part, skips
+from projections.views import Part, headers_only, skips
 
 log = structlog.get_logger("projections")
 # Catching up (a rebuild, a replay, a backlog at start) applies big batches: fewer commits and
@@ -101,14 +101,23 @@ class ProjectionRunner:
         batch_size: int = 500,
         poll_interval: float = 0.05,
         part: Part | None = None,
+        headers: bool = False,
     ) -> None:
+        """``headers``: events the folds read only the header of come without their state
+        (``Projection.headers_only``); for a rebuild, whose runner has no callbacks, since
+        those may read any event in full."""
         self.app = app
         self.views = views
         # Every read model of the store (the views, or the work queue's), unless told a part.
         self.part = frozenset(views.projections) if part is None else part
         # Events no view reads are not even decoded (a fifth of a busy log is lease renewals);
         # the tracked position still moves past them.
-        self.reader = LogReader(app, skip=skips(self.part, list(views.projections.values())))
+        projections = list(views.projections.values())
+        self.reader = LogReader(
+            app,
+            skip=skips(self.part, projections),
+            headers=headers_only(self.part, projections) if headers else None,
+        )
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.position = views.position(app.name)

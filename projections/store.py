@@ -76,7 +76,7 @@ class Rows(Protocol):
     """How a fold writes many rows of one table in one go, in the database's fastest way
     (``projections.dialects``): ``insert`` for rows that are new (the insert-only journal),
     ``upsert`` for rows that are new or replace the row of the same ``key``, every column but
-    the key and ``keep`` taking the new values."""
+    the key and ``keep`` taking the new values (none: rows whose key exists are left)."""
 
     def insert(
         self, c: Any, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
@@ -128,6 +128,8 @@ class ExecuteMany:
 
 def on_conflict_update(columns: Sequence[str], key: str, keep: Sequence[str] = ()) -> str:
     updated = [k for k in columns if k != key and k not in keep]
+    if not updated:  # every column kept: an insert of the rows that are new
+        return f"ON CONFLICT ({key}) DO NOTHING"
     return f"ON CONFLICT ({key}) DO UPDATE SET {', '.join(f'{k} = excluded.{k}' for k in updated)}"
 
 
@@ -170,6 +172,10 @@ class Projection:
     requires: tuple[str, ...] = ()
     # SQLite keeps these tables in their key's B-tree (PostgreSQL has no such option).
     without_rowid: frozenset[str] = frozenset()
+    # Event classes of ``handles`` whose fold reads nothing but the class, the originator's id
+    # and version: a rebuild may give it those events without their state (see
+    # ``adapters.logreader``), which saves parsing a third of the events it reads.
+    headers_only: frozenset[type] = frozenset()
 
 
 @dataclass
@@ -408,12 +414,19 @@ class Store:
             self._set_version(c, application_name, 0)
             return True
 
-    def create_indexes(self) -> None:
-        """Every read model's secondary indexes, where they are missing (see ``ensure_schema``):
-        built once over the folded rows, a sort, where keeping them up to date row by row
-        during a fold cost a third of its writes."""
+    def without_durability(self, goes_live: bool = False) -> None:
+        """For scratch storage only (a replay's, dropped afterwards or copied from once the
+        fold is done): writes need not survive a crash, which the database may then skip.
+        ``goes_live``: the storage is a rebuild's, switched in as the live views at the end."""
+
+    def create_indexes(self, part: frozenset[str] | None = None) -> None:
+        """Every read model's secondary indexes (those of ``part`` only, when given), where they
+        are missing (see ``ensure_schema``): built once over the folded rows, a sort, where
+        keeping them up to date row by row during a fold cost a third of its writes."""
         with self.datastore.transaction(commit=True) as c:
             for p in self.projections.values():
+                if part is not None and p.name not in part:
+                    continue
                 for statement in p.indexes:
                     c.execute(self.q(statement), ())
 

@@ -31,26 +31,36 @@ INDEXES = [
 ]
 
 
+COLUMNS = (
+    "job_id",
+    "model",
+    "offer_id",
+    "seller_id",
+    "settled_at",
+    "day",
+    "buyer_cost",
+    "seller_cost",
+)
+
+
 class TradesFold:
     def __init__(self, batch: Batch) -> None:
         book = batch.folds[orderbook.NAME]
         assert isinstance(book, orderbook.OrderBookFold)
         self._offers = book.offers
+        self._writer = batch.writer
         self.trades: list[tuple[Any, ...]] = []
 
     def project(self, items: Sequence[tuple[int, Any]]) -> None:
         apply_in_order(self, HANDLERS, items)
 
     def write(self, c: Any, q: Callable[[str], Any]) -> None:
-        if self.trades:
-            c.executemany(
-                q(
-                    "INSERT INTO mm_trades (job_id, model, offer_id, seller_id, settled_at, day, "
-                    "buyer_cost, seller_cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (job_id) DO NOTHING"
-                ),
-                self.trades,
-            )
+        # A job's first trade stands: later ones in this batch (or after an earlier batch's)
+        # are left out, as a statement per row with ``DO NOTHING`` would leave them.
+        first: dict[str, tuple[Any, ...]] = {}
+        for trade in self.trades:
+            first.setdefault(trade[0], trade)
+        self._writer.upsert(c, "mm_trades", COLUMNS, list(first.values()), "job_id", COLUMNS[1:])
 
 
 def _settled(fold: TradesFold, seq: int, e: Any) -> None:

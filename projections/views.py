@@ -78,6 +78,24 @@ def skips(part: Part, projections: Sequence[Projection] = PROJECTIONS) -> Callab
     return skip
 
 
+def headers_only(
+    part: Part, projections: Sequence[Projection] = PROJECTIONS
+) -> Callable[[str], bool]:
+    """Whether a part's reader may give the events of this topic with their header only:
+    every read model of the part that handles the class reads no more of them."""
+    ours = [p for p in projections if p.name in part]
+
+    def header_only(topic: str) -> bool:
+        try:
+            cls = resolve_topic(topic)
+        except Exception:  # the decoder reports it as the library would
+            return False
+        readers = [p for p in ours if cls in p.handles]
+        return bool(readers) and all(cls in p.headers_only for p in readers)
+
+    return header_only
+
+
 class Views(Store):
     """The store of every read model, with the query methods the API and the worker call."""
 
@@ -159,14 +177,16 @@ def open_views(env: dict[str, str], datastore: Any = None) -> Views:
     return views
 
 
-def open_scratch_views(env: dict[str, str], application_name: str) -> Views:
-    """Views in storage from ``scratch_env``: a replay's, which needs no durability at all,
-    and no secondary indexes while it is folded into (folds read rows by key only): they are
-    built at the end (``Store.create_indexes``, which ``services.replay.rebuild`` calls)."""
+def open_scratch_views(
+    env: dict[str, str], application_name: str, goes_live: bool = False
+) -> Views:
+    """Views in storage from ``scratch_env``: a replay's, which needs no durability at all
+    (``Store.without_durability``; ``goes_live``: a rebuild's, switched in at the end), and no
+    secondary indexes while it is folded into (folds read rows by key only): they are built at
+    the end (``Store.create_indexes``, which ``services.replay.rebuild`` calls)."""
     views = open_views(env)
-    if isinstance(views, SQLiteStore):
-        views.synchronous = "OFF"
     views.ensure_schema(application_name, indexes=False)
+    views.without_durability(goes_live)
     return views
 
 

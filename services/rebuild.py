@@ -34,7 +34,7 @@ def rebuild_live(
     under the switch's lock, so runners in other processes wait for moments, not minutes.
     """
     with scratch_env(live_env) as fresh_env:
-        fresh = open_scratch_views(fresh_env, app.name)
+        fresh = open_scratch_views(fresh_env, app.name, goes_live=True)
         try:
             end = app.recorder.max_notification_id() or 0
             folded = rebuild(app, fresh, end, source, on_progress=on_progress)

@@ -64,7 +64,8 @@ def rebuild(
     same fold as the live runner, for its part of the tables only.
 
     Scratch views are folded into without their secondary indexes (``open_scratch_views``);
-    they are built here once the rows are in.
+    they are built here once the rows are in (this process's part's, before it waits for the
+    other's).
     """
     start = fresh.position(app.name)
     if parallel is None:
@@ -74,7 +75,8 @@ def rebuild(
             and until - start >= PARALLEL_MIN_EVENTS
         )
     if not parallel:
-        applied = ProjectionRunner(app, fresh).catch_up(until=until, on_progress=on_progress)
+        runner = ProjectionRunner(app, fresh, headers=True)
+        applied = runner.catch_up(until=until, on_progress=on_progress)
         fresh.create_indexes()
         return applied
     if source is None:
@@ -96,7 +98,10 @@ def rebuild(
                 on_progress(min(done_here, theirs.value), total)
 
         report = behind if on_progress is not None else None
-        applied = ProjectionRunner(app, fresh, part=here).catch_up(until=until, on_progress=report)
+        runner = ProjectionRunner(app, fresh, part=here, headers=True)
+        applied = runner.catch_up(until=until, on_progress=report)
+        # This part's indexes while the other part is still being folded (most often it is).
+        fresh.create_indexes(here)
         if on_progress is not None:
             while wait([other], PROGRESS_POLL_SECONDS, FIRST_COMPLETED).not_done:
                 behind(until - start, until - start)
@@ -105,7 +110,7 @@ def rebuild(
         if other_applied != applied:
             raise RuntimeError(f"the parts covered {applied} and {other_applied} notifications")
         fresh.copy_tables_from(other_env, part_tables(there))
-    fresh.create_indexes()
+        fresh.create_indexes(there)
     return applied
 
 
@@ -134,7 +139,7 @@ def fold_part(
     try:
         views = open_scratch_views(views_env, application_name)
         try:
-            runner = ProjectionRunner(app, views, part=part)
+            runner = ProjectionRunner(app, views, part=part, headers=True)
             return runner.catch_up(until=until, on_progress=_publish)
         finally:
             views.datastore.close()

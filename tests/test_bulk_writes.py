@@ -7,10 +7,17 @@ import gc
 import threading
 
 from adapters.eventstore import open_market, store_env
-from projections.dialects import column_types
+from projections.dialects import STAGED_UPSERT_ROWS, PostgresStore, column_types
 from projections.ledger import LEDGER_TABLES
 from projections.runner import fewer_collections
-from projections.views import VIEWS_NAME, open_views
+from projections.views import (
+    TABLES,
+    VIEWS_NAME,
+    open_scratch_views,
+    open_views,
+    scratch_env,
+    scratch_views,
+)
 
 
 def test_column_types_read_every_column_and_skip_table_constraints() -> None:
@@ -52,6 +59,60 @@ def test_insert_and_upsert_write_the_same_rows_on_either_database(database_url: 
         assert {r["buyer_id"]: int(r["version"]) for r in buyers} == {"x": 1, "y": 3, "z": 4}
     finally:
         views.datastore.close()
+        market.close()
+
+
+def test_a_big_upsert_writes_what_a_small_one_does(database_url: str) -> None:
+    """From ``STAGED_UPSERT_ROWS`` rows on, PostgreSQL stages an upsert in a temporary table:
+    twice in one transaction, with ``keep``, it must leave what the statement per row does."""
+    market = open_market(database_url)
+    views = open_views(store_env(database_url, role=VIEWS_NAME))
+    try:
+        views.ensure_schema(market.name)
+        rows = views.rows_writer()
+        columns = ("buyer_id", "version")
+        many = STAGED_UPSERT_ROWS + 10
+        with views.datastore.transaction(commit=True) as c:
+            rows.upsert(
+                c, "mm_ledger_buyers", columns, [(f"b{i}", i) for i in range(many)], "buyer_id"
+            )
+            again = [(f"b{i}", 1000 + i) for i in range(5, many + 5)]
+            rows.upsert(c, "mm_ledger_buyers", columns, again, key="buyer_id")
+            # Every column but the key kept: rows that exist are left as they are.
+            kept = [(f"b{i}", -1) for i in range(many + 10)]
+            rows.upsert(c, "mm_ledger_buyers", columns, kept, key="buyer_id", keep=("version",))
+        buyers = views.all("SELECT buyer_id, version FROM mm_ledger_buyers")
+        expected = {f"b{i}": i for i in range(5)}
+        expected |= {f"b{i}": 1000 + i for i in range(5, many + 5)}
+        expected |= {f"b{i}": -1 for i in range(many + 5, many + 10)}
+        assert {r["buyer_id"]: int(r["version"]) for r in buyers} == expected
+    finally:
+        views.datastore.close()
+        market.close()
+
+
+def test_scratch_views_skip_durability_unless_they_go_live(database_url: str) -> None:
+    market = open_market(database_url)
+    env = store_env(database_url, role=VIEWS_NAME)
+    try:
+        with scratch_views(env, market.name) as views:
+            if not isinstance(views, PostgresStore):
+                assert views.synchronous == "OFF"  # type: ignore[attr-defined]
+                return
+            persistence = (
+                "SELECT relpersistence FROM pg_class WHERE relname = ? "
+                "AND relnamespace = to_regnamespace(current_schema())::oid"
+            )
+            for table in TABLES:
+                assert views.one(persistence, (table,))["relpersistence"] == "u", table
+        with scratch_env(env) as fresh_env:
+            fresh = open_scratch_views(fresh_env, market.name, goes_live=True)
+            try:
+                for table in TABLES:
+                    assert fresh.one(persistence, (table,))["relpersistence"] == "p", table
+            finally:
+                fresh.datastore.close()
+    finally:
         market.close()
 
 

@@ -13,10 +13,12 @@ import pytest
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import MapperDeserialisationError
 
-from adapters.eventstore import MarketApp, open_market
+from adapters.eventstore import MarketApp, open_market, store_env
 from adapters.logreader import EventDecoder, LogReader, UnreadableEvent
 from bench.replay import LogGenerator
 from domain.aggregates import Job
+from projections.runner import ProjectionRunner
+from projections.views import PROJECTIONS, VIEWS_NAME, open_views, scratch_views
 
 # Job events no read model handles (lease renewals and the like): a reader may skip them.
 _Job: Any = Job
@@ -102,6 +104,57 @@ def test_a_market_log_reads_as_the_library_reads_it(database_url: str) -> None:
         same(kept, [(i, e) for i, e in theirs if e.TOPIC not in IGNORED_TOPICS])
     finally:
         app.close()
+
+
+def test_events_of_header_topics_have_their_class_and_header_only(database_url: str) -> None:
+    app = open_market(database_url)
+    try:
+        LogGenerator(app, jobs=30, rate=20.0, seed=5).generate()
+        theirs = library_events(app)
+        headers = {_Job.Succeeded.TOPIC, _Job.Dispatched.TOPIC}
+        reader = LogReader(app, skip=IGNORED_TOPICS, headers=headers.__contains__)
+        batch = reader.read(0, 10**6)
+        kept = [(i, e) for i, e in theirs if e.TOPIC not in IGNORED_TOPICS]
+        assert [(i, type(e)) for i, e in batch.items] == [(i, type(e)) for i, e in kept]
+        bare = 0
+        for (_, ours), (_, full) in zip(batch.items, kept, strict=True):
+            if full.TOPIC in headers:
+                bare += 1
+                assert ours.__dict__ == {
+                    "originator_id": full.originator_id,
+                    "originator_version": full.originator_version,
+                }
+                with pytest.raises(AttributeError):
+                    _ = ours.timestamp
+            else:
+                assert ours.__dict__ == full.__dict__
+        assert bare > 30
+    finally:
+        app.close()
+
+
+def test_the_read_models_headers_only_events_are_rebuilt_as_in_full(database_url: str) -> None:
+    """Each read model's ``headers_only`` classes: a rebuild given their headers only folds the
+    same views as the live runner, which gets them in full."""
+    app = open_market(database_url)
+    env = store_env(database_url, role=VIEWS_NAME)
+    live = open_views(env)
+    try:
+        LogGenerator(app, jobs=60, rate=10.0, seed=11).generate()
+        live.ensure_schema(app.name)
+        ProjectionRunner(app, live).catch_up()
+        with scratch_views(env, app.name) as fresh:
+            runner = ProjectionRunner(app, fresh, headers=True)
+            assert any(runner.reader._header_topic(t) for t in headers_topics())  # type: ignore[misc]
+            runner.catch_up()
+            assert fresh.digest() == live.digest()
+    finally:
+        live.datastore.close()
+        app.close()
+
+
+def headers_topics() -> set[str]:
+    return {cls.TOPIC for p in PROJECTIONS for cls in p.headers_only}
 
 
 def test_events_the_fast_path_cannot_decode_go_through_the_library(database_url: str) -> None:
