@@ -246,6 +246,11 @@ class PostgresStore(Store):
 
     def _repeatable_read(self, c: Any) -> None:
         c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        # A snapshot's reader hashes or sums every row in Python between its statements: on a
+        # big log that outlasted the pool's idle-in-transaction timeout (5 s), and PostgreSQL
+        # ended the connection mid-check (replay --verify of 100k jobs on a busy machine).
+        # Read-only, so idling inside it holds back nothing but vacuum.
+        c.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
 
     # Appended to the schema in the batch lock's key: stores in one schema that fold apart (the
     # views and the work queue) don't wait on each other. The views' is empty, as it always was.

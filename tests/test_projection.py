@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -283,3 +284,22 @@ def test_offer_rows_are_shared_only_while_their_values_are_the_same() -> None:
     assert (paused.state, paused.in_flight) == ("paused", 1)
     assert (first.state, first.in_flight) == ("active", 0)
     assert orderbook._offer_row(dict(values)) is first
+
+
+def test_a_views_snapshot_may_idle_past_the_pools_idle_timeout(database_url: str) -> None:
+    """Checks that read every row (replay --verify, reconcile) work in Python between their
+    statements, inside one snapshot: PostgreSQL must not end it for idling."""
+    if not database_url.startswith("postgres"):
+        pytest.skip("PostgreSQL's idle-in-transaction timeout")
+    market = open_market(database_url)
+    env = {**store_env(database_url, role=VIEWS_NAME)}
+    env["POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT"] = "1"
+    views = open_views(env)
+    try:
+        views.ensure_schema(market.name)
+        with views.snapshot(market.name) as snapshot:
+            time.sleep(1.5)  # what is tested: idling longer than the timeout
+            assert snapshot.cursor.execute("SELECT 1").fetchone() is not None
+    finally:
+        views.datastore.close()
+        market.close()
