@@ -474,7 +474,7 @@ class EventDecoder:
     def _decoder(self) -> Callable[[UUID | str, int, str, bytes], Any]:
         # A closure over locals: this runs once per event of a replay, and attribute lookups
         # on self were a good part of its time.
-        classes, fast_class, uuids = self._classes, self._fast_class, self._uuids
+        classes, fast_class, as_uuid = self._classes, self._fast_class, self._as_uuid
         (parse_json, json_errors), parse_datetime = _json_parser(self._scan), self._datetime
         library = self._mapper.to_domain_event
         new, set_attribute = object.__new__, object.__setattr__
@@ -501,15 +501,9 @@ class EventDecoder:
                     and "_data_" in timestamp
                 ):
                     event_state["timestamp"] = parse_datetime(timestamp["_data_"])
-                    if type(originator_id) is str:
-                        uuid = uuids.get(originator_id)
-                        if uuid is None:
-                            if len(uuids) >= MAX_CACHED_UUIDS:
-                                uuids.clear()
-                            uuid = uuids[originator_id] = UUID(originator_id)
-                        event_state["originator_id"] = uuid
-                    else:
-                        event_state["originator_id"] = originator_id
+                    event_state["originator_id"] = (
+                        as_uuid(originator_id) if type(originator_id) is str else originator_id
+                    )
                     event_state["originator_version"] = originator_version
                     event: Any = new(cls)
                     set_attribute(event, "__dict__", event_state)
@@ -523,7 +517,7 @@ class EventDecoder:
         has its originator's id and version and nothing else (its state is not even parsed),
         for a fold that reads no more of it; any other attribute raises AttributeError."""
         classes: dict[str, type] = {}
-        uuids = self._uuids
+        as_uuid = self._as_uuid
         new, set_attribute = object.__new__, object.__setattr__
 
         def header(
@@ -533,12 +527,7 @@ class EventDecoder:
             if cls is None:
                 cls = classes[topic] = resolve_topic(topic)
             if type(originator_id) is str:
-                uuid = uuids.get(originator_id)
-                if uuid is None:
-                    if len(uuids) >= MAX_CACHED_UUIDS:
-                        uuids.clear()
-                    uuid = uuids[originator_id] = UUID(originator_id)
-                originator_id = uuid
+                originator_id = as_uuid(originator_id)
             event = new(cls)
             set_attribute(
                 event,
@@ -548,6 +537,15 @@ class EventDecoder:
             return event
 
         return header
+
+    def _as_uuid(self, text: str) -> UUID:
+        uuids = self._uuids
+        uuid = uuids.get(text)
+        if uuid is None:
+            if len(uuids) >= MAX_CACHED_UUIDS:
+                uuids.clear()
+            uuid = uuids[text] = UUID(text)
+        return uuid
 
     def _fast_class(self, topic: str) -> type | None:
         if not self._fast:
