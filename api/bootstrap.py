@@ -30,18 +30,19 @@ from adapters.logs import mask_in_logs
 from adapters.outbound import Outbound, OutboundPolicy, parse_allowed_hosts
 from adapters.settings import ConfigError, Settings
 from adapters.venice import ProviderError, parse_venice_models
+from api.batching import Batches
 from api.jobcache import JobCache
 from api.metrics import Metrics
 from api.stream import JobWatchers
-from api.submitqueue import SubmitQueue
 from domain.catalog import Catalog
 from domain.money import FeeSchedule, MoneyError
 from projections.jobviews import JobRow, job_versions
 from projections.runner import ProjectionRunner
-from projections.views import VIEWS_NAME, Views, open_views
+from projections.views import VIEWS_NAME, RoutingInputs, Views, open_views
 from projections.work import JOB, WorkStore, open_work
 from projections.work import NAME as WORK_NAME
-from services.commands import Commands
+from services.commands import Commands, Submitted
+from services.commands.submit import SubmitRequest
 from services.market import Market
 from services.rebuild import rebuild_live
 from services.routing import OfferHealth, Providers, Router
@@ -60,6 +61,10 @@ HEALTH_PROBE_SECONDS = 2.0
 # the views this recently (it looks every 50 ms): how stale a change another process made can
 # be here, at worst, when this runner stalls.
 JOB_CACHE_FRESH_SECONDS = 0.5
+# Submits saved in one transaction at most: a batch holds the event store's write lock (and
+# each of its buyers' locks) while it is decided and saved, so one too big would make the
+# writers of other threads (the worker, another batch) wait for all of it.
+MAX_SUBMIT_BATCH = 64
 # The errors of a PostgreSQL server that is down, restarting or out of connections.
 UNREACHABLE = (OperationalError, InterfaceError, psycopg.OperationalError)
 
@@ -196,13 +201,13 @@ class Engine:
     base_urls: dict[str, str] = field(default_factory=dict)
     market_data: Market = field(init=False)
     watchers: JobWatchers = field(init=False)
-    submits: SubmitQueue = field(init=False)
+    # Submits to the thread pool (``SubmitCommands.submit_many``), the routing reads before
+    # them and the read-your-writes answers after them, each in batches (api/batching.py).
+    submits: Batches[SubmitRequest, Submitted] = field(init=False)
+    _routing_reads: Batches[tuple[str, str], RoutingInputs] = field(init=False)
+    _rows_after: Batches[tuple[str, int, float], JobRow | None] = field(init=False)
     job_cache: JobCache = field(default_factory=JobCache)
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
-    _rows_wanted: list[tuple[str, int, float, asyncio.Future[JobRow | None]]] = field(
-        default_factory=list
-    )
-    _rows_reader: asyncio.Task[None] | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _turns: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
         default_factory=weakref.WeakValueDictionary
@@ -212,7 +217,11 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self.market_data = Market(self.read, self.views, self.router)
         self.webhooks = WebhookCommands(self.market, self.secrets)
-        self.submits = SubmitQueue(partial(self.blocking, self.commands.submit_many))
+        self.submits = Batches(
+            partial(self.blocking, self.commands.submit_many), max_batch=MAX_SUBMIT_BATCH
+        )
+        self._routing_reads = Batches(self._read_routing_inputs)
+        self._rows_after = Batches(self._read_rows)
         self.views.bind_inline_reader()
         self.runner.on_passed.append(self.job_cache.passed)
         self.runner.on_passed_elsewhere.append(self.job_cache.forget_changed)
@@ -271,38 +280,27 @@ class Engine:
             cache.end(job_id, row)
         return row
 
+    async def routing_inputs(self, model: str, buyer_id: str) -> RoutingInputs:
+        """The model's order book and the buyer's own keys for it, read with those of the
+        submits that arrive meanwhile (on PostgreSQL a read was a pool hand-off and two
+        queries per submit, a tenth of its CPU)."""
+        return await self._routing_reads((model, buyer_id))
+
+    async def _read_routing_inputs(self, wanted: Sequence[tuple[str, str]]) -> list[RoutingInputs]:
+        return await self.read(self.views.routing_inputs, wanted)
+
     async def job_row_after(self, job_id: str, position: int, wait_seconds: float) -> JobRow | None:
         """A job's view once the views include ``position`` (read-your-writes); None when it
         is not there within ``wait_seconds``. Asked for together (the answers of submits saved
         in one batch), the views are waited for once and read in one query, not one each (on
         PostgreSQL, one hand-off to the thread pool each)."""
-        assert self._loop is not None
-        future: asyncio.Future[JobRow | None] = self._loop.create_future()
-        self._rows_wanted.append((job_id, position, wait_seconds, future))
-        if self._rows_reader is None:
-            self._rows_reader = self._loop.create_task(self._read_rows())
-        return await future
+        return await self._rows_after((job_id, position, wait_seconds))
 
-    async def _read_rows(self) -> None:
-        try:
-            while self._rows_wanted:
-                wanted, self._rows_wanted = self._rows_wanted, []
-                try:
-                    position = max(p for _, p, _, _ in wanted)
-                    wait = max(w for _, _, w, _ in wanted)
-                    rows: dict[str, JobRow] = {}
-                    if await self.caught_up(position, wait):
-                        rows = await self.read(self.views.get_jobs, [j for j, _, _, _ in wanted])
-                except Exception as e:  # each asker gets it (a database outage: a 503 each)
-                    for _, _, _, future in wanted:
-                        if not future.done():
-                            future.set_exception(e)
-                    continue
-                for job_id, _, _, future in wanted:
-                    if not future.done():  # its caller may have gone away
-                        future.set_result(rows.get(job_id))
-        finally:
-            self._rows_reader = None
+    async def _read_rows(self, wanted: Sequence[tuple[str, int, float]]) -> list[JobRow | None]:
+        rows: dict[str, JobRow] = {}
+        if await self.caught_up(max(p for _, p, _ in wanted), max(w for _, _, w in wanted)):
+            rows = await self.read(self.views.get_jobs, [j for j, _, _ in wanted])
+        return [rows.get(j) for j, _, _ in wanted]
 
     def _runner_advanced(self, position: int) -> None:
         # Called from the runner's thread; only bother the loop when someone is waiting.

@@ -32,7 +32,6 @@ from domain.catalog import VideoRequest
 from domain.routing import CeilingBelowEstimate, RoutingError
 from projections.jobdoc import JobDoc
 from projections.jobviews import JobRow
-from projections.views import BuyerProviderRow, OfferRow, Views
 from services.audit import as_json, job_history
 from services.commands import IdempotencyMismatch, NotFound, Submitted
 from services.commands.submit import SubmitRequest
@@ -112,7 +111,7 @@ async def submit(request: web.Request) -> web.Response:
         if replay is not None:
             return await _answer(request, replay.job_id, replay.job_token, replay.position, True)
 
-    offers, own_keys = await engine.read(_routing_inputs, engine.views, video.model.id, buyer_id)
+    offers, own_keys = await engine.routing_inputs(video.model.id, buyer_id)
     try:
         route: Routing = await engine.router.route(video, offers, min_discount, own_keys)
     except RoutingError as e:
@@ -123,7 +122,7 @@ async def submit(request: web.Request) -> web.Response:
         raise invalid(str(e), "max_cost_usdc") from None
     try:
         async with engine.buyer_turn(buyer_id):
-            submitted = await engine.submits.submit(
+            submitted = await engine.submits(
                 SubmitRequest(
                     buyer_id=uuid.UUID(buyer_id),
                     request=video,
@@ -147,14 +146,6 @@ async def submit(request: web.Request) -> web.Response:
     return await _answer(
         request, submitted.job_id, submitted.job_token, submitted.position, submitted.replayed
     )
-
-
-def _routing_inputs(
-    views: Views, model: str, buyer_id: str
-) -> tuple[list[OfferRow], list[BuyerProviderRow]]:
-    """The model's order book and the buyer's own keys for it: read together, so a backend
-    whose reads go through the thread pool (PostgreSQL) makes one hop for both."""
-    return views.offers(model=model), views.buyer_providers(buyer_id, model)
 
 
 async def _find_replay(

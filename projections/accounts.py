@@ -10,7 +10,15 @@ from typing import Any
 
 from domain.aggregates import BuyerAccount, BuyerProvider, Seller
 from projections.ids import id_text
-from projections.store import Batch, Projection, Reader, apply_in_order, dumps, placeholders
+from projections.store import (
+    Batch,
+    Projection,
+    Reader,
+    apply_in_order,
+    chunks,
+    dumps,
+    placeholders,
+)
 
 NAME = "accounts"
 BuyerEvent: Any = BuyerAccount  # generated event classes (see projections.jobdoc)
@@ -188,6 +196,23 @@ def buyer_providers(r: Reader, buyer_id: str, model: str | None = None) -> list[
         f"SELECT * FROM mm_buyer_providers WHERE {' AND '.join(clauses)} ORDER BY seq", params
     )
     return [_buyer_provider_row(row) for row in rows]
+
+
+def buyers_providers(
+    r: Reader, buyer_ids: Sequence[str], model: str
+) -> dict[str, list[BuyerProviderRow]]:
+    """``buyer_providers(r, buyer, model)`` of each of ``buyer_ids``, in as few queries as
+    there are chunks of them (a buyer with no key is left out)."""
+    found: dict[str, list[BuyerProviderRow]] = {}
+    for chunk in chunks(sorted(set(buyer_ids))):
+        rows = r.all(
+            f"SELECT * FROM mm_buyer_providers WHERE buyer_id IN ({placeholders(chunk)}) "
+            "AND deleted = 0 AND (model = ? OR model IS NULL) ORDER BY seq",
+            [*chunk, model],
+        )
+        for row in rows:
+            found.setdefault(row["buyer_id"], []).append(_buyer_provider_row(row))
+    return found
 
 
 def buyer_provider(r: Reader, provider_id: str) -> BuyerProviderRow | None:

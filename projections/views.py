@@ -36,6 +36,8 @@ from projections.orderbook import OfferRow
 from projections.store import Projection, Snapshot, Store
 
 VIEWS_NAME = "views"
+# What routing a submit reads: its model's order book and its buyer's own keys for the model.
+RoutingInputs = tuple[list[OfferRow], list[BuyerProviderRow]]
 # In fold order: trades reads the order book's fold of the same batch.
 PROJECTIONS: list[Projection] = [
     jobviews.PROJECTION,
@@ -124,6 +126,20 @@ class Views(Store):
 
     def buyer_providers(self, buyer_id: str, model: str | None = None) -> list[BuyerProviderRow]:
         return accounts.buyer_providers(self, buyer_id, model)
+
+    def routing_inputs(self, wanted: Sequence[tuple[str, str]]) -> list[RoutingInputs]:
+        """For each (model, buyer id) of ``wanted``: the model's order book and the buyer's
+        own keys for it, as ``offers`` and ``buyer_providers`` give them; two queries per
+        model, however many submits of how many buyers ask."""
+        buyers_of: dict[str, list[str]] = {}
+        for model, buyer_id in wanted:
+            buyers_of.setdefault(model, []).append(buyer_id)
+        books = {model: self.offers(model=model) for model in buyers_of}
+        keys = {
+            model: accounts.buyers_providers(self, buyers, model)
+            for model, buyers in buyers_of.items()
+        }
+        return [(books[model], keys[model].get(buyer_id, [])) for model, buyer_id in wanted]
 
     def buyer_provider(self, provider_id: str) -> BuyerProviderRow | None:
         return accounts.buyer_provider(self, provider_id)

@@ -499,8 +499,7 @@ class InProcessEngine:
             allow_http_webhooks=False,
             allow_private_webhooks=False,
         )
-        offers = self.views.offers(model=request.model.id)
-        own_keys = self.views.buyer_providers(str(buyer_id), request.model.id)
+        [(offers, own_keys)] = self.views.routing_inputs([(request.model.id, str(buyer_id))])
         route = await self.router.route(request, offers, min_discount, own_keys)
         submitted = await self.blocking(
             self.commands.submit,

@@ -9,6 +9,7 @@ from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
+from api.batching import Batches
 from api.bootstrap import Engine
 from projections.jobviews import JobRow
 
@@ -31,15 +32,12 @@ def engine_parts(rows: dict[str, JobRow], caught_up: bool = True) -> Any:
         return fn(*args)
 
     parts = SimpleNamespace(
-        _loop=asyncio.get_running_loop(),
-        _rows_wanted=[],
-        _rows_reader=None,
         caught_up=wait_for_views,
         read=read,
         views=SimpleNamespace(get_jobs=get_jobs),
         calls=calls,
     )
-    parts._read_rows = partial(Engine._read_rows, parts)
+    parts._rows_after = Batches(partial(Engine._read_rows, parts))
     parts.job_row_after = partial(Engine.job_row_after, parts)
     return parts
 
@@ -60,7 +58,7 @@ async def test_answers_asked_together_wait_once_and_read_once() -> None:
     # One wait, for the furthest position asked for, and one read for all four.
     assert engine.calls["caught_up"] == [(9, 5.0)]
     assert engine.calls["get_jobs"] == [["a", "b", "c", "missing"]]
-    assert engine._rows_reader is None and engine._rows_wanted == []
+    assert engine._rows_after.idle
 
 
 async def test_views_that_lag_answer_none_and_a_failed_read_fails_each() -> None:
