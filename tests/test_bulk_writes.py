@@ -1,14 +1,17 @@
-"""How folds write many rows at once (``Store.rows_writer``: executemany on SQLite, COPY and
-unnest on PostgreSQL), and the collector setting a catch-up uses."""
+"""How folds write many rows at once (``Store.rows_writer``: executemany on SQLite; on
+PostgreSQL one INSERT with every row's values, or COPY for many rows), and the collector
+setting a catch-up uses."""
 
 from __future__ import annotations
 
 import gc
 import threading
+from typing import Any
 
 from adapters.eventstore import open_market, store_env
 from projections.dialects import STAGED_UPSERT_ROWS, PostgresStore, column_types
 from projections.ledger import LEDGER_TABLES
+from projections.orderbook import OfferRow
 from projections.runner import fewer_collections
 from projections.views import (
     TABLES,
@@ -57,6 +60,84 @@ def test_insert_and_upsert_write_the_same_rows_on_either_database(database_url: 
         assert read == written
         buyers = views.all("SELECT buyer_id, version FROM mm_ledger_buyers ORDER BY buyer_id")
         assert {r["buyer_id"]: int(r["version"]) for r in buyers} == {"x": 1, "y": 3, "z": 4}
+    finally:
+        views.datastore.close()
+        market.close()
+
+
+class Statements:
+    """A cursor that records the statements run through it."""
+
+    def __init__(self, cursor: Any) -> None:
+        self.cursor = cursor
+        self.run: list[str] = []
+
+    def execute(self, statement: Any, params: Any = None) -> Any:
+        self.run.append(str(statement))
+        return self.cursor.execute(statement, params)
+
+    def executemany(self, statement: Any, params: Any) -> Any:
+        self.run.append(str(statement))
+        return self.cursor.executemany(statement, params)
+
+    def copy(self, statement: Any) -> Any:
+        self.run.append(f"COPY {statement!r}")
+        return self.cursor.copy(statement)
+
+
+def test_a_few_rows_of_any_type_are_one_statement_with_their_values(database_url: str) -> None:
+    """What the live runner writes per batch: a few rows per table. On PostgreSQL each call is
+    one INSERT carrying the values (no COPY to start, no array to build in Python), and every
+    type of column reads back as written."""
+    market = open_market(database_url)
+    views = open_views(store_env(database_url, role=VIEWS_NAME))
+    try:
+        views.ensure_schema(market.name)
+        rows = views.rows_writer()
+        columns = list(OfferRow.__dataclass_fields__)
+        offer = {
+            "offer_id": "o1",
+            "seq": 2**40,
+            "seller_id": "s1",
+            "model": "m",
+            "provider": "venice",
+            "base_url": None,
+            "sealed_key": '{"k": "v\\u00e9"}',
+            "key_sha256": "ab",
+            "cost_multiplier": "0.8",
+            "max_concurrent_jobs": None,
+            "state": "active",
+            "deactivated_reason": 'it\'s\ta "quote" and é, 中',
+            "backoff_until": 1764150000.125,
+            "backoff_reason": None,
+            "failures": 0,
+            "in_flight": 3,
+            "jobs": 7,
+            "volume": 123456789,
+            "payout": -5,
+        }
+        second = {**offer, "offer_id": "o2", "backoff_until": 0.0, "base_url": "http://x/\\"}
+        posting = ("entry_no", "line", "account", "debit", "credit")
+        with views.datastore.transaction(commit=True) as c:
+            recorded = Statements(c)
+            rows.upsert(recorded, "mm_offers", columns, [list(offer.values())], key="offer_id")
+            changed = {**offer, "in_flight": 2, "state": "paused"}
+            rows.upsert(
+                recorded,
+                "mm_offers",
+                columns,
+                [list(changed.values()), list(second.values())],
+                key="offer_id",
+            )
+            rows.insert(recorded, "mm_ledger_postings", posting, [(1, 0, "a\nb", 5, 0)])
+        if isinstance(views, PostgresStore):
+            assert len(recorded.run) == 3
+            assert all(s.startswith("INSERT INTO") and " VALUES " in s for s in recorded.run)
+        read = {o.offer_id: o for o in views.offers(include_deleted=True)}
+        assert vars(read["o1"]) | {"sealed_key": offer["sealed_key"]} == changed
+        assert read["o2"].backoff_until == 0.0 and read["o2"].base_url == "http://x/\\"
+        line = views.one("SELECT account, debit FROM mm_ledger_postings WHERE entry_no = 1")
+        assert (line["account"], int(line["debit"])) == ("a\nb", 5)
     finally:
         views.datastore.close()
         market.close()
