@@ -107,6 +107,9 @@ def engine_env(database_url: str, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIAMARKET_", "PROVIDER_"))}
     env.update(
         {
+            # The engine of this checkout: the venv's editable install maps the packages to
+            # wherever it was last installed from (another worktree sharing the venv, say).
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
             "DATABASE_URL": database_url,
             "PORT": str(port),
             "HOST": "127.0.0.1",
