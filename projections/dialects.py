@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg import RawCursor
 from psycopg.sql import SQL, Identifier
 
 from adapters.esinternals import APPLICATION_NAME_KEY, open_tracking
@@ -176,7 +177,7 @@ class CopyOrValues:
         if not rows:
             return
         if len(rows) < STAGED_UPSERT_ROWS:
-            c.execute(self._values_statement(table, columns, len(rows)), _flat(rows))
+            self._execute_values(c, self._values_statement(table, columns, len(rows)), rows)
             return
         statement = SQL("COPY {} ({}) FROM STDIN").format(
             Identifier(table), SQL(", ").join(map(Identifier, columns))
@@ -199,7 +200,7 @@ class CopyOrValues:
         conflict = on_conflict_update(columns, key, keep)
         if len(rows) < STAGED_UPSERT_ROWS:
             values = self._values_statement(table, columns, len(rows))
-            c.execute(f"{values} {conflict}", _flat(rows))
+            self._execute_values(c, f"{values} {conflict}", rows)
             return
         # Created and dropped inside the transaction (rolled back with it): a temporary table
         # left in a server session (kept by PgBouncer across clients) could have an older shape.
@@ -212,21 +213,26 @@ class CopyOrValues:
 
     def _values_statement(self, table: str, columns: Sequence[str], count: int) -> str:
         """``INSERT INTO table (columns) VALUES (...), ...`` for ``count`` rows, each value
-        cast to its column's type as the table declares it."""
+        cast to its column's type as the table declares it, in PostgreSQL's own placeholders
+        (``$1``...): psycopg parses a statement for its ``%s`` in Python, and caches that only
+        for statements of up to 50 parameters."""
         cache_key = (table, tuple(columns), count)
         statement = self._values.get(cache_key)
         if statement is None:
-            types = self.types[table]
-            row = f"({', '.join(f'%s::{types[k]}' for k in columns)})"
-            statement = (
-                f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join([row] * count)}"
+            types = [self.types[table][k] for k in columns]
+            width = len(columns)
+            rows = (
+                f"({', '.join(f'${n * width + i + 1}::{t}' for i, t in enumerate(types))})"
+                for n in range(count)
             )
+            statement = f"INSERT INTO {table} ({', '.join(columns)}) VALUES {', '.join(rows)}"
             self._values[cache_key] = statement
         return statement
 
-
-def _flat(rows: Sequence[Sequence[Any]]) -> list[Any]:
-    return [value for row in rows for value in row]
+    @staticmethod
+    def _execute_values(c: Any, statement: str, rows: Sequence[Sequence[Any]]) -> None:
+        with RawCursor(c.connection) as raw:
+            raw.execute(statement, [value for row in rows for value in row])
 
 
 class PostgresStore(Store):

@@ -8,7 +8,11 @@ import gc
 import threading
 from typing import Any
 
+import psycopg
+import pytest
+
 from adapters.eventstore import open_market, store_env
+from projections import dialects
 from projections.dialects import STAGED_UPSERT_ROWS, PostgresStore, column_types
 from projections.ledger import LEDGER_TABLES
 from projections.orderbook import OfferRow
@@ -66,11 +70,26 @@ def test_insert_and_upsert_write_the_same_rows_on_either_database(database_url: 
 
 
 class Statements:
-    """A cursor that records the statements run through it."""
+    """A cursor that records the statements run through it, or through the raw cursors made
+    on its connection (``record_raw``)."""
 
     def __init__(self, cursor: Any) -> None:
         self.cursor = cursor
         self.run: list[str] = []
+
+    @property
+    def connection(self) -> Any:
+        return self.cursor.connection
+
+    def record_raw(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        run = self.run
+
+        class Recording(psycopg.RawCursor):
+            def execute(self, query: Any, params: Any = None, **options: Any) -> Any:
+                run.append(str(query))
+                return super().execute(query, params, **options)
+
+        monkeypatch.setattr(dialects, "RawCursor", Recording)
 
     def execute(self, statement: Any, params: Any = None) -> Any:
         self.run.append(str(statement))
@@ -85,7 +104,9 @@ class Statements:
         return self.cursor.copy(statement)
 
 
-def test_a_few_rows_of_any_type_are_one_statement_with_their_values(database_url: str) -> None:
+def test_a_few_rows_of_any_type_are_one_statement_with_their_values(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What the live runner writes per batch: a few rows per table. On PostgreSQL each call is
     one INSERT carrying the values (no COPY to start, no array to build in Python), and every
     type of column reads back as written."""
@@ -120,6 +141,7 @@ def test_a_few_rows_of_any_type_are_one_statement_with_their_values(database_url
         posting = ("entry_no", "line", "account", "debit", "credit")
         with views.datastore.transaction(commit=True) as c:
             recorded = Statements(c)
+            recorded.record_raw(monkeypatch)
             rows.upsert(recorded, "mm_offers", columns, [list(offer.values())], key="offer_id")
             changed = {**offer, "in_flight": 2, "state": "paused"}
             rows.upsert(
