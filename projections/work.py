@@ -50,10 +50,12 @@ INDEXES = ["CREATE INDEX IF NOT EXISTS mm_work_due ON mm_work (kind, due_at)"]
 # What a batch does to a row, the last event's word winning: set when due (inserting the row
 # if absent), make an existing row due (never inserting), or delete it.
 UPSERT, RESCHEDULE, DELETE = "upsert", "reschedule", "delete"
+WORK_COLUMNS = ("kind", "subject", "due_at")
 
 
 class WorkFold:
     def __init__(self, batch: Batch) -> None:
+        self._batch = batch
         self.ops: dict[tuple[str, str], tuple[str, float]] = {}
 
     def project(self, items: Sequence[tuple[int, Any]]) -> None:
@@ -72,13 +74,10 @@ class WorkFold:
         if deletes:
             c.executemany(q("DELETE FROM mm_work WHERE kind = ? AND subject = ?"), deletes)
         if upserts:
-            # A row a worker holds keeps its holder: only when it is due changes.
-            c.executemany(
-                q(
-                    "INSERT INTO mm_work (kind, subject, due_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT (kind, subject) DO UPDATE SET due_at = excluded.due_at"
-                ),
-                upserts,
+            # A row a worker holds keeps its holder: only when it is due changes (the key's
+            # columns are kept too, which leaves due_at to update).
+            self._batch.writer.upsert(
+                c, "mm_work", WORK_COLUMNS, upserts, key="kind, subject", keep=("kind", "subject")
             )
         if moves:
             c.executemany(q("UPDATE mm_work SET due_at = ? WHERE kind = ? AND subject = ?"), moves)
