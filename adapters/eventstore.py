@@ -49,6 +49,8 @@ class MarketApp(Application[UUID]):
     def __init__(self, env: dict[str, Any]) -> None:
         super().__init__(env=env)
         self.on_saved: list[Callable[[], None]] = []
+        # Called first, with what the save recorded (``LogReader.remember``).
+        self.on_recorded: list[Callable[[list[Recording[UUID]]], None]] = []
         self._stored_versions = stored_versions(self)
         try:
             create_tables(self.recorder)
@@ -178,6 +180,8 @@ class MarketApp(Application[UUID]):
         self._take_snapshots(processing_event)
         self._notify(recordings)
         self.notify(processing_event.events)
+        for recorded in self.on_recorded:
+            recorded(recordings)
         # Wakes this process's projection runner and worker at once, instead of on their timers.
         for callback in self.on_saved:
             callback()

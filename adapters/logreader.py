@@ -11,16 +11,23 @@ decoder are the library's internals, so they live in ``adapters.esinternals``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import threading
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.application import Application
+from eventsourcing.persistence import Recording
+from eventsourcing.utils import get_topic
 
 from adapters.esinternals import EventDecoder, notification_batches
 
 __all__ = ["EventDecoder", "LogBatch", "LogReader", "UnreadableEvent"]
+
+# Events saved in this process that a reader keeps for its next reads, at most: a reader that
+# stopped reading (a runner that failed) must not hold them without bound.
+MAX_REMEMBERED = 10_000
 
 
 def _id_text(value: Any) -> str:
@@ -77,9 +84,54 @@ class LogReader:
         self._select = notification_batches(app)
         # The topics seen so far that are skipped: their rows stay in the database.
         self._excluded: list[str] = []
+        # Events this process saved (``remember``), by notification id, until read.
+        self._remembered: dict[int, Any] = {}
+        self._remembering = threading.Lock()
+        # Per event class: whether its topic is skipped.
+        self._skipped_class: dict[type, bool] = {}
+
+    def remember(self, recordings: Sequence[Recording[UUID]]) -> None:
+        """The events of a save this process just committed, which ``read`` then gives from
+        memory instead of reading and decoding them from the log again (for the live runner,
+        whose log is mostly this process's own saves). A read takes them only as a run of
+        consecutive notification ids from its start, so anything saved elsewhere in between,
+        or remembered late, is read from the log as before."""
+        with self._remembering:
+            remembered = self._remembered
+            if len(remembered) >= MAX_REMEMBERED:
+                remembered.clear()
+            for recording in recordings:
+                remembered[recording.notification.id] = recording.domain_event
 
     def read(self, start: int, limit: int, stop: int | None = None) -> LogBatch:
         """The notifications with ids after ``start`` (up to ``stop``), at most ``limit``."""
+        if self._remembered:
+            batch = self._read_remembered(start, limit, stop)
+            if batch is not None:
+                assert batch.last is not None
+                if batch.count == limit or batch.last == stop or not self._remembered:
+                    return batch
+                # Some of this process's later saves are remembered but a notification before
+                # them is not (another process's, or a save not yet remembered): read on from
+                # the log, so one pass still applies everything that was there to read.
+                rest = self._read_log(batch.last, limit - batch.count, stop)
+                if rest.last is None:
+                    return batch
+                self._forget_through(rest.last)
+                return LogBatch(rest.last, batch.count + rest.count, batch.items + rest.items)
+        read = self._read_log(start, limit, stop)
+        if self._remembered and read.last is not None:
+            self._forget_through(read.last)
+        return read
+
+    def _forget_through(self, last: int) -> None:
+        """Drop what is remembered up to ``last``: the log was read past it."""
+        with self._remembering:
+            remembered = self._remembered
+            for seq in [n for n in remembered if n <= last]:
+                del remembered[seq]
+
+    def _read_log(self, start: int, limit: int, stop: int | None) -> LogBatch:
         last, count, rows = self._select(start, stop, limit, self._excluded)
         if last is None:
             return LogBatch(None, 0, [])
@@ -103,6 +155,32 @@ class LogReader:
             self._find_unreadable(rows)
             raise
         return LogBatch(last, count, items)
+
+    def _read_remembered(self, start: int, limit: int, stop: int | None) -> LogBatch | None:
+        """The remembered events with ids ``start + 1``, ``start + 2``... as far as they run
+        (None when the first is not remembered); those at or before ``start`` are dropped
+        (another process's runner read the log past them)."""
+        end = start + limit if stop is None else min(start + limit, stop)
+        items: list[tuple[int, Any]] = []
+        seq = start
+        with self._remembering:
+            remembered = self._remembered
+            while seq < end:
+                event = remembered.pop(seq + 1, None)
+                if event is None:
+                    break
+                seq += 1
+                items.append((seq, event))
+        if remembered and next(iter(remembered)) <= seq:
+            self._forget_through(seq)
+        if not items:
+            return None
+        skipped = self._skipped_class
+        for cls in {type(event) for _, event in items}.difference(skipped):
+            topic = get_topic(cls)
+            skip = self._skipped.get(topic)
+            skipped[cls] = self._skip_topic(topic) if skip is None else skip
+        return LogBatch(seq, seq - start, [item for item in items if not skipped[type(item[1])]])
 
     def originators(self, start: int, limit: int, stop: int | None, into: set[str]) -> int | None:
         """Add to ``into`` the ids of the aggregates the notifications after ``start`` (up to

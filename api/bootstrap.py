@@ -408,6 +408,7 @@ class Engine:
         runner = ProjectionRunner(market, views)
         metrics = Metrics()
         runner.on_applied.append(partial(metrics.count_outcomes, views))
+        market.on_recorded.append(runner.reader.remember)
         market.on_saved.append(runner.wake)
         runner.start()
         base_url = settings.PROVIDER_BASE_URL_VENICE or sim_url or embedded_sim_url(settings)
@@ -473,6 +474,7 @@ class Engine:
                 await self.blocking(open_it)
             assert self.work is not None
             self.work_runner = ProjectionRunner(self.market, self.work)
+            self.market.on_recorded.append(self.work_runner.reader.remember)
             self.market.on_saved.append(self.work_runner.wake)
             self.work_runner.start()
         assert self.work is not None

@@ -16,7 +16,7 @@ import asyncio
 import inspect
 import threading
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,6 +25,8 @@ from functools import cache, partial
 from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
+
+from eventsourcing.persistence import Recording
 
 from adapters.artifacts import LocalArtifactStore
 from adapters.crypto import Secrets
@@ -302,6 +304,26 @@ def skip_worker_waits(monkeypatch: Any) -> WorkerAsyncio:
     return fake
 
 
+def _typed(value: Any) -> Any:
+    """``value`` with the type of every part spelled out, so a list and a tuple, or a key 1
+    and a key "1", compare unequal."""
+    if isinstance(value, dict):
+        return ("dict", {_typed(k): _typed(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [_typed(v) for v in value])
+    return (type(value).__name__, value)
+
+
+def assert_read_back_the_same(mapper: Any, recordings: Sequence[Recording[UUID]]) -> None:
+    """Each event as the log gives it back (the library's mapper both ways) is the event the
+    process saved, to the type of each value: what ``LogReader.remember`` relies on."""
+    for recording in recordings:
+        event = recording.domain_event
+        back = mapper.to_domain_event(mapper.to_stored_event(event))
+        assert type(back) is type(event), (type(back), type(event))
+        assert _typed(vars(back)) == _typed(vars(event)), (vars(back), vars(event))
+
+
 @dataclass
 class Saved:
     """One save: the events it wrote, as (aggregate id, event class name)."""
@@ -340,6 +362,12 @@ class InProcessEngine:
         self.raw_work = open_work(store_env(url, role=WORK_NAME))
         self.raw_work.ensure_schema(self.market.name)
         self.work_runner = ProjectionRunner(self.market, self.raw_work)
+        # As the composition root wires them: the runners take this process's saves from
+        # memory, and every event saved must read back from the log as the same event (or a
+        # fold would see one thing live and another in a replay).
+        self.market.on_recorded.append(partial(assert_read_back_the_same, self.market.mapper))
+        self.market.on_recorded.append(self.runner.reader.remember)
+        self.market.on_recorded.append(self.work_runner.reader.remember)
         self._projecting = threading.Lock()
         self.views: Any = FreshViews(self.raw_views, self.project)
         self.work: Any = FreshViews(self.raw_work, self.project)

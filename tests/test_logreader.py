@@ -12,6 +12,7 @@ from uuid import UUID, uuid4
 import pytest
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import MapperDeserialisationError
+from eventsourcing.utils import get_topic
 
 from adapters.eventstore import MarketApp, open_market, store_env
 from adapters.logreader import EventDecoder, LogReader, UnreadableEvent
@@ -175,6 +176,62 @@ def test_events_the_fast_path_cannot_decode_go_through_the_library(database_url:
         assert noted.amount == Decimal("1.10") and isinstance(noted.ref, UUID)
         assert ours[4][1].name["big"] == 2**70
     finally:
+        app.close()
+
+
+def test_a_processs_own_saves_are_read_from_memory_as_the_log_gives_them(
+    database_url: str,
+) -> None:
+    """The live runner's reader remembers what this process saves (``LogReader.remember``):
+    a run of them from the reader's position needs no read of the log, and a notification in
+    between that isn't remembered (another process's save) is read from the log in the same
+    pass. Either way the batch is what the log would give, skipped topics included."""
+    app = open_market(database_url)
+    other = open_market(database_url)  # another process writing the same log
+    try:
+        reader = LogReader(app, skip={get_topic(Ledgerish.Named)})
+        app.on_recorded.append(reader.remember)
+        log_reads: list[int] = []
+        select = reader._select
+
+        def counted(start: int, *args: Any) -> Any:
+            log_reads.append(start)
+            return select(start, *args)
+
+        reader._select = counted  # type: ignore[method-assign]
+
+        def saved_here() -> int:
+            thing = Ledgerish()
+            thing.note(Decimal("2.50"), uuid4(), datetime(2026, 1, 2, tzinfo=UTC))
+            thing.name({"skipped": True})
+            return app.save(thing)[-1].notification.id
+
+        first = saved_here()
+        batch = reader.read(0, 100)
+        assert log_reads == [] and batch.last == first == batch.count == 3
+        expected = [(n, e) for n, e in library_events(app) if type(e) is not Ledgerish.Named]
+        same(batch.items, expected)
+
+        # Ours, another process's, ours: one pass, the log read from where memory stops.
+        saved_here()
+        theirs = Ledgerish()
+        theirs.note(Decimal("1"), uuid4(), datetime(2026, 1, 3, tzinfo=UTC))
+        other.save(theirs)
+        last = saved_here()
+        batch = reader.read(first, 100)
+        assert log_reads == [first + 3] and batch.last == last and batch.count == last - first
+        expected = [(n, e) for n, e in library_events(app) if type(e) is not Ledgerish.Named]
+        same(batch.items, expected[2:])
+        assert reader._remembered == {}  # what the log read passed is forgotten
+
+        # A limit and a stop end a run early; the rest is read next time, still from memory.
+        more = saved_here()
+        assert reader.read(last, 1).last == last + 1
+        assert reader.read(last + 1, 100, stop=more - 1).last == more - 1
+        assert reader.read(more - 1, 100).last == more
+        assert log_reads == [first + 3]
+    finally:
+        other.close()
         app.close()
 
 
