@@ -27,6 +27,12 @@ from tests.s3server import S3Server, S3Unavailable, start_s3_server
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
+# Every process a test starts (``mediamarket serve``, workers, CLI commands) runs this
+# checkout's code: a venv shared by several worktrees maps the packages, through its editable
+# install, to wherever it was last installed from.
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
 # The slowest files, slowest first (from `pytest --durations`). `make test` runs with xdist's
 # loadfile, which hands out whole files in collection order: a slow file collected last (and
 # several are, alphabetically) runs alone at the end while the other core idles.
