@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import random
+import time
 from collections.abc import Callable, Collection
 from datetime import datetime
 from json.scanner import make_scanner
@@ -39,6 +41,7 @@ from eventsourcing.persistence import (
     DatetimeAsISO,
     InfrastructureFactory,
     IntegrityError,
+    InternalError,
     JSONTranscoder,
     ProgrammingError,
     StoredEvent,
@@ -158,18 +161,23 @@ def open_tracking(
     return TrackingTable(recorder)
 
 
-def create_tables(recorder: Any, attempts: int = 5) -> None:
+def create_tables(recorder: Any, attempts: int = 8) -> None:
     """``recorder.create_table()``, again when another process created the same table at the
     same moment: PostgreSQL's ``CREATE TABLE IF NOT EXISTS`` is not atomic against a concurrent
-    one (the loser fails on the catalog's unique index once the winner commits), so processes
-    started together on a fresh database would crash. The second try finds the tables."""
+    one (the loser fails on the catalog's unique index once the winner commits), and the
+    library's ``CREATE OR REPLACE FUNCTION`` (run whether or not the function is used) fails
+    with "tuple concurrently updated" against another process's, so processes started together
+    on a fresh database would crash. A later try finds the tables; the waits between tries,
+    random, keep the same processes from colliding again in step."""
     for attempt in range(attempts):
         try:
             recorder.create_table()
             return
-        except (IntegrityError, ProgrammingError):  # unique violation; duplicate table or type
+        # A unique violation; a duplicate table or type; a concurrent replace of the function.
+        except (IntegrityError, ProgrammingError, InternalError):
             if attempt == attempts - 1:
                 raise
+            time.sleep(random.uniform(0.0, 0.05 * (attempt + 1)))
 
 
 # --------------------------------------------------------------------------- the log, raw

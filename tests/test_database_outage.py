@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from adapters.eventstore import open_market
 from tests.conftest import _require_postgres
 from tests.harness import BIN, Server, base_env, free_port, postgres_database
 from tests.tcpproxy import TcpProxy
@@ -106,6 +108,33 @@ def test_a_server_waits_for_the_database_and_survives_an_outage(
     after = submit_ok(c, buyer_key, prompt="after the outage")
     assert c.wait_terminal(after["id"], buyer_key)["status"] == "succeeded"
     assert server.proc is not None and server.proc.poll() is None
+
+
+@pytest.mark.postgres
+def test_event_stores_opened_together_on_a_fresh_database_all_open() -> None:
+    """The tables' creation raced in step, as processes started together race: the library's
+    ``CREATE OR REPLACE FUNCTION`` failed "tuple concurrently updated" against another's (in
+    about four of ten openings here), and the process exited instead of coming up."""
+    _require_postgres()
+
+    def open_one(url: str, together: threading.Barrier, failures: list[BaseException]) -> None:
+        together.wait()
+        try:
+            open_market(url).close()
+        except BaseException as e:
+            failures.append(e)
+
+    for _ in range(3):
+        with postgres_database() as url:
+            together, failures = threading.Barrier(4), []
+            threads = [
+                threading.Thread(target=open_one, args=(url, together, failures)) for _ in range(4)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert failures == []
 
 
 @pytest.mark.postgres
