@@ -81,6 +81,13 @@ class MarketApp(Application[UUID]):
         )
         return project_aggregate(aggregate, new_events)
 
+    def stored_versions(self, aggregate_ids: Sequence[UUID]) -> dict[UUID, int]:
+        """Each aggregate's latest stored version, in one query (absent: none stored, or a
+        recorder without SQL of ours, for which nothing is known)."""
+        if not aggregate_ids or self._stored_versions is None:
+            return {}
+        return self._stored_versions(aggregate_ids)
+
     def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
         # Application.save, but collecting from our aggregates with a class check: the library
         # tells events from aggregates by isinstance against runtime-checkable Protocols,

@@ -338,6 +338,42 @@ def test_a_batch_of_submits_keeps_each_submits_own_outcome(
     assert engine.account(conflicting).held == 2 * hold
 
 
+def test_a_batch_finds_its_kept_accounts_current_in_one_query(
+    engine_on_each_backend: InProcessEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The accounts a batch's buyers kept from their last submit are checked against the store
+    in one query for the whole batch; only one another process wrote since is caught up (and
+    decided on as it now stands: here, a deposit that makes the hold affordable)."""
+    engine = engine_on_each_backend
+    hold = 140_800
+    buyers = [engine.buyer(deposit=2 * hold) for _ in range(3)]
+    topped_up = engine.buyer(deposit=hold)
+    everyone = [*buyers, topped_up]
+    first = engine.commands.submit_many([submit_request(b, hold) for b in everyone])
+    assert all(isinstance(o, Submitted) for o in first)
+    other_process(engine).deposit(topped_up, hold, "from elsewhere")
+
+    caught_up: list[UUID] = []
+    checked: list[list[UUID]] = []
+    catch_up, versions = engine.market.caught_up, engine.market.stored_versions
+
+    def counted_catch_up(aggregate: Any) -> Any:
+        caught_up.append(aggregate.id)
+        return catch_up(aggregate)
+
+    def counted_versions(ids: Any) -> Any:
+        checked.append(list(ids))
+        return versions(ids)
+
+    monkeypatch.setattr(engine.market, "caught_up", counted_catch_up)
+    monkeypatch.setattr(engine.market, "stored_versions", counted_versions)
+    again = engine.commands.submit_many([submit_request(b, hold) for b in everyone])
+    assert all(isinstance(o, Submitted) for o in again), again
+    assert [sorted(c) for c in checked] == [sorted(everyone)]
+    assert caught_up == [topped_up]
+    assert engine.account(topped_up).held == 2 * hold
+
+
 def test_a_deposit_retried_with_its_id_is_credited_once(engine: InProcessEngine) -> None:
     buyer = engine.buyer(deposit=1)
     written = engine.commands.deposit(buyer, 1_000_000, "wire-001")

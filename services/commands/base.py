@@ -11,7 +11,7 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -126,7 +126,7 @@ class CommandBase:
         return self._serialised(f"buyer:{buyer_id}")
 
     @contextmanager
-    def _owned(self, cls: type[A], aggregate_id: UUID) -> Iterator[A]:
+    def _owned(self, cls: type[A], aggregate_id: UUID, current: bool = False) -> Iterator[A]:
         """A hot aggregate for a command that holds its serialisation lock, without the deep
         copy ``repository.get`` makes of every cached aggregate (the copy of a buyer account
         grows with its open holds: it was the biggest single cost of a submit).
@@ -141,12 +141,15 @@ class CommandBase:
 
         Writes by other threads and processes are caught up with from the log on every take
         (the same one query ``repository.get``'s fast-forward makes), so refusals such as an
-        insufficient balance are decided on current state.
+        insufficient balance are decided on current state; ``current``: the caller has just
+        found the kept object to be the stored state (``_current_owned``).
         """
         with self._owned_guard:
             aggregate = self._owned_cache.pop(aggregate_id, None)
         if aggregate is None:
             loaded: Aggregate = self._get(cls, aggregate_id)
+        elif current:
+            loaded = aggregate
         else:
             caught_up = self.app.caught_up(aggregate)
             if caught_up is None:
@@ -162,6 +165,19 @@ class CommandBase:
             raise
         if not loaded.pending_events:
             self._keep_owned(aggregate_id, loaded)
+
+    def _current_owned(self, aggregate_ids: Sequence[UUID]) -> set[UUID]:
+        """Those of ``aggregate_ids`` (each held by the caller under its serialisation lock)
+        whose kept object (``_owned``) is the stored state: one query for all of them, where
+        ``_owned`` makes one each to catch up (a batch of submits, one per buyer)."""
+        with self._owned_guard:
+            kept = {i: self._owned_cache.get(i) for i in aggregate_ids}
+        try:
+            versions = self.app.stored_versions([i for i, a in kept.items() if a is not None])
+        except Exception:
+            # Each is then caught up on its own, where the error (an outage, say) is its own.
+            return set()
+        return {i for i, a in kept.items() if a is not None and versions.get(i, 0) == a.version}
 
     def _keep_owned(self, aggregate_id: UUID, aggregate: Aggregate) -> None:
         with self._owned_guard:

@@ -65,14 +65,19 @@ class SubmitCommands(CommandBase):
         outcomes: list[Submitted | Exception | None] = [None] * len(requests)
         alone: list[int] = []
         with contextlib.ExitStack() as locks:
-            built: list[tuple[int, Any, BuyerAccount, Job, Settlement, str]] = []
+            ours: list[int] = []
             for n, r in enumerate(requests):
                 release = self._try_serialised(f"buyer:{r.buyer_id}")
                 if release is None:
                     alone.append(n)
                     continue
                 locks.callback(release)
-                owned = self._owned(BuyerAccount, r.buyer_id)
+                ours.append(n)
+            current = self._current_owned([requests[n].buyer_id for n in ours])
+            built: list[tuple[int, Any, BuyerAccount, Job, Settlement, str]] = []
+            for n in ours:
+                r = requests[n]
+                owned = self._owned(BuyerAccount, r.buyer_id, current=r.buyer_id in current)
                 try:
                     buyer = owned.__enter__()
                 except Exception as e:
