@@ -171,7 +171,9 @@ class LogReader:
                     break
                 seq += 1
                 items.append((seq, event))
-        if remembered and next(iter(remembered)) <= seq:
+            # Under the lock: a save remembered meanwhile would break the iteration.
+            stale = bool(remembered) and next(iter(remembered)) <= seq
+        if stale:
             self._forget_through(seq)
         if not items:
             return None
