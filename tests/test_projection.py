@@ -213,19 +213,24 @@ def _notify(condition: threading.Condition) -> None:
 def test_views_of_another_schema_version_are_rebuilt_from_the_log(database_url: str) -> None:
     market = open_market(database_url)
     views = open_views(store_env(database_url, role=VIEWS_NAME))
-    commands = Commands(market, Secrets(Secrets.generate_master_key()))
-    fill_log(commands, 3)
-    assert views.ensure_schema(market.name) in (True, False)
-    assert not views.ensure_schema(market.name)  # the same version: left alone
-    ProjectionRunner(market, views).catch_up()
-    live = views.digest()
-    with views.datastore.transaction(commit=True) as c:
-        c.execute(views.q("UPDATE mm_schema SET version = 1"), ())
-    assert views.ensure_schema(market.name)
-    assert views.position(market.name) == 0
-    assert all(rows == 0 for rows, _ in views.digest().values())
-    ProjectionRunner(market, views).catch_up()
-    assert views.digest() == live
+    try:
+        commands = Commands(market, Secrets(Secrets.generate_master_key()))
+        fill_log(commands, 3)
+        assert views.ensure_schema(market.name) in (True, False)
+        assert not views.ensure_schema(market.name)  # the same version: left alone
+        ProjectionRunner(market, views).catch_up()
+        live = views.digest()
+        with views.datastore.transaction(commit=True) as c:
+            c.execute(views.q("UPDATE mm_schema SET version = 1"), ())
+        assert views.ensure_schema(market.name)
+        assert views.position(market.name) == 0
+        assert all(rows == 0 for rows, _ in views.digest().values())
+        ProjectionRunner(market, views).catch_up()
+        assert views.digest() == live
+    finally:
+        # On PostgreSQL each holds a connection pool, whose threads outlived the test.
+        views.datastore.close()
+        market.close()
 
 
 def test_a_batch_overlapping_one_already_applied_is_refused(database_url: str) -> None:

@@ -60,6 +60,7 @@ class CountingViews:
 def test_a_views_own_constraint_violation_stops_the_projection_once(database_url: str) -> None:
     market = open_market(database_url)
     views = open_views(store_env(database_url, role=VIEWS_NAME))
+    runner: ProjectionRunner | None = None
     try:
         views.ensure_schema(market.name)
         commands = Commands(market, Secrets("x" * 32))
@@ -74,6 +75,8 @@ def test_a_views_own_constraint_violation_stops_the_projection_once(database_url
 
         counting = CountingViews(views)
         runner = ProjectionRunner(market, counting)  # type: ignore[arg-type]
+        # Stopped in the finally: a failed assertion must not leave it applying the log (and
+        # holding connections to the test database) while later tests run.
         runner.start()
         assert runner.failed.wait(30)
         runner.join(30)
@@ -91,8 +94,9 @@ def test_a_views_own_constraint_violation_stops_the_projection_once(database_url
             runner.run_once()
         assert counting.applied == 3
         assert views.position(market.name) == first
-        runner.stop()
     finally:
+        if runner is not None:
+            runner.stop()
         views.datastore.close()
         market.close()
 
