@@ -18,11 +18,12 @@ statements): the same log, written in minutes instead of hours.
 The SQLite log is cached under ``bench/.cache/`` by job count and ``VERSION`` (bump it when the
 generator changes what it writes). The PostgreSQL log is a copy of the SQLite one, event for
 event, in the database ``mm_bench_replay`` (created when absent, kept for the next run while it
-holds the same log).
+holds the same log, and never dropped while another run on the server reads it).
 
 **The measurement.** Fresh, empty views in the storage ``mediamarket replay --verify`` rebuilds
 into (``projections.views.scratch_views``: a temporary SQLite file written without fsyncs, or a
-temporary schema in the scratch PostgreSQL database ``mm_bench_replay_views``), then that
+temporary schema in a scratch PostgreSQL database of the run's own, ``mm_bench_replay_views_*``,
+dropped after it), then that
 command's rebuild timed (``services.replay.rebuild``: with two cores, the job views and the
 order book folded here while a second process folds the ledger into scratch storage of its own,
 then copied in): events/s is notifications applied per second. The baseline, measured in the same

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.databases import database_url, pg_admin
+from bench.databases import database_name, postgres_database
 from bench.measure import busy_seconds, cpu_seconds, db_seconds, rest_of_machine
 from bench.project import (
     CATCH_UP_BATCH_SIZE,
@@ -26,7 +26,7 @@ from bench.project import (
 )
 from bench.replaystore import PG_LOG_DB, postgres_log
 
-PG_VIEWS_DB = "mm_bench_replay_views"
+PG_VIEWS_DB = "mm_bench_replay_views"  # and a random part, per run
 
 
 @dataclass
@@ -165,11 +165,10 @@ def measure_postgres(
     say: Callable[[str], None],
     profile: cProfile.Profile | None = None,
 ) -> Result:
-    log_url = postgres_log(admin_url, source_url, meta, say)
-    drop = f'DROP DATABASE IF EXISTS "{PG_VIEWS_DB}" WITH (FORCE)'
-    pg_admin(admin_url, drop, f'CREATE DATABASE "{PG_VIEWS_DB}"')
-    try:
-        views_url = database_url(admin_url, PG_VIEWS_DB)
-        return measure("PostgreSQL", log_url, views_url, meta, [PG_LOG_DB, PG_VIEWS_DB], profile)
-    finally:
-        pg_admin(admin_url, drop)
+    # The views database is this run's own: runs on one server no longer drop each other's.
+    with (
+        postgres_log(admin_url, source_url, meta, say) as log_url,
+        postgres_database(admin_url, PG_VIEWS_DB) as views_url,
+    ):
+        db_names = [PG_LOG_DB, database_name(views_url)]
+        return measure("PostgreSQL", log_url, views_url, meta, db_names, profile)

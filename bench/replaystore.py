@@ -14,7 +14,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any
 from eventsourcing.persistence import StoredEvent
 
 from bench.common import ROOT
-from bench.databases import database_url, pg_admin, sqlite_url
+from bench.databases import shared_database, sqlite_url
 from bench.project import Progress, open_market
 from bench.replaylog import SECRET_KEY, VERSION, LogGenerator, Row, RowEncoder
 
@@ -306,27 +306,41 @@ class LogWriter:
             self.conn = None
 
 
+@contextlib.contextmanager
 def postgres_log(
     admin_url: str, source_url: str, meta: dict[str, Any], say: Callable[[str], None]
-) -> str:
+) -> Iterator[str]:
     """``mm_bench_replay`` holding a copy of the SQLite log, copied first unless it already
-    holds exactly that log (same generation, version, jobs and notification count)."""
+    holds exactly that log (same generation, version, jobs and notification count); kept for
+    the next run, and never dropped while another run reads it (``shared_database``)."""
+    wanted = {k: meta.get(k) for k in ("log_id", "version", "jobs", "notifications")}
+
+    def ready(url: str) -> bool:
+        import psycopg
+
+        with contextlib.suppress(psycopg.Error), psycopg.connect(url, connect_timeout=3) as conn:
+            row = conn.execute("SELECT meta FROM bench_replay_meta").fetchone()
+            return row is not None and {k: json.loads(row[0]).get(k) for k in wanted} == wanted
+        return False
+
+    def fill(url: str) -> None:
+        say(f"copying the log to PostgreSQL database {PG_LOG_DB} (once; kept for the next run)")
+        _copy_log(source_url, url, meta, wanted, say)
+
+    with shared_database(admin_url, PG_LOG_DB, ready, fill, say) as url:
+        yield url
+
+
+def _copy_log(
+    source_url: str,
+    url: str,
+    meta: dict[str, Any],
+    wanted: dict[str, Any],
+    say: Callable[[str], None],
+) -> None:
     import psycopg
 
-    url = database_url(admin_url, PG_LOG_DB)
-    wanted = {k: meta.get(k) for k in ("log_id", "version", "jobs", "notifications")}
-    with contextlib.suppress(psycopg.Error):
-        with psycopg.connect(url, connect_timeout=3) as conn:
-            row = conn.execute("SELECT meta FROM bench_replay_meta").fetchone()
-        if row is not None and {k: json.loads(row[0]).get(k) for k in wanted} == wanted:
-            return url
-    say(f"copying the log to PostgreSQL database {PG_LOG_DB} (once; kept for the next run)")
     started = time.perf_counter()
-    pg_admin(
-        admin_url,
-        f'DROP DATABASE IF EXISTS "{PG_LOG_DB}" WITH (FORCE)',
-        f'CREATE DATABASE "{PG_LOG_DB}"',
-    )
     source, target = open_market(source_url), open_market(url)
     try:
         with Progress(meta["notifications"], "copy") as progress:
@@ -356,4 +370,3 @@ def postgres_log(
         conn.execute("CREATE TABLE bench_replay_meta (meta TEXT NOT NULL)")
         conn.execute("INSERT INTO bench_replay_meta (meta) VALUES (%s)", (json.dumps(wanted),))
     say(f"copied {copied:,} events in {time.perf_counter() - started:.0f} s")
-    return url
