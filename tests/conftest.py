@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,14 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 # failed test_hold's examples on a machine busy with other work (they take 1 ms alone).
 settings.register_profile("mediamarket", deadline=None)
 settings.load_profile("mediamarket")
+
+# Threads that outlive a test on purpose, by name prefix: the background creator and dropper
+# of test databases (tests/harness.py, ended at the session's end) and tqdm's monitor, one
+# per process, started by the first progress bar (tests/test_progress.py).
+LONG_LIVED_THREADS = ("test-databases", "tqdm_monitor")
+# How long threads left at a test's end get to finish: a pool closed by the garbage
+# collector stops its threads without waiting for them.
+THREAD_EXIT_GRACE_SECONDS = 5.0
 
 # The slowest files, slowest first (from `pytest --durations`). `make test` runs with xdist's
 # loadfile, which hands out whole files in collection order: a slow file collected last (and
@@ -68,6 +78,46 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
     # A stable sort: each file's tests stay together and in their own order.
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+_CALL_PASSED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_PASSED] = report.passed
+    return report
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a thread running: a projection runner or a pool left behind
+    goes on writing, reading and holding connections while the next tests of this worker
+    run, and their failures then name the wrong test. Autouse fixtures are set up before the
+    test's other function-scoped ones and torn down after them, so whatever those fixtures
+    start and stop is stopped by now; threads of module- or session-scoped fixtures were
+    running already when this one started."""
+    before = set(threading.enumerate())
+    yield
+    if not request.node.stash.get(_CALL_PASSED, False):
+        return  # failed or skipped: that comes first; what it left running follows from it
+    deadline = time.monotonic() + THREAD_EXIT_GRACE_SECONDS
+    left = []
+    for thread in threading.enumerate():
+        if thread in before or thread.name.startswith(LONG_LIVED_THREADS):
+            continue
+        if isinstance(thread, threading._DummyThread):
+            continue  # a thread Python did not start (cannot be joined)
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            left.append(thread)
+    if left:
+        names = ", ".join(f"{t.name} (target {getattr(t, '_target', None)!r})" for t in left)
+        pytest.fail(f"the test left {len(left)} thread(s) running: {names}", pytrace=False)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
