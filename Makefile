@@ -5,11 +5,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test test-cluster lint typecheck bench install clean
 
+# Not through a link to another checkout's venv (as git worktrees share one): a fresh
+# worktree's pyproject.toml is newer than the stamp, and installing from it pointed the shared
+# editable install, so every process started from the other checkout, at this worktree.
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	@if [ -L $(VENV) ]; then \
+	  echo "$(VENV) links to a shared venv: not reinstalled from this checkout"; \
+	else \
+	  set -e; \
+	  test -x $(PY) || python3 -m venv $(VENV); \
+	  $(PY) -m pip install -q --upgrade pip; \
+	  $(PY) -m pip install -q -e '.[dev]'; \
+	  touch $(STAMP); \
+	fi
 
 install: $(STAMP)
 
