@@ -115,3 +115,19 @@ def test_a_sqlite_two_process_rebuild_copies_the_other_part_with_its_indexes(
     finally:
         live.datastore.close()
         app.close()
+
+
+def test_a_rebuild_reads_the_sqlite_log_memory_mapped(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path}/data"
+    app = open_market(database_url)
+    env = store_env(database_url, role=VIEWS_NAME)
+    try:
+        LogGenerator(app, jobs=5, rate=10.0, seed=7).generate()
+        with scratch_views(env, app.name) as fresh:
+            ProjectionRunner(app, fresh, headers=True).catch_up()
+            assert fresh.digest()["mm_job_views"][0] == 5
+        with app.recorder.datastore.transaction(commit=False) as c:
+            c.execute("PRAGMA mmap_size")
+            assert c.fetchone()[0] > 0
+    finally:
+        app.close()
