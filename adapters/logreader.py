@@ -72,7 +72,10 @@ class LogReader:
         app: Application[UUID],
         skip: Collection[str] | Callable[[str], bool] = (),
         headers: Callable[[str], bool] | None = None,
+        mapped: bool = False,
     ) -> None:
+        """``mapped``: read the log through memory-mapped I/O where the database offers it
+        (``notification_batches``), for a reader of the whole log."""
         self.app = app
         self._skip_topic = skip if callable(skip) else frozenset(skip).__contains__
         self._skipped: dict[str, bool] = {}
@@ -81,7 +84,7 @@ class LogReader:
         self._header, self._header_topic = decoder.header, headers
         # Per topic not skipped: how its events are decoded.
         self._decoders: dict[str, Callable[[Any, int, str, bytes], Any]] = {}
-        self._select = notification_batches(app)
+        self._select = notification_batches(app, mapped)
         # The topics seen so far that are skipped: their rows stay in the database.
         self._excluded: list[str] = []
         # Events this process saved (``remember``), by notification id, until read.

@@ -48,17 +48,39 @@ class SQLiteStore(Store):
                 statements.append(f"{statement} WITHOUT ROWID" if without else statement)
         return statements + [i for p in projections if indexes for i in p.indexes]
 
+    # Scratch storage only (``without_durability``): how its connections journal a transaction.
+    journal_mode: str | None = None
+    # A copy into empty tables with the same indexes as the source's moves the index B-trees
+    # across as they are (SQLite's transfer optimisation), so a parallel rebuild's second
+    # process builds its part's indexes before the copy instead of this one after it.
+    copies_indexes = True
+
+    def _connection_pragmas(self, conn: Any) -> None:
+        # Per connection, and only outside a transaction.
+        cursor = conn.cursor()
+        cursor.execute(f"PRAGMA synchronous={self.synchronous}")
+        if self.journal_mode is not None:
+            cursor.execute(f"PRAGMA journal_mode={self.journal_mode}")
+
     @contextmanager
     def _batch_transaction(self) -> Iterator[Any]:
         with self.datastore.get_connection(commit=True) as conn:
-            # Per connection, and only outside a transaction.
-            conn.cursor().execute(f"PRAGMA synchronous={self.synchronous}")
+            self._connection_pragmas(conn)
             with conn.transaction(commit=True) as c:
                 yield c
 
     def without_durability(self, goes_live: bool = False) -> None:
         # Even a rebuild's scratch file never goes live: its rows are copied into the live one.
         self.synchronous = "OFF"
+        # Nothing reads scratch storage while it is written, so it needs no write-ahead log:
+        # in WAL mode every page a batch changed was written twice, to the log and then back
+        # into the file (the ledger part's copy alone, 150 MB at 100k jobs). The rollback
+        # journal is kept in memory: a failed batch still rolls back. Leaving WAL needs the
+        # only connection to the file, which a fresh scratch store has; if it is not, the
+        # store stays in WAL mode, which is slower but as correct.
+        self.journal_mode = "MEMORY"
+        with self.datastore.get_connection(commit=True) as conn:
+            self._connection_pragmas(conn)
 
     def bind_inline_reader(self) -> None:
         conn = sqlite3.connect(
@@ -81,6 +103,7 @@ class SQLiteStore(Store):
 
     def copy_tables_from(self, env: dict[str, str], tables: Iterable[str]) -> None:
         with self.datastore.get_connection(commit=True) as conn:
+            self._connection_pragmas(conn)
             # Per connection, and only outside a transaction.
             conn.cursor().execute("ATTACH DATABASE ? AS part", (env["SQLITE_DBNAME"],))
             try:
@@ -236,6 +259,10 @@ class CopyOrValues:
 
 
 class PostgresStore(Store):
+    # ``INSERT ... SELECT`` into indexed tables updates each index row by row: indexes are
+    # built after a copy, over the rows.
+    copies_indexes = False
+
     def q(self, statement: str) -> Any:
         return statement.replace("?", "%s")
 

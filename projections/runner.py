@@ -105,7 +105,8 @@ class ProjectionRunner:
     ) -> None:
         """``headers``: events the folds read only the header of come without their state
         (``Projection.headers_only``); for a rebuild, whose runner has no callbacks, since
-        those may read any event in full."""
+        those may read any event in full. A rebuild's runner also reads the whole log, and
+        reads it memory-mapped (``LogReader``'s ``mapped``)."""
         self.app = app
         self.views = views
         # Every read model of the store (the views, or the work queue's), unless told a part.
@@ -117,6 +118,7 @@ class ProjectionRunner:
             app,
             skip=skips(self.part, projections),
             headers=headers_only(self.part, projections) if headers else None,
+            mapped=headers,
         )
         self.batch_size = batch_size
         self.poll_interval = poll_interval

@@ -209,6 +209,9 @@ class Store:
 
     # Whether point reads are cheap enough to run on the calling (event-loop) thread.
     inline_reads = False
+    # Whether ``copy_tables_from`` into empty tables that have the source's indexes already
+    # copies those indexes too (else they are built after the copy).
+    copies_indexes = False
     # Where the store's schema version is kept (stores sharing a database each have their own).
     schema_table = "mm_schema"
     schema_version = SCHEMA_VERSION

@@ -109,8 +109,12 @@ def rebuild(
         behind(until - start, until - start)
         if other_applied != applied:
             raise RuntimeError(f"the parts covered {applied} and {other_applied} notifications")
+        if fresh.copies_indexes:
+            # On the empty tables, at once: the copy then brings the other process's indexes
+            # across (see ``fold_part``) instead of this process sorting them after it.
+            fresh.create_indexes(there)
         fresh.copy_tables_from(other_env, part_tables(there))
-        fresh.create_indexes(there)
+        fresh.create_indexes(there)  # where the copy did not bring them
     return applied
 
 
@@ -140,7 +144,11 @@ def fold_part(
         views = open_scratch_views(views_env, application_name)
         try:
             runner = ProjectionRunner(app, views, part=part, headers=True)
-            return runner.catch_up(until=until, on_progress=_publish)
+            applied = runner.catch_up(until=until, on_progress=_publish)
+            if views.copies_indexes:
+                # Built here, in parallel with the parent's fold, and copied with the rows.
+                views.create_indexes(part)
+            return applied
         finally:
             views.datastore.close()
     finally:
