@@ -26,6 +26,7 @@ from api.routes import Handler
 from domain.catalog import Catalog, ModelSpec
 from domain.routing import MinimumDiscountError, parse_min_prefix
 from projections.views import JobRow
+from services.commands import ConflictError
 
 
 class Startup:
@@ -90,6 +91,14 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response.headers["Allow"] = ",".join(sorted(e.allowed_methods))
         except web.HTTPException as e:
             response = ApiError(e.status, "invalid_request", e.reason).response()
+        except ConflictError:
+            # A command lost the race for one aggregate (a busy buyer's account, say) on every
+            # one of its tries: nothing was written, and a retry a moment later goes through.
+            log.warning("command_contention", method=request.method, path=request.path)
+            response = ApiError(
+                503, "contention", "too many concurrent changes to the same account; retry shortly"
+            ).response()
+            response.headers["Retry-After"] = "1"
         except (OperationalError, InterfaceError) as e:
             # The database is down, restarting or out of connections: nothing was answered
             # from it, and the pool reconnects by itself; the client should retry.
