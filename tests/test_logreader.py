@@ -14,12 +14,13 @@ from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import MapperDeserialisationError
 from eventsourcing.utils import get_topic
 
-from adapters.eventstore import MarketApp, open_market, store_env
+from adapters.eventstore import MarketApp, open_market
 from adapters.logreader import EventDecoder, LogReader, UnreadableEvent
 from bench.replay import LogGenerator
 from domain.aggregates import Job
 from projections.runner import ProjectionRunner
-from projections.views import PROJECTIONS, VIEWS_NAME, open_views, scratch_views
+from projections.views import PROJECTIONS, scratch_views
+from tests.test_rebuild import generated_market
 
 # Job events no read model handles (lease renewals and the like): a reader may skip them.
 _Job: Any = Job
@@ -137,21 +138,14 @@ def test_events_of_header_topics_have_their_class_and_header_only(database_url: 
 def test_the_read_models_headers_only_events_are_rebuilt_as_in_full(database_url: str) -> None:
     """Each read model's ``headers_only`` classes: a rebuild given their headers only folds the
     same views as the live runner, which gets them in full."""
-    app = open_market(database_url)
-    env = store_env(database_url, role=VIEWS_NAME)
-    live = open_views(env)
-    try:
-        LogGenerator(app, jobs=60, rate=10.0, seed=11).generate()
-        live.ensure_schema(app.name)
-        ProjectionRunner(app, live).catch_up()
-        with scratch_views(env, app.name) as fresh:
-            runner = ProjectionRunner(app, fresh, headers=True)
-            assert any(runner.reader._header_topic(t) for t in headers_topics())  # type: ignore[misc]
-            runner.catch_up()
-            assert fresh.digest() == live.digest()
-    finally:
-        live.datastore.close()
-        app.close()
+    with (
+        generated_market(database_url, jobs=60, seed=11) as (app, env, live),
+        scratch_views(env, app.name) as fresh,
+    ):
+        runner = ProjectionRunner(app, fresh, headers=True)
+        assert any(runner.reader._header_topic(t) for t in headers_topics())  # type: ignore[misc]
+        runner.catch_up()
+        assert fresh.digest() == live.digest()
 
 
 def headers_topics() -> set[str]:

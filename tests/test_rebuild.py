@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from adapters.eventstore import open_market, store_env
+from adapters.eventstore import MarketApp, open_market, store_env
 from bench.replay import LogGenerator
 from domain.aggregates import Job, Offer
 from projections.runner import ProjectionRunner
@@ -16,6 +18,7 @@ from projections.views import (
     REBUILD_PARTS,
     TABLES,
     VIEWS_NAME,
+    Views,
     open_views,
     part_tables,
     scratch_views,
@@ -54,14 +57,27 @@ def offer_slot_taken() -> str:
     return str(offer.SlotTaken.TOPIC)
 
 
-def test_a_two_process_rebuild_equals_the_live_views(database_url: str) -> None:
+@contextmanager
+def generated_market(
+    database_url: str, jobs: int, seed: int
+) -> Iterator[tuple[MarketApp, dict[str, str], Views]]:
+    """A generated market log of ``jobs`` jobs, its views' environment and its live views,
+    caught up with the log; closed afterwards."""
     app = open_market(database_url)
     env = store_env(database_url, role=VIEWS_NAME)
     live = open_views(env)
     try:
-        LogGenerator(app, jobs=150, rate=10.0, seed=3).generate()
+        LogGenerator(app, jobs=jobs, rate=10.0, seed=seed).generate()
         live.ensure_schema(app.name)
         ProjectionRunner(app, live, batch_size=300).catch_up()
+        yield app, env, live
+    finally:
+        live.datastore.close()
+        app.close()
+
+
+def test_a_two_process_rebuild_equals_the_live_views(database_url: str) -> None:
+    with generated_market(database_url, jobs=150, seed=3) as (app, env, live):
         digests = []
         for parallel in (True, False):
             with scratch_views(env, app.name) as fresh:
@@ -84,9 +100,6 @@ def test_a_two_process_rebuild_equals_the_live_views(database_url: str) -> None:
         # Both parts' tables are filled (the log has no buyer keys or deposits' principals).
         for table in ("mm_job_views", "mm_offers", "mm_trades", "mm_ledger_postings"):
             assert digests[0][table][0] > 0, table
-    finally:
-        live.datastore.close()
-        app.close()
 
 
 def test_a_sqlite_two_process_rebuild_copies_the_other_part_with_its_indexes(
@@ -97,24 +110,17 @@ def test_a_sqlite_two_process_rebuild_copies_the_other_part_with_its_indexes(
     across with its rows: the result passes SQLite's own integrity check (every index entry
     matches its row) and has the live views' indexes."""
     database_url = f"sqlite:///{tmp_path}/data"
-    app = open_market(database_url)
-    env = store_env(database_url, role=VIEWS_NAME)
-    live = open_views(env)
-    try:
-        LogGenerator(app, jobs=60, rate=10.0, seed=5).generate()
-        live.ensure_schema(app.name)
-        ProjectionRunner(app, live, batch_size=300).catch_up()
-        with scratch_views(env, app.name) as fresh:
-            assert fresh.one("PRAGMA journal_mode")[0] == "memory"
-            result = verify(app, live, fresh, LogSource(database_url, env), parallel=True)
-            assert result.ok, result.render()
-            assert not Path(fresh.tracking.sqlite_file + "-wal").exists()
-            assert [tuple(r) for r in fresh.all("PRAGMA integrity_check")] == [("ok",)]
-            indexes = "SELECT name, sql FROM sqlite_master WHERE type = 'index' ORDER BY name"
-            assert [tuple(r) for r in fresh.all(indexes)] == [tuple(r) for r in live.all(indexes)]
-    finally:
-        live.datastore.close()
-        app.close()
+    with (
+        generated_market(database_url, jobs=60, seed=5) as (app, env, live),
+        scratch_views(env, app.name) as fresh,
+    ):
+        assert fresh.one("PRAGMA journal_mode")[0] == "memory"
+        result = verify(app, live, fresh, LogSource(database_url, env), parallel=True)
+        assert result.ok, result.render()
+        assert not Path(fresh.tracking.sqlite_file + "-wal").exists()
+        assert [tuple(r) for r in fresh.all("PRAGMA integrity_check")] == [("ok",)]
+        indexes = "SELECT name, sql FROM sqlite_master WHERE type = 'index' ORDER BY name"
+        assert [tuple(r) for r in fresh.all(indexes)] == [tuple(r) for r in live.all(indexes)]
 
 
 def test_a_rebuild_reads_the_sqlite_log_memory_mapped(tmp_path: Path) -> None:
