@@ -108,24 +108,21 @@ class LogReader:
 
     def read(self, start: int, limit: int, stop: int | None = None) -> LogBatch:
         """The notifications with ids after ``start`` (up to ``stop``), at most ``limit``."""
-        if self._remembered:
-            batch = self._read_remembered(start, limit, stop)
-            if batch is not None:
-                assert batch.last is not None
-                if batch.count == limit or batch.last == stop or not self._remembered:
-                    return batch
-                # Some of this process's later saves are remembered but a notification before
-                # them is not (another process's, or a save not yet remembered): read on from
-                # the log, so one pass still applies everything that was there to read.
-                rest = self._read_log(batch.last, limit - batch.count, stop)
-                if rest.last is None:
-                    return batch
-                self._forget_through(rest.last)
-                return LogBatch(rest.last, batch.count + rest.count, batch.items + rest.items)
-        read = self._read_log(start, limit, stop)
-        if self._remembered and read.last is not None:
-            self._forget_through(read.last)
-        return read
+        batch = self._read_remembered(start, limit, stop) if self._remembered else None
+        if batch is None:
+            batch = self._read_log(start, limit, stop)
+        elif batch.count < limit and batch.last != stop and self._remembered:
+            # Some of this process's later saves are remembered but a notification before them
+            # is not (another process's, or a save not yet remembered): read on from the log,
+            # so one pass still applies everything that was there to read.
+            assert batch.last is not None
+            rest = self._read_log(batch.last, limit - batch.count, stop)
+            if rest.last is not None:
+                batch = LogBatch(rest.last, batch.count + rest.count, batch.items + rest.items)
+        if self._remembered and batch.last is not None:
+            # Read past them here, or by another process's runner before this read began.
+            self._forget_through(batch.last)
+        return batch
 
     def _forget_through(self, last: int) -> None:
         """Drop what is remembered up to ``last``: the log was read past it."""
@@ -161,8 +158,7 @@ class LogReader:
 
     def _read_remembered(self, start: int, limit: int, stop: int | None) -> LogBatch | None:
         """The remembered events with ids ``start + 1``, ``start + 2``... as far as they run
-        (None when the first is not remembered); those at or before ``start`` are dropped
-        (another process's runner read the log past them)."""
+        (None when the first is not remembered)."""
         end = start + limit if stop is None else min(start + limit, stop)
         items: list[tuple[int, Any]] = []
         seq = start
@@ -174,10 +170,6 @@ class LogReader:
                     break
                 seq += 1
                 items.append((seq, event))
-            # Under the lock: a save remembered meanwhile would break the iteration.
-            stale = bool(remembered) and next(iter(remembered)) <= seq
-        if stale:
-            self._forget_through(seq)
         if not items:
             return None
         skipped = self._skipped_class
