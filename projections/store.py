@@ -127,7 +127,9 @@ class ExecuteMany:
 
 
 def on_conflict_update(columns: Sequence[str], key: str, keep: Sequence[str] = ()) -> str:
-    updated = [k for k in columns if k != key and k not in keep]
+    """``key``: the conflict's column, or columns separated by commas (a composite key)."""
+    keys = {k.strip() for k in key.split(",")}
+    updated = [k for k in columns if k not in keys and k not in keep]
     if not updated:  # every column kept: an insert of the rows that are new
         return f"ON CONFLICT ({key}) DO NOTHING"
     return f"ON CONFLICT ({key}) DO UPDATE SET {', '.join(f'{k} = excluded.{k}' for k in updated)}"

@@ -74,11 +74,8 @@ class WorkFold:
         if deletes:
             c.executemany(q("DELETE FROM mm_work WHERE kind = ? AND subject = ?"), deletes)
         if upserts:
-            # A row a worker holds keeps its holder: only when it is due changes (the key's
-            # columns are kept too, which leaves due_at to update).
-            self._batch.writer.upsert(
-                c, "mm_work", WORK_COLUMNS, upserts, key="kind, subject", keep=("kind", "subject")
-            )
+            # A row a worker holds keeps its holder: only when it is due changes.
+            self._batch.writer.upsert(c, "mm_work", WORK_COLUMNS, upserts, key="kind, subject")
         if moves:
             c.executemany(q("UPDATE mm_work SET due_at = ? WHERE kind = ? AND subject = ?"), moves)
 
