@@ -148,15 +148,13 @@ class MarketApp(Application[UUID]):
     def _stale_groups(self, collected: list[_Collected]) -> set[int]:
         """The groups with an event at a version already stored for its aggregate (empty
         when that can't be told)."""
-        if self._stored_versions is None:
-            return set()
         first: dict[UUID, int] = {}
         for one in collected:
             for e in one.events:
                 version = first.get(e.originator_id)
                 if version is None or e.originator_version < version:
                     first[e.originator_id] = e.originator_version
-        stored = self._stored_versions(list(first))
+        stored = self.stored_versions(list(first))
         return {
             n
             for n, one in enumerate(collected)
