@@ -22,6 +22,7 @@ from adapters.eventstore import Connections, open_market
 from adapters.logs import configure_logging
 from adapters.progress import Progress
 from adapters.settings import ConfigError, Settings, load_settings
+from api import eventloop
 from api import finance as finance_api
 from api.app import create_app, create_ops_app, is_embedded_simulator
 from api.bootstrap import Engine
@@ -431,15 +432,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(**overrides)
         configure_logging(settings.LOG_LEVEL)
         if args.command == "serve":
-            asyncio.run(serve(settings, worker=not args.no_worker))
+            eventloop.run(serve(settings, worker=not args.no_worker))
         elif args.command == "worker":
-            asyncio.run(run_worker(settings))
+            eventloop.run(run_worker(settings))
         elif args.command == "projections":
-            return asyncio.run(projections(settings, args.action))
+            return eventloop.run(projections(settings, args.action))
         elif args.command == "sim":
             from adapters.simulator import run_simulator
 
-            asyncio.run(
+            eventloop.run(
                 run_simulator(
                     args.host,
                     args.port,
@@ -448,13 +449,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         elif args.command == "admin":
-            asyncio.run(admin(settings, args))
+            eventloop.run(admin(settings, args))
         elif args.command == "ledger":
-            return asyncio.run(ledger(settings, args))
+            return eventloop.run(ledger(settings, args))
         elif args.command == "replay":
-            return asyncio.run(replay(settings))
+            return eventloop.run(replay(settings))
         elif args.command == "audit":
-            return asyncio.run(audit(settings, args))
+            return eventloop.run(audit(settings, args))
     except ConfigError as e:
         print(f"mediamarket: {e}", file=sys.stderr)
         return 2

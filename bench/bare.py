@@ -1,4 +1,5 @@
-"""The baseline: a bare aiohttp server with the same runner settings as ``mediamarket serve``.
+"""The baseline: a bare aiohttp server with the same runner settings and event loop as
+``mediamarket serve``.
 
 ``GET /json`` answers what the engine's poll of a finished job answers: 200 and a document of
 the same shape and size (a canceled job's, 568 bytes; ``bench.servers`` checks the engine's
@@ -17,6 +18,8 @@ import time
 import uuid
 
 from aiohttp import web
+
+from api import eventloop
 
 JOB_ID = str(uuid.UUID(int=1))
 # A canceled job's poll document as the engine serves it (projections/jobdoc.py), key for key.
@@ -110,7 +113,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port))
+    eventloop.run(serve(args.host, args.port))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from typing import Any
 
 import aiohttp
 
+from api import eventloop
+
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
@@ -111,7 +113,7 @@ async def hammer(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    result = asyncio.run(hammer(spec))
+    result = eventloop.run(hammer(spec))
     print(json.dumps(result), flush=True)
 
 

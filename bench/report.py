@@ -163,6 +163,8 @@ def render(
             "embedded simulator; no worker, so the submitted jobs are never dispatched) with "
             "`LOG_LEVEL=info` (failed and slow requests are logged as JSON to a "
             "file; the others at debug, so not). "
+            "The engine, bare aiohttp and the load generator all run on the same event loop "
+            "(`api/eventloop.py`: uvloop where it is installed). "
             "Setup goes through the real API: "
             f"{buyers} buyers funded by admin deposits, one seller offer for the model, one job, "
             "canceled. Poll reads that finished job with its buyer's key (200, 568 bytes of JSON; "
