@@ -10,8 +10,7 @@ import random
 import secrets as pysecrets
 import threading
 import time
-import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -209,9 +208,6 @@ class Engine:
     job_cache: JobCache = field(default_factory=JobCache)
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
-    _turns: weakref.WeakValueDictionary[str, asyncio.Lock] = field(
-        default_factory=weakref.WeakValueDictionary
-    )
 
     def __post_init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -228,20 +224,6 @@ class Engine:
         self.runner.on_advance.append(self._runner_advanced)
         self.watchers = JobWatchers(self._loop, self._job_versions)
         self.runner.on_advance.append(self.watchers.advanced)
-
-    @contextlib.asynccontextmanager
-    async def buyer_turn(self, buyer_id: str) -> AsyncIterator[None]:
-        """One submit of a buyer at a time in the submit queue (api/submitqueue.py), the
-        others waiting here in arrival order. The command serialises a buyer's writes with a
-        thread lock anyway (services.commands.base), and a batch takes each buyer's once: a
-        second submit of the same buyer in one batch would be done alone after it. A thread
-        lock is not first come, first served either, so a busy buyer's unlucky submit could
-        lose the race again and again: most of a submit's tail at 32 connections was that."""
-        turn = self._turns.get(buyer_id)
-        if turn is None:
-            turn = self._turns[buyer_id] = asyncio.Lock()
-        async with turn:
-            yield
 
     async def _job_versions(self, job_ids: Sequence[str]) -> dict[str, int]:
         return await self.read(job_versions, self.views, job_ids)

@@ -121,20 +121,19 @@ async def submit(request: web.Request) -> web.Response:
     except CeilingBelowEstimate as e:
         raise invalid(str(e), "max_cost_usdc") from None
     try:
-        async with engine.buyer_turn(buyer_id):
-            submitted = await engine.submits(
-                SubmitRequest(
-                    buyer_id=uuid.UUID(buyer_id),
-                    request=video,
-                    route=route.as_event_data(),
-                    routing=route.decision(),
-                    estimated_cost=route.best.price.buyer_cost,
-                    hold=hold,
-                    ttl_seconds=engine.settings.JOB_TTL_SECONDS,
-                    min_discount=min_discount,
-                    idempotency_key=idempotency_key,
-                )
+        submitted = await engine.submits(
+            SubmitRequest(
+                buyer_id=uuid.UUID(buyer_id),
+                request=video,
+                route=route.as_event_data(),
+                routing=route.decision(),
+                estimated_cost=route.best.price.buyer_cost,
+                hold=hold,
+                ttl_seconds=engine.settings.JOB_TTL_SECONDS,
+                min_discount=min_discount,
+                idempotency_key=idempotency_key,
             )
+        )
     except InsufficientBalance as e:
         raise ApiError(
             402,

@@ -279,8 +279,8 @@ def test_a_batch_of_submits_keeps_each_submits_own_outcome(
 ) -> None:
     """``submit_many`` (the API's submits, a batch per thread-pool call): each submit gets what
     ``submit`` would have given it. A refusal, an unknown buyer or an idempotent replay is its
-    own; one buyer twice, or a buyer whose save conflicts, is submitted again on its own; the
-    others are saved together."""
+    own; a buyer whose save conflicts is submitted again on its own; the others (one buyer's
+    two submits among them) are saved together."""
     engine = engine_on_each_backend
     hold = 140_800
     ok, poor, twice, conflicting, replaying = (engine.buyer(deposit=5 * hold) for _ in range(5))
@@ -313,7 +313,7 @@ def test_a_batch_of_submits_keeps_each_submits_own_outcome(
         ]
     )
 
-    assert joint[0] == 3  # ok, twice and conflicting went together
+    assert joint[0] == 3  # ok, twice (both jobs with its account) and conflicting together
     assert isinstance(outcomes[0], Submitted) and not outcomes[0].replayed
     assert isinstance(outcomes[1], InsufficientBalance)
     assert isinstance(outcomes[2], Submitted) and isinstance(outcomes[4], Submitted)
@@ -336,6 +336,48 @@ def test_a_batch_of_submits_keeps_each_submits_own_outcome(
     again = engine.commands.submit_many([request(b) for b in expected])
     assert all(isinstance(o, Submitted) for o in again)
     assert engine.account(conflicting).held == 2 * hold
+
+
+def test_one_buyers_submits_in_a_batch_are_decided_in_turn_and_saved_together(
+    engine_on_each_backend: InProcessEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A buyer's submits in one batch are decided in the order given on its account, so a
+    later one meets the earlier ones' holds (the one the balance no longer covers is refused,
+    and one after it that fits still goes through), and all are saved in one transaction with
+    the account. A second submit with the same Idempotency-Key gets the first one's job."""
+    engine = engine_on_each_backend
+    hold = 140_800
+    buyer = engine.buyer(deposit=3 * hold)
+    transactions: list[int] = []
+    save_collected = engine.market._save_collected
+
+    def counted(processing_event: Any) -> Any:
+        transactions.append(len(processing_event.events))
+        return save_collected(processing_event)
+
+    monkeypatch.setattr(engine.market, "_save_collected", counted)
+    outcomes = engine.commands.submit_many(
+        [
+            submit_request(buyer, hold, key="order-1"),
+            submit_request(buyer, hold),
+            submit_request(buyer, 2 * hold),  # only hold is left: refused
+            submit_request(buyer, hold, key="order-1"),  # the first one's job
+            submit_request(buyer, hold // 2),  # fits in what is left
+        ]
+    )
+
+    first, second, refused, again, last = outcomes
+    assert isinstance(refused, InsufficientBalance)
+    assert (refused.available, refused.wanted) == (hold, 2 * hold)
+    for submitted in (first, second, last):
+        assert isinstance(submitted, Submitted) and not submitted.replayed
+    assert isinstance(again, Submitted) and again.replayed
+    assert isinstance(first, Submitted) and again.job_id == first.job_id
+    # Three jobs, their settlements and the three holds: one transaction.
+    assert transactions == [9]
+    account = engine.account(buyer)
+    assert (account.jobs, account.held) == (3, 2 * hold + hold // 2)
+    assert account.available == hold // 2
 
 
 def test_a_batch_finds_its_kept_accounts_current_in_one_query(

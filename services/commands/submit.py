@@ -56,58 +56,81 @@ class SubmitCommands(CommandBase):
         return self._submit(SubmitRequest(**fields))
 
     def submit_many(self, requests: Sequence[SubmitRequest]) -> list[Submitted | Exception]:
-        """Several submits (of different buyers) decided in turn and saved in one transaction,
-        each with its own outcome: what ``submit`` would have returned or raised.
+        """Several submits decided in turn and saved in one transaction, each with its own
+        outcome: what ``submit`` would have returned or raised.
 
-        A submit whose buyer is busy in another thread, or whose save conflicted, is then done
-        on its own, as ``submit`` does it (waiting its turn, retrying conflicts): a batch never
-        waits on a lock while holding others, and one buyer's conflict fails nobody else."""
+        A buyer's submits are decided one after another on its account, in the order given
+        (so a later one meets the holds of the earlier ones), and saved as one group with it.
+        The submits of a buyer that is busy in another thread, or whose group conflicted, are
+        then done on their own, as ``submit`` does them (waiting their turn, retrying
+        conflicts): a batch never waits on a lock while holding others, and one buyer's
+        conflict fails nobody else. A second submit with an Idempotency-Key already in the
+        batch is done after it, so it finds that job and replays it."""
         outcomes: list[Submitted | Exception | None] = [None] * len(requests)
         alone: list[int] = []
-        with contextlib.ExitStack() as locks:
-            ours: list[int] = []
-            for n, r in enumerate(requests):
-                release = self._try_serialised(f"buyer:{r.buyer_id}")
-                if release is None:
+        by_buyer: dict[UUID, list[int]] = {}
+        keys: set[tuple[UUID, str]] = set()
+        for n, r in enumerate(requests):
+            if r.idempotency_key is not None:
+                if (r.buyer_id, r.idempotency_key) in keys:
                     alone.append(n)
                     continue
+                keys.add((r.buyer_id, r.idempotency_key))
+            by_buyer.setdefault(r.buyer_id, []).append(n)
+        with contextlib.ExitStack() as locks:
+            ours: dict[UUID, list[int]] = {}
+            for buyer_id, numbers in by_buyer.items():
+                release = self._try_serialised(f"buyer:{buyer_id}")
+                if release is None:
+                    alone += numbers
+                    continue
                 locks.callback(release)
-                ours.append(n)
-            current = self._current_owned([requests[n].buyer_id for n in ours])
-            built: list[tuple[int, Any, BuyerAccount, Job, Settlement, str]] = []
-            for n in ours:
-                r = requests[n]
-                owned = self._owned(BuyerAccount, r.buyer_id, current=r.buyer_id in current)
+                ours[buyer_id] = numbers
+            current = self._current_owned(list(ours))
+            built: list[tuple[Any, list[tuple[int, Job, str]], list[Any]]] = []
+            for buyer_id, numbers in ours.items():
+                owned = self._owned(BuyerAccount, buyer_id, current=buyer_id in current)
                 try:
                     buyer = owned.__enter__()
                 except Exception as e:
-                    outcomes[n] = e
+                    for n in numbers:
+                        outcomes[n] = e
                     continue
-                try:
-                    decided = self._decide(buyer, r)
-                except Exception as e:
-                    owned.__exit__(type(e), e, e.__traceback__)
-                    outcomes[n] = e
-                    continue
-                if isinstance(decided, Submitted):
-                    owned.__exit__(None, None, None)
-                    outcomes[n] = decided
+                made: list[tuple[int, Job, str]] = []
+                group: list[Any] = []
+                for n in numbers:
+                    try:
+                        # A refusal raises before the account changes: the others stand.
+                        decided = self._decide(buyer, requests[n])
+                    except Exception as e:
+                        outcomes[n] = e
+                        continue
+                    if isinstance(decided, Submitted):
+                        outcomes[n] = decided
+                    else:
+                        job, settlement, token = decided
+                        made.append((n, job, token))
+                        group += [job, settlement]
+                if made:
+                    built.append((owned, made, [*group, buyer]))
                 else:
-                    built.append((n, owned, buyer, *decided))
-            groups = [[job, settlement, buyer] for _, _, buyer, job, settlement, _ in built]
-            saved = self.app.save_together(groups) if groups else []
-            for (n, owned, _, job, _, token), result in zip(built, saved, strict=True):
+                    owned.__exit__(None, None, None)
+            saved = self.app.save_together([group for _, _, group in built]) if built else []
+            for (owned, made, _), result in zip(built, saved, strict=True):
                 if isinstance(result, Exception):
                     # The account changed in memory but not in the store: _owned drops it.
                     owned.__exit__(type(result), result, result.__traceback__)
-                    if isinstance(result, IntegrityError):
-                        alone.append(n)
-                    else:
-                        outcomes[n] = result
+                    for n, _, _ in made:
+                        if isinstance(result, IntegrityError):
+                            alone.append(n)
+                        else:
+                            outcomes[n] = result
                 else:
                     owned.__exit__(None, None, None)
-                    outcomes[n] = Submitted(job.id, token, position_of(result), replayed=False)
-        for n in alone:
+                    position = position_of(result)
+                    for n, job, token in made:
+                        outcomes[n] = Submitted(job.id, token, position, replayed=False)
+        for n in sorted(alone):  # in the order given, so a buyer's stay in theirs
             try:
                 outcomes[n] = self._submit(requests[n])
             except Exception as e:
