@@ -26,7 +26,7 @@ from services.commands import (
     NotFound,
     Submitted,
 )
-from services.commands.submit import SubmitRequest
+from services.commands.submit import GROUP_ROUNDS, SubmitRequest
 from tests.fakes import (
     LIST_PRICE,
     SEEDANCE,
@@ -279,8 +279,8 @@ def test_a_batch_of_submits_keeps_each_submits_own_outcome(
 ) -> None:
     """``submit_many`` (the API's submits, a batch per thread-pool call): each submit gets what
     ``submit`` would have given it. A refusal, an unknown buyer or an idempotent replay is its
-    own; a buyer whose save conflicts is submitted again on its own; the others (one buyer's
-    two submits among them) are saved together."""
+    own; a buyer whose save conflicts is decided and saved again; the others (one buyer's two
+    submits among them) are saved together."""
     engine = engine_on_each_backend
     hold = 140_800
     ok, poor, twice, conflicting, replaying = (engine.buyer(deposit=5 * hold) for _ in range(5))
@@ -313,12 +313,14 @@ def test_a_batch_of_submits_keeps_each_submits_own_outcome(
         ]
     )
 
-    assert joint[0] == 3  # ok, twice (both jobs with its account) and conflicting together
+    # ok, twice (both jobs with its account) and conflicting together; then conflicting again,
+    # decided on its account as the other process left it, in a batch's second round.
+    assert joint == [3, 1]
     assert isinstance(outcomes[0], Submitted) and not outcomes[0].replayed
     assert isinstance(outcomes[1], InsufficientBalance)
     assert isinstance(outcomes[2], Submitted) and isinstance(outcomes[4], Submitted)
     assert outcomes[2].job_id != outcomes[4].job_id
-    assert isinstance(outcomes[3], Submitted)  # saved again, alone, after its conflict
+    assert isinstance(outcomes[3], Submitted)
     replayed = outcomes[5]
     assert isinstance(replayed, Submitted) and replayed.replayed
     assert replayed.job_id == first.job_id
@@ -378,6 +380,47 @@ def test_one_buyers_submits_in_a_batch_are_decided_in_turn_and_saved_together(
     account = engine.account(buyer)
     assert (account.jobs, account.held) == (3, 2 * hold + hold // 2)
     assert account.available == hold // 2
+
+
+def test_a_conflicting_group_is_decided_again_and_then_submitted_alone(
+    engine_on_each_backend: InProcessEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process writes a buyer's account while a batch saves: the buyer's submits are
+    all decided again on the account as it now stands (a refusal for want of what an earlier
+    one held included), in the batch's next round; one that keeps conflicting for every round
+    is then submitted on its own."""
+    engine = engine_on_each_backend
+    hold = 140_800
+    buyer = engine.buyer(deposit=hold)
+    other = other_process(engine)
+    save_together = engine.market.save_together
+    rounds: list[int] = []
+    deposits = 1
+
+    def another_process_writes_first(groups: Any) -> Any:
+        if len(rounds) < deposits:
+            other.deposit(buyer, hold)
+        rounds.append(len(groups))
+        return save_together(groups)
+
+    monkeypatch.setattr(engine.market, "save_together", another_process_writes_first)
+    first, second = engine.commands.submit_many(
+        [submit_request(buyer, hold), submit_request(buyer, hold)]
+    )
+    # Refused in the first round (only one hold's worth), taken in the second.
+    assert isinstance(first, Submitted) and isinstance(second, Submitted)
+    assert rounds == [1, 1]
+    assert engine.account(buyer).held == 2 * hold
+
+    other.deposit(buyer, hold, "for one more")
+    rounds.clear()
+    deposits = GROUP_ROUNDS
+    (alone,) = engine.commands.submit_many([submit_request(buyer, hold)])
+    assert isinstance(alone, Submitted)
+    assert rounds == [1] * GROUP_ROUNDS + [1]  # every round conflicted, then its own save
+    account = engine.account(buyer)
+    assert account.held == 3 * hold
+    assert account.available == GROUP_ROUNDS * hold  # what came in during the rounds
 
 
 def test_a_batch_finds_its_kept_accounts_current_in_one_query(

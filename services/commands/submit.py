@@ -30,6 +30,10 @@ from services.commands.base import (
 )
 from services.routing import request_data
 
+# How many times a batch decides and saves again the groups of buyers whose accounts another
+# process wrote meanwhile, before it submits them one by one (each with its own retries).
+GROUP_ROUNDS = 3
+
 
 @dataclass(frozen=True)
 class SubmitRequest:
@@ -61,11 +65,14 @@ class SubmitCommands(CommandBase):
 
         A buyer's submits are decided one after another on its account, in the order given
         (so a later one meets the holds of the earlier ones), and saved as one group with it.
-        The submits of a buyer that is busy in another thread, or whose group conflicted, are
-        then done on their own, as ``submit`` does them (waiting their turn, retrying
-        conflicts): a batch never waits on a lock while holding others, and one buyer's
-        conflict fails nobody else. A second submit with an Idempotency-Key already in the
-        batch is done after it, so it finds that job and replays it."""
+        A group that conflicts (another process wrote the account meanwhile) is decided again
+        on the account as it now stands and saved with the other such groups, up to
+        ``GROUP_ROUNDS`` times. The submits of a buyer that is busy in another thread, or
+        whose group kept conflicting, are then done on their own, as ``submit`` does them
+        (waiting their turn, retrying conflicts): a batch never waits on a lock while holding
+        others, and one buyer's conflict fails nobody else. A second submit with an
+        Idempotency-Key already in the batch is done after it, so it finds that job and
+        replays it."""
         outcomes: list[Submitted | Exception | None] = [None] * len(requests)
         alone: list[int] = []
         by_buyer: dict[UUID, list[int]] = {}
@@ -78,64 +85,84 @@ class SubmitCommands(CommandBase):
                 keys.add((r.buyer_id, r.idempotency_key))
             by_buyer.setdefault(r.buyer_id, []).append(n)
         with contextlib.ExitStack() as locks:
-            ours: dict[UUID, list[int]] = {}
+            pending: dict[UUID, list[int]] = {}
             for buyer_id, numbers in by_buyer.items():
                 release = self._try_serialised(f"buyer:{buyer_id}")
                 if release is None:
                     alone += numbers
                     continue
                 locks.callback(release)
-                ours[buyer_id] = numbers
-            current = self._current_owned(list(ours))
-            built: list[tuple[Any, list[tuple[int, Job, str]], list[Any]]] = []
-            for buyer_id, numbers in ours.items():
-                owned = self._owned(BuyerAccount, buyer_id, current=buyer_id in current)
-                try:
-                    buyer = owned.__enter__()
-                except Exception as e:
-                    for n in numbers:
-                        outcomes[n] = e
-                    continue
-                made: list[tuple[int, Job, str]] = []
-                group: list[Any] = []
-                for n in numbers:
-                    try:
-                        # A refusal raises before the account changes: the others stand.
-                        decided = self._decide(buyer, requests[n])
-                    except Exception as e:
-                        outcomes[n] = e
-                        continue
-                    if isinstance(decided, Submitted):
-                        outcomes[n] = decided
-                    else:
-                        job, settlement, token = decided
-                        made.append((n, job, token))
-                        group += [job, settlement]
-                if made:
-                    built.append((owned, made, [*group, buyer]))
-                else:
-                    owned.__exit__(None, None, None)
-            saved = self.app.save_together([group for _, _, group in built]) if built else []
-            for (owned, made, _), result in zip(built, saved, strict=True):
-                if isinstance(result, Exception):
-                    # The account changed in memory but not in the store: _owned drops it.
-                    owned.__exit__(type(result), result, result.__traceback__)
-                    for n, _, _ in made:
-                        if isinstance(result, IntegrityError):
-                            alone.append(n)
-                        else:
-                            outcomes[n] = result
-                else:
-                    owned.__exit__(None, None, None)
-                    position = position_of(result)
-                    for n, job, token in made:
-                        outcomes[n] = Submitted(job.id, token, position, replayed=False)
+                pending[buyer_id] = numbers
+            for _ in range(GROUP_ROUNDS):
+                if not pending:
+                    break
+                pending = self._decide_and_save(requests, pending, outcomes)
+            for numbers in pending.values():
+                alone += numbers
         for n in sorted(alone):  # in the order given, so a buyer's stay in theirs
             try:
                 outcomes[n] = self._submit(requests[n])
             except Exception as e:
                 outcomes[n] = e
         return [o if o is not None else RuntimeError("submit not decided") for o in outcomes]
+
+    def _decide_and_save(
+        self,
+        requests: Sequence[SubmitRequest],
+        buyers: dict[UUID, list[int]],
+        outcomes: list[Submitted | Exception | None],
+    ) -> dict[UUID, list[int]]:
+        """One round of ``submit_many`` for ``buyers`` (each with the numbers of its requests,
+        its lock held by the caller): their outcomes set, but for the buyers whose group
+        conflicted, which are returned."""
+        current = self._current_owned(list(buyers))
+        built: list[tuple[UUID, Any, list[tuple[int, Job, str]], list[Any]]] = []
+        for buyer_id, numbers in buyers.items():
+            owned = self._owned(BuyerAccount, buyer_id, current=buyer_id in current)
+            try:
+                buyer = owned.__enter__()
+            except Exception as e:
+                for n in numbers:
+                    outcomes[n] = e
+                continue
+            made: list[tuple[int, Job, str]] = []
+            group: list[Any] = []
+            for n in numbers:
+                try:
+                    # A refusal raises before the account changes: the others stand.
+                    decided = self._decide(buyer, requests[n])
+                except Exception as e:
+                    outcomes[n] = e
+                    continue
+                if isinstance(decided, Submitted):
+                    outcomes[n] = decided
+                else:
+                    job, settlement, token = decided
+                    made.append((n, job, token))
+                    group += [job, settlement]
+            if made:
+                built.append((buyer_id, owned, made, [*group, buyer]))
+            else:
+                owned.__exit__(None, None, None)
+        saved = self.app.save_together([group for *_, group in built]) if built else []
+        conflicted: dict[UUID, list[int]] = {}
+        for (buyer_id, owned, made, _), result in zip(built, saved, strict=True):
+            if isinstance(result, Exception):
+                # The account changed in memory but not in the store: _owned drops it.
+                owned.__exit__(type(result), result, result.__traceback__)
+                if isinstance(result, IntegrityError):
+                    # All of the buyer's are decided again: a refusal may have been for want
+                    # of what an earlier one held.
+                    conflicted[buyer_id] = buyers[buyer_id]
+                else:
+                    for n, _, _ in made:
+                        outcomes[n] = result
+            else:
+                owned.__exit__(None, None, None)
+                position = position_of(result)
+                for n, job, token in made:
+                    outcomes[n] = Submitted(job.id, token, position, replayed=False)
+        return conflicted
 
     def _submit(self, r: SubmitRequest) -> Submitted:
         def attempt() -> Submitted:
