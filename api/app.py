@@ -15,6 +15,7 @@ from api.bootstrap import Engine
 from api.http import PRINCIPALS, STARTUP, Startup, engine_of, reply, request_context
 from api.metrics import CONTENT_TYPE, degraded_reasons
 from api.openapi import openapi_document
+from api.responses import json_response
 from api.routes import Reply, Route, register
 from api.schemas.system import Health
 from api.webhooks import WEBHOOK_ROUTES
@@ -84,7 +85,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(OPENAPI)
+    return json_response(OPENAPI)
 
 
 PUBLIC_ROUTES: list[Route] = [

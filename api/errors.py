@@ -6,6 +6,8 @@ from typing import Any
 
 from aiohttp import web
 
+from api.responses import json_response
+
 TYPES = {
     401: "authentication_error",
     402: "insufficient_funds_error",
@@ -37,7 +39,7 @@ class ApiError(Exception):
         }
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
+        return json_response(self.body(), status=self.status)
 
 
 def not_found(what: str = "resource") -> ApiError:

@@ -22,6 +22,7 @@ from adapters.crypto import sha256_hex
 from api.body import MAX_BODY_BYTES
 from api.bootstrap import Engine
 from api.errors import ApiError, not_found
+from api.responses import json_response
 from api.routes import Handler
 from domain.catalog import Catalog, ModelSpec
 from domain.routing import MinimumDiscountError, parse_min_prefix
@@ -220,7 +221,7 @@ def reply(
 ) -> web.Response:
     """A JSON answer shaped by its documented model: what is served is what is documented."""
     document = model.model_validate(data).model_dump(mode="json", by_alias=True, exclude_unset=True)
-    return web.json_response(document, status=status, headers=headers)
+    return json_response(document, status=status, headers=headers)
 
 
 def min_discount_of(request: web.Request) -> int | None:

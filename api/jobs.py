@@ -23,6 +23,7 @@ from api.http import (
     reply,
     require,
 )
+from api.responses import json_response, json_text_response
 from api.routes import IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_PATTERN, Header, Reply, Route
 from api.schemas.jobs import JobHistory, JobList, JobView, ListJobsQuery, SubmittedJob
 from api.stream import KEEPALIVE_SECONDS, last_event_id, preferred_wait, sse_event
@@ -62,14 +63,20 @@ def served_doc(request: web.Request, doc: JobDoc) -> JobDoc:
 
 
 def job_response(
-    request: web.Request, doc: JobDoc, status: int | None = None, **extra: Any
+    request: web.Request, row: JobRow, status: int | None = None, **extra: Any
 ) -> web.Response:
     """A job view (``JobView``, or ``SubmittedJob`` with its token). The document is the one
     the projection stored pre-rendered, served without a second validation on this hot path:
-    the contract tests hold it to the model (tests/test_schemathesis.py, test_api_openapi.py)."""
+    the contract tests hold it to the model (tests/test_schemathesis.py, test_api_openapi.py).
+    One with nothing added at answer time (no result URLs, no token) is sent as the views
+    stored its text: encoding it again was a tenth of a poll's CPU."""
+    doc = row.doc
     pending = doc["status"] in PENDING
-    body = {**served_doc(request, doc), **extra}
-    response = web.json_response(body, status=status or (202 if pending else 200))
+    status = status or (202 if pending else 200)
+    if row.text is not None and not extra and not doc["results"]:
+        response = json_text_response(row.text, status=status)
+    else:
+        response = json_response({**served_doc(request, doc), **extra}, status=status)
     if pending:
         response.headers["Retry-After"] = str(retry_after(doc))
     return response
@@ -185,7 +192,7 @@ async def _answer(
     request: web.Request, job_id: uuid.UUID, token: str, position: int, replayed: bool
 ) -> web.Response:
     row = await _view_after(request, str(job_id), position)
-    response = job_response(request, row.doc, status=202, job_token=token)
+    response = job_response(request, row, status=202, job_token=token)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
@@ -196,10 +203,10 @@ async def poll(request: web.Request) -> web.Response:
     row = await job_access(request, request.match_info["job_id"], poll=True)
     wait = preferred_wait(request.headers.get("Prefer"))
     if wait is None:
-        return job_response(request, row.doc)
+        return job_response(request, row)
     if row.status in PENDING and wait > 0:
         row = await _next_status(request, row, wait)
-    response = job_response(request, row.doc)
+    response = job_response(request, row)
     response.headers["Preference-Applied"] = f"wait={wait}"
     return response
 
@@ -277,13 +284,13 @@ async def cancel(request: web.Request) -> web.Response:
     engine = engine_of(request)
     row = await job_access(request, request.match_info["job_id"])
     if row.status in TERMINAL:
-        return job_response(request, row.doc)
+        return job_response(request, row)
     try:
         written = await engine.blocking(engine.commands.cancel, uuid.UUID(row.job_id))
     except NotFound:
         raise not_found("job") from None
     fresh = await _view_after(request, row.job_id, written.position)
-    return job_response(request, fresh.doc, status=200)
+    return job_response(request, fresh, status=200)
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -296,7 +303,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     if docs is None:
         raise invalid("after names no job of yours", "after")
     page = docs[:limit]
-    return web.json_response(
+    return json_response(
         {
             "object": "list",
             "data": [served_doc(request, d) for d in page],

@@ -167,7 +167,8 @@ def render(
             "(`api/eventloop.py`: uvloop where it is installed). "
             "Setup goes through the real API: "
             f"{buyers} buyers funded by admin deposits, one seller offer for the model, one job, "
-            "canceled. Poll reads that finished job with its buyer's key (200, 568 bytes of JSON; "
+            "canceled. Poll reads that finished job with its buyer's key (200, 532 bytes of "
+            "compact JSON; "
             "bare aiohttp's `GET /json` answers 200 with a document of the same shape and size, "
             "and the run warns if the two differ); submit posts "
             f'`{{"model": "{MODEL}", "prompt": "bench"}}` round-robin over the buyers; '

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from domain.aggregates import Job, Settlement
@@ -55,6 +55,8 @@ class JobRow:
     # The log position of the last event that changed the document: the same in every process
     # and after a rebuild, so it is the id of a stream's events (``Last-Event-ID``).
     version: int = 0
+    # ``doc`` as the views store it (compact JSON), when read from them: what a poll sends.
+    text: str | None = field(default=None, compare=False, repr=False)
 
 
 # --------------------------------------------------------------------------- the fold
@@ -222,6 +224,7 @@ def _job_row(row: Any) -> JobRow:
         row["token_hash"],
         json.loads(row["doc"]),
         int(row["version"]),
+        row["doc"],
     )
 
 

@@ -294,3 +294,53 @@ def test_job_tokens_cancel_after_success_and_clean_logs(make_server: ServerFacto
     assert f'"path": "{SUBMIT}/{a["id"]}"' in logs  # the requests really were logged
     for secret in (buyer_key, other_key, seller_key, ADMIN_TOKEN, token_a, token_b, "sim_ok"):
         assert secret not in logs, f"a secret ({secret[:8]}...) is in the server log"
+
+
+def _stored_doc(server: Server, job_id: str) -> str:
+    """A job view's document as the views hold it, read straight from the database."""
+    url = server.env["DATABASE_URL"]
+    statement = f"SELECT doc FROM mm_job_views WHERE job_id = '{job_id}'"
+    if url.startswith("sqlite"):
+        import sqlite3
+        from pathlib import Path
+
+        with sqlite3.connect(Path(url.removeprefix("sqlite:///")) / "views.db") as db:
+            (doc,) = db.execute(statement).fetchone()
+            return str(doc)
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        found = conn.execute(statement).fetchone()
+        assert found is not None
+        return str(found[0])
+
+
+def test_a_finished_job_is_answered_with_the_document_the_views_stored(
+    make_server: ServerFactory,
+) -> None:
+    """Every JSON answer is compact, the form the views store job documents in: a poll of a
+    job with nothing added at answer time (no result URLs) sends that text byte for byte,
+    from the database or from the cache of finished jobs; a submit's answer, which adds the
+    job token, is the same document plus it."""
+    server = make_server("--no-worker")
+    c = server.client
+    _, buyer_key = c.create_buyer(deposit_usdc=10_000_000)
+    _, seller_key = c.create_seller()
+    c.create_offer(seller_key, SEEDANCE, "sim_ok", "0.80")
+    answer = submit(c, buyer_key)
+    job = submitted(answer)
+    assert answer.body.startswith(b'{"id":"') and b'", "' not in answer.body
+    r = c.delete(f"{SUBMIT}/{job['id']}", key=buyer_key)
+    assert r.status == 200 and r.json()["status"] == "canceled", r.body
+    stored = _stored_doc(server, job["id"])
+    for _ in range(3):  # the first read from the views, the next ones from the cache
+        polled = c.get(f"{SUBMIT}/{job['id']}", key=buyer_key)
+        assert polled.status == 200
+        assert polled.headers["content-type"] == "application/json; charset=utf-8"
+        assert polled.body == stored.encode()
+    token = job.pop("job_token")
+    assert {**polled.json(), "status": "queued"}.keys() == job.keys() and token.startswith("mjt_")
+    listed = c.get(SUBMIT, key=buyer_key)
+    assert b'", "' not in listed.body and listed.json()["data"][0] == polled.json()
+    error = c.get(f"{SUBMIT}/{job['id']}", key=None)
+    assert error.status == 401 and error.body.startswith(b'{"error":{"message":"')
