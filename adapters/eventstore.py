@@ -162,23 +162,33 @@ class MarketApp(Application[UUID]):
         }
 
     def _take_snapshots(self, processing_event: ProcessingEvent[UUID]) -> None:
-        # The library rebuilds the aggregate from the log at the snapshot's version (its last
-        # snapshot and up to 200 events, inside the save); the aggregate just saved is that
-        # state already when the event is its newest.
+        """A snapshot of each aggregate whose events in this save passed a multiple of its
+        interval: of the aggregate as it stands after the save, which is in memory. (Taken at
+        the multiple itself, the library rebuilt the aggregate from the log, its last snapshot
+        and up to 200 events, inside the save: whenever a batch saved several holds of one
+        buyer, that multiple was rarely the newest event.) Snapshots need no fixed versions:
+        they only bound how much of the log a load replays."""
         if self.snapshots is None:
             return
+        saved: dict[UUID, tuple[int, int]] = {}  # aggregate id -> first and last version saved
         for event in processing_event.events:
-            aggregate = processing_event.aggregates.get(event.originator_id)
+            first, last = saved.get(event.originator_id, (event.originator_version, 0))
+            saved[event.originator_id] = (
+                min(first, event.originator_version),
+                max(last, event.originator_version),
+            )
+        for aggregate_id, (first, last) in saved.items():
+            aggregate = processing_event.aggregates.get(aggregate_id)
             if aggregate is None:
                 continue
             interval = self.snapshotting_intervals.get(type(aggregate))
-            if not interval or event.originator_version % interval:
+            if not interval or (first - 1) // interval == last // interval:
                 continue
             snapshot_class = getattr(type(aggregate), "Snapshot", self.snapshot_class)
-            if aggregate.version == event.originator_version and snapshot_class is not None:
+            if aggregate.version == last and snapshot_class is not None:
                 self.snapshots.put([snapshot_class.take(aggregate)])
             else:
-                self.take_snapshot(event.originator_id, version=event.originator_version)
+                self.take_snapshot(aggregate_id, version=last)
 
     def _save_collected(self, processing_event: ProcessingEvent[UUID]) -> list[Recording[UUID]]:
         recordings = self._record(processing_event)

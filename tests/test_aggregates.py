@@ -311,6 +311,37 @@ def test_a_buyer_snapshot_taken_at_save_is_the_state_the_log_rebuilds(tmp_path: 
     market.close()
 
 
+def test_a_save_that_passes_the_interval_snapshots_its_newest_state_from_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch saves several holds of one buyer at once: when they pass a multiple of the
+    snapshotting interval, the snapshot is of the account after the save, taken from memory
+    (the log is not read back inside the save), and restores what the log gives."""
+    market = open_market(f"sqlite:///{tmp_path}/data")
+    buyer = BuyerAccount(id=uuid.uuid4(), name="b", api_key_hash="h")
+    for n in range(196):  # versions 2 to 197
+        buyer.deposit(1, f"d{n}")
+    market.save(buyer)
+    assert market.snapshots is not None and not list(market.snapshots.get(buyer.id))
+
+    def rebuilt_from_the_log(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the snapshot was rebuilt from the log")
+
+    monkeypatch.setattr(market, "take_snapshot", rebuilt_from_the_log)
+    for _ in range(5):  # 198 to 202: past 200
+        buyer.hold(uuid.uuid4(), 1)
+    market.save(buyer)
+    (snapshot,) = market.snapshots.get(buyer.id)
+    assert snapshot.originator_version == 202
+    rebuilt = project_aggregate(None, market.repository.event_store.get(buyer.id))
+    assert vars(snapshot.mutate(None)) == vars(rebuilt)
+    for _ in range(3):  # 203 to 205: no multiple passed, no snapshot
+        buyer.hold(uuid.uuid4(), 1)
+    market.save(buyer)
+    assert len(list(market.snapshots.get(buyer.id))) == 1
+    market.close()
+
+
 def assert_snapshot_at_200(market: Any, aggregate_id: uuid.UUID) -> Any:
     """The aggregate's last snapshot is at version 200 and restores exactly the state its
     first 200 events give: what it restores."""
