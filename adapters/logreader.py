@@ -179,16 +179,26 @@ class LogReader:
             skipped[cls] = self._skip_topic(topic) if skip is None else skip
         return LogBatch(seq, seq - start, [item for item in items if not skipped[type(item[1])]])
 
-    def originators(self, start: int, limit: int, stop: int | None, into: set[str]) -> int | None:
+    def originators(
+        self,
+        start: int,
+        limit: int,
+        stop: int | None,
+        into: set[str],
+        topics: set[str] | None = None,
+    ) -> int | None:
         """Add to ``into`` the ids of the aggregates the notifications after ``start`` (up to
-        ``stop``, at most ``limit``) changed, decoding none; returns the last id read (None
-        when there were none). Events of the topics ``read`` skips change no view, so their
-        aggregates are left out."""
+        ``stop``, at most ``limit``) changed, decoding none, and to ``topics`` their events'
+        topics; returns the last id read (None when there were none). Events of the topics
+        ``read`` skips change no view, so they are left out."""
         last, _, rows = self._select(start, stop, limit, self._excluded)
         if last is None:
             return None
         skipped = self._skipped
-        into.update(_id_text(r[1]) for r in rows if not skipped.get(r[3], False))
+        kept = [r for r in rows if not skipped.get(r[3], False)]
+        into.update(_id_text(r[1]) for r in kept)
+        if topics is not None:
+            topics.update(r[3] for r in kept)
         return int(last)
 
     def _find_unreadable(self, rows: list[Any]) -> None:

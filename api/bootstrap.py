@@ -32,6 +32,7 @@ from adapters.venice import ProviderError, parse_venice_models
 from api.batching import Batches
 from api.jobcache import JobCache
 from api.metrics import Metrics
+from api.routingcache import RoutingCache
 from api.stream import JobWatchers
 from domain.catalog import Catalog
 from domain.money import FeeSchedule, MoneyError
@@ -56,10 +57,11 @@ PROVIDERS = ("venice",)
 MAX_RETRY_SECONDS = 30.0
 # How long /healthz waits for the database before it says it is unreachable.
 HEALTH_PROBE_SECONDS = 2.0
-# Finished jobs are polled from the process's cache only while its projection runner looked at
-# the views this recently (it looks every 50 ms): how stale a change another process made can
-# be here, at worst, when this runner stalls.
-JOB_CACHE_FRESH_SECONDS = 0.5
+# Finished jobs are polled, and submits routed, from the process's caches (api/jobcache.py,
+# api/routingcache.py) only while its projection runner looked at the views this recently (it
+# looks every 50 ms): how stale a change another process made can be here, at worst, when this
+# runner stalls.
+CACHE_FRESH_SECONDS = 0.5
 # Submits saved in one transaction at most: a batch holds the event store's write lock (and
 # each of its buyers' locks) while it is decided and saved, so one too big would make the
 # writers of other threads (the worker, another batch) wait for all of it.
@@ -206,6 +208,7 @@ class Engine:
     _routing_reads: Batches[tuple[str, str], RoutingInputs] = field(init=False)
     _rows_after: Batches[tuple[str, int, float], JobRow | None] = field(init=False)
     job_cache: JobCache = field(default_factory=JobCache)
+    routing_cache: RoutingCache = field(default_factory=RoutingCache)
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
 
@@ -221,6 +224,8 @@ class Engine:
         self.views.bind_inline_reader()
         self.runner.on_passed.append(self.job_cache.passed)
         self.runner.on_passed_elsewhere.append(self.job_cache.forget_changed)
+        self.runner.on_passed.append(self.routing_cache.passed)
+        self.runner.on_topics_elsewhere.append(self.routing_cache.passed_elsewhere)
         self.runner.on_advance.append(self._runner_advanced)
         self.watchers = JobWatchers(self._loop, self._job_versions)
         self.runner.on_advance.append(self.watchers.advanced)
@@ -250,7 +255,7 @@ class Engine:
         """A job's view for a poll: a finished job's from ``job_cache`` while this process's
         runner keeps up with the views (see api/jobcache.py), else from the database."""
         cache = self.job_cache
-        if time.monotonic() - self.runner.fresh_at < JOB_CACHE_FRESH_SECONDS:
+        if time.monotonic() - self.runner.fresh_at < CACHE_FRESH_SECONDS:
             row = cache.get(job_id)
             if row is not None:
                 return row
@@ -263,10 +268,18 @@ class Engine:
         return row
 
     async def routing_inputs(self, model: str, buyer_id: str) -> RoutingInputs:
-        """The model's order book and the buyer's own keys for it, read with those of the
-        submits that arrive meanwhile (on PostgreSQL a read was a pool hand-off and two
-        queries per submit, a tenth of its CPU)."""
-        return await self._routing_reads((model, buyer_id))
+        """The model's order book and the buyer's own keys for it: kept in the process
+        (api/routingcache.py), else read with those of the submits that arrive meanwhile (on
+        PostgreSQL a read was a pool hand-off and two queries per submit, a tenth of its CPU)."""
+        cache = self.routing_cache
+        if time.monotonic() - self.runner.fresh_at < CACHE_FRESH_SECONDS:
+            found = cache.get(model, buyer_id)
+            if found is not None:
+                return found
+        generation = cache.generation
+        inputs = await self._routing_reads((model, buyer_id))
+        cache.put(generation, model, buyer_id, inputs)
+        return inputs
 
     async def _read_routing_inputs(self, wanted: Sequence[tuple[str, str]]) -> list[RoutingInputs]:
         return await self.read(self.views.routing_inputs, wanted)

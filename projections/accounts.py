@@ -151,6 +151,9 @@ def _provider_deleted(fold: AccountsFold, seq: int, e: Any) -> None:
         fold.deleted.append(provider_id)
 
 
+# A buyer's own keys: what routing reads of these views (``Views.routing_inputs``).
+PROVIDER_EVENTS = frozenset({BuyerProviderEvent.Created, BuyerProviderEvent.Deleted})
+
 HANDLERS: dict[type, Callable[[AccountsFold, int, Any], None]] = {
     BuyerEvent.Created: _buyer_created,
     SellerEvent.Created: _seller_created,

@@ -140,6 +140,8 @@ class ProjectionRunner:
         # (api/jobcache.py) is invalidated from these, so it listens to both.
         self.on_passed: list[Callable[[Sequence[tuple[int, Any]]], None]] = []
         self.on_passed_elsewhere: list[Callable[[set[str] | None], None]] = []
+        # The same ranges' event topics (None: any may have changed).
+        self.on_topics_elsewhere: list[Callable[[set[str] | None], None]] = []
         # When (time.monotonic()) the last look at the views' position started: every change
         # committed to the views before it has been passed to ``on_passed``.
         self.fresh_at = 0.0
@@ -304,26 +306,31 @@ class ProjectionRunner:
         another runner applied: their ids, read from the log again without decoding an event
         (every process sharing the views reads every range once, applied or not: decoding it
         again here was most of a second API process's extra CPU per job)."""
-        if not self.on_passed_elsewhere or stop <= start:
+        if not (self.on_passed_elsewhere or self.on_topics_elsewhere) or stop <= start:
             return
         changed: set[str] | None = set()
+        topics: set[str] | None = set()
         if stop - start > MAX_PASSED_READ:
-            changed = None
+            changed = topics = None
         else:
             try:
                 while changed is not None and start < stop:
-                    last = self.reader.originators(start, BACKLOG_BATCH_SIZE, stop, changed)
+                    last = self.reader.originators(start, BACKLOG_BATCH_SIZE, stop, changed, topics)
                     if last is None:
                         break
                     start = last
             except Exception:
                 log.exception("projection_passed_read_failed")
-                changed = None
-        for callback in self.on_passed_elsewhere:
-            try:
-                callback(changed)
-            except Exception:
-                log.exception("projection_callback_failed")
+                changed = topics = None
+        for callbacks, passed in (
+            (self.on_passed_elsewhere, changed),
+            (self.on_topics_elsewhere, topics),
+        ):
+            for callback in callbacks:
+                try:
+                    callback(passed)
+                except Exception:
+                    log.exception("projection_callback_failed")
 
     def _advance(self, position: int) -> None:
         # Whatever it moves past has gone to ``on_passed`` or ``on_passed_elsewhere`` already

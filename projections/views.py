@@ -38,6 +38,12 @@ from projections.store import Projection, Snapshot, Store
 VIEWS_NAME = "views"
 # What routing a submit reads: its model's order book and its buyer's own keys for the model.
 RoutingInputs = tuple[list[OfferRow], list[BuyerProviderRow]]
+# The events that change what ``Views.routing_inputs`` answers: an offer's own events and a
+# buyer's keys'. (A settlement adds to an offer's lifetime totals, which routing never reads.)
+ROUTING_EVENTS: frozenset[type] = frozenset(
+    {cls for cls in orderbook.HANDLERS if cls is not orderbook.SettlementEvent.Settled}
+    | accounts.PROVIDER_EVENTS
+)
 # In fold order: trades reads the order book's fold of the same batch.
 PROJECTIONS: list[Projection] = [
     jobviews.PROJECTION,
