@@ -255,7 +255,7 @@ class Engine:
         """A job's view for a poll: a finished job's from ``job_cache`` while this process's
         runner keeps up with the views (see api/jobcache.py), else from the database."""
         cache = self.job_cache
-        if time.monotonic() - self.runner.fresh_at < CACHE_FRESH_SECONDS:
+        if self._caches_fresh():
             row = cache.get(job_id)
             if row is not None:
                 return row
@@ -267,12 +267,17 @@ class Engine:
             cache.end(job_id, row)
         return row
 
+    def _caches_fresh(self) -> bool:
+        """Whether the process's caches may be served: the runner, which empties them, has
+        looked at the views within ``CACHE_FRESH_SECONDS``."""
+        return time.monotonic() - self.runner.fresh_at < CACHE_FRESH_SECONDS
+
     async def routing_inputs(self, model: str, buyer_id: str) -> RoutingInputs:
         """The model's order book and the buyer's own keys for it: kept in the process
         (api/routingcache.py), else read with those of the submits that arrive meanwhile (on
         PostgreSQL a read was a pool hand-off and two queries per submit, a tenth of its CPU)."""
         cache = self.routing_cache
-        if time.monotonic() - self.runner.fresh_at < CACHE_FRESH_SECONDS:
+        if self._caches_fresh():
             found = cache.get(model, buyer_id)
             if found is not None:
                 return found

@@ -4,14 +4,15 @@ same."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
-# Built once: json.dumps with any option builds a new encoder on every call.
-compact_json = json.JSONEncoder(separators=(",", ":")).encode
+from projections.store import dumps
+
+# The views' own encoder: a stored document's text is what encoding it here would give.
+compact_json = dumps
 
 
 def json_response(
